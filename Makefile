@@ -1,0 +1,31 @@
+# The two commands a newcomer runs on a fresh machine: `make demo` and `make test`.
+# Both set everything up first (scripts/setup.sh is idempotent and fast once done).
+VENV ?= .venv
+BIN := $(VENV)/bin
+export VENV
+
+.PHONY: setup demo test test-fast lint format bench-profile
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/brickwork profile smollm2-135m --calib wiki --tokens 65536 --out runs/profile-smollm2
+	$(BIN)/brickwork eval smollm2-135m --data botchan lee-news --json runs/eval-smollm2.json
+
+lint:
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+format:
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+test: setup lint
+	$(BIN)/pytest -q
+
+test-fast: lint
+	$(BIN)/pytest -q -m "not slow"
+
+bench-profile: setup
+	$(BIN)/python bench/profile_overhead.py --out bench/results/profile-overhead

@@ -1,0 +1,124 @@
+"""Profiling overhead: tokens/s of `brickwork.profile` vs a plain forward pass over the same tokens.
+
+Interleaved repeats on pre-tokenised windows (median of each), then one full profile of the requested token
+count from the corpus, as `brickwork profile` runs it (tokenisation included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_results  # noqa: E402
+
+import brickwork as bw  # noqa: E402
+from brickwork.data import token_windows  # noqa: E402
+from brickwork.models.specs import find_ffns  # noqa: E402
+from brickwork.profiling import FFNCapture, NeuronStats  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--tokens", type=int, default=65536, help="tokens for the full profile run")
+    parser.add_argument("--repeat-tokens", type=int, default=4096, help="tokens per interleaved repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/profile-overhead"))
+    args = parser.parse_args()
+
+    model, tokenizer = bw.load_model(args.model)
+    config = bw.ProfileConfig()
+    windows = token_windows(tokenizer, args.calib, config.window, args.repeat_tokens).split(config.batch_size)
+    ffns = find_ffns(model)
+
+    def plain_forward():
+        for batch in windows:
+            model(input_ids=batch)
+
+    def base_forward():
+        for batch in windows:
+            model.model(input_ids=batch, use_cache=False)
+
+    def profiling():
+        stats = [
+            NeuronStats(f.d_ff, config.top_fraction, config.threshold, share_stride=config.share_stride)
+            for f in ffns
+        ]
+        with FFNCapture(ffns, on_hidden=lambda i, h: stats[i].update(h)):
+            base_forward()
+
+    runs = {
+        "plain forward (logits)": plain_forward,
+        "base forward (no LM head)": base_forward,
+        "profile": profiling,
+    }
+    times = {name: [] for name in runs}
+    with torch.no_grad():
+        profiling()  # warm-up
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    tokens = sum(b.numel() for b in windows)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    ratio_plain = median["plain forward (logits)"] / median["profile"]
+    ratio_base = median["base forward (no LM head)"] / median["profile"]
+
+    start = time.perf_counter()
+    prof = bw.profile(model, tokenizer, args.calib, bw.ProfileConfig(tokens=args.tokens), progress=True)
+    full_seconds = time.perf_counter() - start
+
+    results = {
+        "machine": machine_info(),
+        "settings": {
+            "model": args.model,
+            "calib": args.calib,
+            "window": config.window,
+            "batch_size": config.batch_size,
+            "repeat_tokens": tokens,
+            "repeats": args.repeats,
+            "full_profile_tokens": prof.tokens,
+        },
+        "seconds": times,
+        "median_seconds": median,
+        "profile_speed_vs_plain_forward": ratio_plain,
+        "profile_speed_vs_base_forward": ratio_base,
+        "full_profile_seconds": full_seconds,
+        "full_profile_tokens_per_second": prof.tokens / full_seconds,
+    }
+    m = results["machine"]
+    table = "\n".join(
+        [
+            f"# Profiling overhead ({args.model}, {args.calib})",
+            "",
+            f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}",
+            "",
+            f"Interleaved, median of {args.repeats} repeats over the same {tokens} tokens "
+            f"(windows of {config.window}, batch {config.batch_size}):",
+            "",
+            "| run | median s | tokens/s | profiling speed as a fraction of this run's |",
+            "|---|---:|---:|---:|",
+            *[
+                f"| {name} | {median[name]:.2f} | {tokens / median[name]:.0f} | "
+                f"{median[name] / median['profile']:.2f}x |"
+                for name in runs
+            ],
+            "",
+            f"Full profile of {prof.tokens} tokens from `{args.calib}` (tokenisation included): {full_seconds:.1f} s "
+            f"({prof.tokens / full_seconds:.0f} tokens/s).",
+        ]
+    )
+    write_results(args.out, results, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The ``brickwork`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from brickwork.errors import BrickworkError
+
+logger = logging.getLogger("brickwork")
+
+
+def _cmd_setup(args: argparse.Namespace) -> None:
+    from brickwork.data.corpora import prepare_corpora
+    from brickwork.models.loading import cache_bundled_model
+
+    for name, path in prepare_corpora(args.corpora, force=args.force).items():
+        print(f"corpus {name:<9} {path}")
+    for alias in args.models:
+        print(f"model  {alias:<9} {cache_bundled_model(alias, force=args.force)}")
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.profiling.report import summary_table, write_plots
+
+    config = bw.ProfileConfig(
+        tokens=args.tokens,
+        window=args.window,
+        batch_size=args.batch_size,
+        top_fraction=args.top_fraction,
+        threshold=args.threshold,
+        coactivation=not args.no_coactivation,
+        seed=args.seed,
+    )
+    model, tokenizer = bw.load_model(args.model)
+    prof = bw.profile(model, tokenizer, args.calib, config, progress=not args.quiet)
+    out = prof.save(args.out)
+    table = summary_table(prof)
+    (out / "summary.txt").write_text(table + "\n")
+    plots = write_plots(prof, out)
+    print(table)
+    print(
+        f"\nprofiled {prof.tokens} tokens in {prof.meta['seconds']:.1f} s "
+        f"({prof.meta['tokens_per_second']:.0f} tokens/s); wrote {out}/ (profile.safetensors, profile.json, "
+        f"summary.txt, {', '.join(p.name for p in plots)})"
+    )
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import brickwork as bw
+
+    model, tokenizer = bw.load_model(args.model)
+    parent = bw.load_model(args.parent)[0] if args.parent else None
+    results = []
+    for data in args.data:
+        result = bw.evaluate(
+            model,
+            tokenizer,
+            data,
+            parent=parent,
+            window=args.window,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        results.append(result.to_dict())
+        line = f"{data:<12} perplexity {result.perplexity:9.3f}  ({result.tokens} tokens, {result.windows} windows)"
+        if result.kl is not None:
+            line += f"  KL(parent||model) {result.kl:.4f}  top-1 agreement {result.agreement:.3%}"
+        print(line)
+    if args.json:
+        from brickwork.io_utils import atomic_write_text
+
+        atomic_write_text(
+            args.json, json.dumps({"model": args.model, "parent": args.parent, "results": results}, indent=2)
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from brickwork.data.corpora import CORPORA, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+    from brickwork.models.loading import BUNDLED_MODELS, DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="brickwork", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_help = f"bundled alias ({', '.join(BUNDLED_MODELS)}), local HF directory, .gguf file, or hub name"
+    data_help = (
+        f"built-in corpus ({', '.join(CORPORA)}), .txt/.jsonl file, or hf:<dataset>[:<config>][:<split>]"
+    )
+
+    p = sub.add_parser("setup", help="prepare the built-in corpora and cache the bundled default model")
+    p.add_argument("--corpora", nargs="*", default=list(CORPORA), help="corpora to prepare (default: all)")
+    p.add_argument("--models", nargs="*", default=[DEFAULT_MODEL], help="bundled models to cache")
+    p.add_argument("--force", action="store_true", help="redo even what is already prepared")
+    p.set_defaults(func=_cmd_setup)
+
+    p = sub.add_parser("profile", help="profile FFN neurons on calibration text")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
+    p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (default 65536)")
+    p.add_argument("--window", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    p.add_argument(
+        "--top-fraction",
+        type=float,
+        default=0.1,
+        help="k of the top-k activation rate, as a fraction of d_ff (default 0.1)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=1.0,
+        help="threshold rate: |h| > THRESHOLD x the token's "
+        "mean |h| (default 1.0; 0 = the ReLU definition h != 0)",
+    )
+    p.add_argument("--no-coactivation", action="store_true", help="skip the co-activation matrix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("profile"), help="output directory (default ./profile)")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("eval", help="perplexity on held-out text; KL and agreement against a parent model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument("--data", nargs="+", default=list(DEFAULT_EVALUATION), help=data_help)
+    p.add_argument("--parent", help="a parent model to compare against (KL(parent||model), top-1 agreement)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--max-tokens", type=int, help="stop after this many tokens per corpus (default: all)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.set_defaults(func=_cmd_eval)
+
+    for p in sub.choices.values():
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
+    return parser
+
+
+def _version() -> str:
+    from brickwork.version import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    try:
+        args.func(args)
+    except BrickworkError as exc:
+        print(f"brickwork: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # config validation
+        print(f"brickwork: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

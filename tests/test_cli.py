@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from brickwork.cli.main import main
+from brickwork.models.tiny import build_tiny_model
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    path = tmp_path / "tiny-llama"
+    build_tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_profile_and_eval_commands(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "prof"
+    assert (
+        main(
+            [
+                "profile",
+                str(tiny_dir),
+                "--calib",
+                str(text_file),
+                "--tokens",
+                "128",
+                "--window",
+                "32",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "top10% mass" in printed and "profiled 128 tokens" in printed
+    for name in (
+        "profile.safetensors",
+        "profile.json",
+        "summary.txt",
+        "activation_rate_hist.png",
+        "activation_rate_heatmap.png",
+        "mass_share_by_layer.png",
+    ):
+        assert (out / name).is_file(), name
+
+    report = tmp_path / "eval.json"
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_dir),
+                "--data",
+                str(text_file),
+                "--parent",
+                str(tiny_dir),
+                "--window",
+                "32",
+                "--max-tokens",
+                "96",
+                "--json",
+                str(report),
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert "perplexity" in capsys.readouterr().out
+    result = json.loads(report.read_text())["results"][0]
+    assert result["windows"] == 3 and result["kl"] == pytest.approx(0, abs=1e-6)
+
+
+def test_cli_errors_are_short_and_clear(tmp_path, tiny_dir, text_file, capsys, isolated_home):
+    assert main(["eval", str(tiny_dir), "--data", "no-such-corpus", "-q"]) == 2
+    assert "neither a built-in corpus" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing-model"), "-q"]) == 2
+    assert "Model path not found" in capsys.readouterr().err
+    assert (
+        main(["profile", str(tiny_dir), "--calib", str(text_file), "--tokens", "8", "--window", "32", "-q"])
+        == 2
+    )
+    assert "at least one window" in capsys.readouterr().err
+    not_a_model = tmp_path / "plain-dir"
+    not_a_model.mkdir()
+    assert main(["eval", str(not_a_model), "-q"]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
