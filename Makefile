@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving
 
 setup:
 	bash scripts/setup.sh
@@ -12,6 +12,8 @@ setup:
 demo: setup
 	$(BIN)/brickwork profile smollm2-135m --calib wiki --tokens 65536 --out runs/profile-smollm2
 	$(BIN)/brickwork eval smollm2-135m --data botchan lee-news --json runs/eval-smollm2.json
+	$(BIN)/brickwork carve smollm2-135m --active-fraction 0.5 --calib wiki --out runs/carved-smollm2-50 \
+		--eval botchan lee-news --eval-tokens 8192 --samples 3
 
 lint:
 	$(BIN)/ruff check src tests bench
@@ -29,3 +31,6 @@ test-fast: lint
 
 bench-profile: setup
 	$(BIN)/python bench/profile_overhead.py --out bench/results/profile-overhead
+
+bench-carving: setup
+	$(BIN)/python bench/carving_quality.py --grid --eval-tokens 4096 --out bench/results/carving-quality

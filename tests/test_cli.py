@@ -88,3 +88,85 @@ def test_cli_errors_are_short_and_clear(tmp_path, tiny_dir, text_file, capsys, i
     not_a_model.mkdir()
     assert main(["eval", str(not_a_model), "-q"]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_carve_command_saves_evaluates_and_reloads(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "carved"
+    code = main(
+        [
+            "carve",
+            str(tiny_dir),
+            "--experts",
+            "8",
+            "--shared",
+            "1",
+            "--active",
+            "2",
+            "--method",
+            "activation",
+            "--router",
+            "fitted",
+            "--calib",
+            str(text_file),
+            "--calib-tokens",
+            "512",
+            "--out",
+            str(out),
+            "--eval",
+            str(text_file),
+            "--eval-tokens",
+            "1024",
+            "--samples",
+            "1",
+            "-q",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "carved 2 FFN layers" in printed and "KL(dense||carved)" in printed and "dense :" in printed
+    assert (out / "brickwork.json").is_file()
+    # A carved directory is a model argument like any other.
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--data",
+                str(text_file),
+                "--parent",
+                str(tiny_dir),
+                "--window",
+                "32",
+                "--max-tokens",
+                "96",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert "top-1 agreement" in capsys.readouterr().out
+
+
+def test_carve_command_rejects_bad_shapes(tmp_path, tiny_dir, text_file, capsys):
+    assert (
+        main(
+            [
+                "carve",
+                str(tiny_dir),
+                "--experts",
+                "7",
+                "--active",
+                "2",
+                "--calib",
+                str(text_file),
+                "--calib-tokens",
+                "512",
+                "--out",
+                str(tmp_path / "c"),
+                "-q",
+            ]
+        )
+        == 2
+    )
+    assert "not divisible by experts = 7" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -54,3 +54,5 @@ def test_bad_evaluation_inputs(tmp_path, tokenizer, text_file):
     short.write_text("tiny")
     with pytest.raises(BrickworkError, match="no window of 64 tokens"):
         bw.evaluate(tiny("llama"), tokenizer, short, window=64, progress=False)
+    with pytest.raises(BrickworkError, match="smaller than one window of 64"):
+        bw.evaluate(tiny("llama"), tokenizer, text_file, window=64, max_tokens=32, progress=False)

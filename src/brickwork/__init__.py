@@ -4,12 +4,16 @@ The whole job in a few lines::
 
     import brickwork as bw
     model, tokenizer = bw.load_model("smollm2-135m")
-    prof = bw.profile(model, tokenizer, calib="wiki")
+    bw.carve_(model, bw.CarveConfig(experts=16, shared=2, active=2), calib="wiki", tokenizer=tokenizer)
     print(bw.evaluate(model, tokenizer, data="botchan").perplexity)
+    bw.save(model, "carved/", tokenizer)
+    model = bw.load("carved/")
 """
 
+from brickwork.bricks import BrickFFN, CarveConfig, CarveReport, carve_, uncarve_
 from brickwork.errors import BrickworkError
 from brickwork.evaluation import EvalResult, evaluate
+from brickwork.io import load, save
 from brickwork.models.loading import load_model
 from brickwork.models.specs import FFN, FFNWeights, find_ffns
 from brickwork.profiling import Profile, ProfileConfig, profile
@@ -17,14 +21,21 @@ from brickwork.version import __version__
 
 __all__ = [
     "FFN",
+    "BrickFFN",
     "BrickworkError",
+    "CarveConfig",
+    "CarveReport",
     "EvalResult",
     "FFNWeights",
     "Profile",
     "ProfileConfig",
     "__version__",
+    "carve_",
     "evaluate",
     "find_ffns",
+    "load",
     "load_model",
     "profile",
+    "save",
+    "uncarve_",
 ]

@@ -80,6 +80,98 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         )
 
 
+DEMO_PROMPTS = (
+    "The capital of France is",
+    "Once upon a time, a little fox",
+    "The main reason people drink water is",
+)
+
+
+def _continuations(model, tokenizer, prompts, new_tokens: int) -> list[str]:
+    import torch
+
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            generated = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        out.append(
+            tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True).replace("\n", " ")
+        )
+    return out
+
+
+def _cmd_carve(args: argparse.Namespace) -> None:
+    import brickwork as bw
+
+    model, tokenizer = bw.load_model(args.model)
+    options = {"rank": args.rank} if args.rank else {}
+    if args.active_fraction is not None and args.active is None and args.experts is None:
+        from brickwork.bricks.presets import recommended
+
+        first = bw.find_ffns(model)[0]
+        config = recommended(
+            args.active_fraction,
+            d_ff=first.d_ff,
+            gated=first.is_gated,
+            method=args.method,
+            router=args.router,
+            seed=args.seed,
+            calib_tokens=args.calib_tokens,
+            layers=args.layers,
+        )
+        print(
+            f"--active-fraction {args.active_fraction}: the measured default is {config.experts} experts of "
+            f"{first.d_ff // config.experts} neuron(s), {config.active} active, method {config.method}, router "
+            f"{config.router} {config.router_options or ''}"
+        )
+    else:
+        config = bw.CarveConfig(
+            experts=args.experts or 16,
+            shared=args.shared,
+            active=args.active,
+            active_fraction=args.active_fraction,
+            method=args.method or "activation",
+            router=args.router or "fitted",
+            router_options=options,
+            layers=args.layers,
+            seed=args.seed,
+            calib_tokens=args.calib_tokens,
+        )
+    parent = bw.load_model(args.model)[0] if (args.eval or args.samples) else None
+    report = bw.carve_(model, config, calib=args.calib, tokenizer=tokenizer, progress=not args.quiet)
+    out = bw.save(model, args.out, tokenizer)
+    print(
+        f"carved {len(report.layers)} FFN layers in {report.seconds:.1f} s; FFN weights read per token: "
+        f"{report.active_fraction:.1%} of dense (router included); saved to {out}/"
+    )
+    for data in args.eval or []:
+        dense = bw.evaluate(parent, tokenizer, data, max_tokens=args.eval_tokens, progress=not args.quiet)
+        carved = bw.evaluate(
+            model, tokenizer, data, parent=parent, max_tokens=args.eval_tokens, progress=not args.quiet
+        )
+        print(
+            f"{data:<10} perplexity dense {dense.perplexity:8.3f}  carved {carved.perplexity:8.3f}  "
+            f"(x{carved.perplexity / dense.perplexity:.3f})  KL(dense||carved) {carved.kl:.4f}  "
+            f"top-1 agreement {carved.agreement:.1%}  [{carved.tokens} tokens]"
+        )
+    if args.samples:
+        prompts = DEMO_PROMPTS[: args.samples]
+        for prompt, d, c in zip(
+            prompts,
+            _continuations(parent, tokenizer, prompts, 20),
+            _continuations(model, tokenizer, prompts, 20),
+            strict=True,
+        ):
+            print(f"\n> {prompt}\n  dense : {d}\n  carved: {c}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from brickwork.data.corpora import CORPORA, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
     from brickwork.models.loading import BUNDLED_MODELS, DEFAULT_MODEL
@@ -121,6 +213,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("profile"), help="output directory (default ./profile)")
     p.set_defaults(func=_cmd_profile)
+
+    from brickwork.grouping import GROUPING_METHODS
+    from brickwork.routing import ROUTERS
+
+    p = sub.add_parser("carve", help="carve FFNs into shared + routed experts and save the carved model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
+    p.add_argument(
+        "--experts", type=int, help="equal slices per FFN, shared included (default 16; d_ff = neurons)"
+    )
+    p.add_argument("--shared", type=int, default=0, help="slices always run (default 0)")
+    p.add_argument("--active", type=int, help="routed slices run per token")
+    p.add_argument(
+        "--active-fraction",
+        type=float,
+        help="fraction of the FFN per token; alone, it picks the best "
+        "measured configuration for that fraction",
+    )
+    p.add_argument(
+        "--method", choices=sorted(GROUPING_METHODS), help="expert construction (default activation)"
+    )
+    p.add_argument("--router", choices=sorted(ROUTERS), help="router kind (default fitted)")
+    p.add_argument("--rank", type=int, help="rank of the lowrank router's approximations")
+    p.add_argument("--layers", type=int, nargs="+", help="layers to carve (default all)")
+    p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("carved"), help="output directory (default ./carved)")
+    p.add_argument("--eval", nargs="*", help="held-out corpora to compare carved and dense on")
+    p.add_argument(
+        "--eval-tokens", type=int, default=16384, help="held-out tokens per corpus (default 16384)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=0, help="print this many greedy continuations of both models"
+    )
+    p.set_defaults(func=_cmd_carve)
 
     p = sub.add_parser("eval", help="perplexity on held-out text; KL and agreement against a parent model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)

@@ -60,6 +60,11 @@ def evaluate(
 ) -> EvalResult:
     """Score ``model`` on ``data`` (any source :func:`brickwork.data.iter_token_windows` accepts)."""
     _check_causal(model)
+    if max_tokens is not None and max_tokens < window:
+        raise BrickworkError(
+            f"max_tokens={max_tokens} is smaller than one window of {window} tokens; raise it or "
+            "use a smaller window."
+        )
     if parent is not None:
         _check_causal(parent)
         if parent.config.vocab_size != model.config.vocab_size:

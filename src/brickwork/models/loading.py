@@ -139,12 +139,26 @@ def load_model(
 ):
     """Load a causal LM and its tokenizer.
 
-    ``name_or_path`` is a bundled alias (``smollm2-135m``), a local Hugging Face directory, a ``.gguf``
-    file, or a hub name (needs network access). Returns ``(model, tokenizer)`` with the model in eval mode.
+    ``name_or_path`` is a bundled alias (``smollm2-135m``), a local Hugging Face directory (or a carved model
+    saved by :func:`brickwork.save`), a ``.gguf`` file, or a hub name (needs network access). Returns ``(model, tokenizer)`` with the model in eval mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, location = resolve_model_source(name_or_path)
+    if (
+        kind == "dir" and (Path(location) / "brickwork.json").is_file()
+    ):  # a carved model saved by brickwork.save
+        from brickwork.io import load
+
+        model = load(location, device=device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError) as exc:
+            raise BrickworkError(
+                f"{location} holds no tokenizer; save the carved model with its tokenizer "
+                "(brickwork.save(model, path, tokenizer))"
+            ) from exc
+        return model, tokenizer
     if kind == "gguf":
         model, tokenizer = _load_gguf(Path(location), dtype)
         model = _dequantised_copy(model)

@@ -63,6 +63,25 @@ class ProfileConfig:
             )
 
 
+class TokenSampler:
+    """Keeps the FFN input x and activation h of every ``stride``-th token, per layer, up to ``limit`` tokens."""
+
+    def __init__(self, stride: int, limit: int):
+        self.stride, self.limit = max(1, stride), limit
+        self.inputs: dict[int, list[torch.Tensor]] = {}
+        self.hidden: dict[int, list[torch.Tensor]] = {}
+
+    def add(self, store: dict[int, list[torch.Tensor]], layer: int, t: torch.Tensor) -> None:
+        kept = store.setdefault(layer, [])
+        have = sum(len(k) for k in kept)
+        if have < self.limit:
+            rows = t.reshape(-1, t.shape[-1])[:: self.stride].float()
+            kept.append(rows[: self.limit - have].clone())
+
+    def samples(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.inputs[layer]), torch.cat(self.hidden[layer])
+
+
 @dataclass
 class Profile:
     """Per-layer neuron statistics of a model's FFNs, plus where they came from."""
@@ -146,12 +165,18 @@ class Profile:
 
 
 def profile(
-    model, tokenizer, calib: str | Path, config: ProfileConfig | None = None, progress: bool = True
+    model,
+    tokenizer,
+    calib: str | Path,
+    config: ProfileConfig | None = None,
+    progress: bool = True,
+    sampler: TokenSampler | None = None,
 ) -> Profile:
     """Stream ``config.tokens`` calibration tokens from ``calib`` through ``model`` and profile every FFN.
 
     Only the base model runs (no LM head: profiling needs no logits). Memory does not grow with the token
-    count. ``calib`` is any source :func:`brickwork.data.iter_token_windows` accepts.
+    count. ``calib`` is any source :func:`brickwork.data.iter_token_windows` accepts. A ``sampler`` also keeps
+    some tokens' FFN inputs and activations (to fit routers on) from the same pass.
     """
     config = config or ProfileConfig()
     ffns = find_ffns(model)
@@ -179,9 +204,15 @@ def profile(
         ids = torch.stack(batch).to(device)
         base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
+    def on_hidden(layer: int, h: torch.Tensor) -> None:
+        stats[layer].update(h)
+        if sampler is not None:
+            sampler.add(sampler.hidden, layer, h)
+
+    on_input = None if sampler is None else (lambda layer, x: sampler.add(sampler.inputs, layer, x))
     with (
         torch.no_grad(),
-        FFNCapture(ffns, on_hidden=lambda i, h: stats[i].update(h)),
+        FFNCapture(ffns, on_hidden=on_hidden, on_input=on_input),
         tqdm(total=total, unit="tok", desc="profiling", disable=not progress) as bar,
     ):
         for window in windows:

@@ -1,0 +1,193 @@
+"""Held-out perplexity of carved SmolLM2 (or any model) for method x router x active fraction.
+
+One calibration pass serves every configuration; each configuration is carved, evaluated on the same
+held-out windows, and uncarved (bit-exact) before the next. Writes results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_results  # noqa: E402
+
+import brickwork as bw  # noqa: E402
+from brickwork.bricks import calibrate  # noqa: E402
+
+
+def parse_config(text: str) -> dict:
+    """'experts=16,shared=2,active=2,method=activation,router=fitted,rank=32' -> CarveConfig kwargs."""
+    kwargs: dict = {}
+    for item in text.split(","):
+        key, value = item.split("=")
+        if key == "rank":
+            kwargs.setdefault("router_options", {})["rank"] = int(value)
+        elif key == "input_fraction":
+            kwargs.setdefault("router_options", {})["input_fraction"] = float(value)
+        elif key in ("experts", "shared", "active"):
+            kwargs[key] = int(value)
+        elif key == "active_fraction":
+            kwargs[key] = float(value)
+        else:
+            kwargs[key] = value
+    return kwargs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--router-samples", type=int, default=8192)
+    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per corpus")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="one configuration (repeatable); "
+        "e.g. experts=16,shared=2,active=2,method=activation,router=fitted",
+    )
+    parser.add_argument(
+        "--grid", action="store_true", help="every method x router at 25/50/75%% with 16 experts"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results/carving-quality"))
+    args = parser.parse_args()
+
+    configs = [parse_config(c) for c in args.config]
+    if args.grid:
+        from brickwork.bricks.presets import recommended
+        from brickwork.grouping import GROUPING_METHODS
+        from brickwork.routing import ROUTERS
+
+        for active in (2, 6, 10):  # 25%, 50%, 75% of 16 experts with 2 shared
+            for method in GROUPING_METHODS:
+                for router in ROUTERS:
+                    configs.append(dict(experts=16, shared=2, active=active, method=method, router=router))
+        # The measured default (neuron level, partial router) and the neuron-level oracle bounds. These rows
+        # are the SmolLM2 shapes (d_ff 1536, gated); for another model pass them with --config.
+        for fraction in (0.25, 0.5, 0.75):
+            c = recommended(fraction, d_ff=1536)
+            configs.append(
+                dict(
+                    experts=c.experts,
+                    shared=0,
+                    active=c.active,
+                    method=c.method,
+                    router=c.router,
+                    router_options=c.router_options,
+                )
+            )
+        configs.append(
+            dict(
+                experts=192,
+                shared=0,
+                active=77,
+                method="activation",
+                router="partial",
+                router_options={"input_fraction": 0.25},
+            )
+        )
+        configs.append(
+            dict(
+                experts=192,
+                shared=0,
+                active=35,
+                method="activation",
+                router="partial",
+                router_options={"input_fraction": 0.125},
+            )
+        )
+        for active in (384, 768):
+            configs.append(dict(experts=1536, shared=0, active=active, method="activation", router="oracle"))
+
+    model, tokenizer = bw.load_model(args.model)
+    base = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples)
+    started = time.perf_counter()
+    calibration = calibrate(model, tokenizer, args.calib, base)
+    calibration_seconds = time.perf_counter() - started
+
+    def evaluate() -> dict:
+        return {
+            data: bw.evaluate(model, tokenizer, data, max_tokens=args.eval_tokens, progress=False).perplexity
+            for data in args.eval
+        }
+
+    dense = evaluate()
+    print("dense", dense, flush=True)
+    rows = []
+    for kwargs in configs:
+        config = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples, **kwargs)
+        started = time.perf_counter()
+        report = bw.carve_(model, config, calibration=calibration, progress=False)
+        carve_seconds = time.perf_counter() - started
+        with torch.no_grad():
+            perplexity = evaluate()
+        bw.uncarve_(model)
+        row = {
+            "config": {
+                k: v
+                for k, v in config.to_dict().items()
+                if k in ("experts", "shared", "active", "method", "router", "router_options")
+            },
+            "active_fraction": report.active_fraction,
+            "carve_seconds": carve_seconds,
+            "perplexity": perplexity,
+            "ratio": {d: perplexity[d] / dense[d] for d in args.eval},
+        }
+        rows.append(row)
+        print(
+            f"{row['config']} fraction {report.active_fraction:.3f} ratio "
+            f"{' '.join(f'{d}={r:.3f}' for d, r in row['ratio'].items())} ({carve_seconds:.1f} s)",
+            flush=True,
+        )
+
+    results = {
+        "machine": machine_info(),
+        "settings": {
+            "model": args.model,
+            "calib": args.calib,
+            "calib_tokens": args.calib_tokens,
+            "router_samples": args.router_samples,
+            "eval": args.eval,
+            "eval_tokens": args.eval_tokens,
+            "calibration_seconds": calibration_seconds,
+        },
+        "dense": dense,
+        "rows": rows,
+    }
+    m = results["machine"]
+    lines = [
+        f"# Carving quality ({args.model})",
+        "",
+        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, torch {m['torch']}; calibration `{args.calib}` "
+        f"{args.calib_tokens} tokens ({calibration_seconds:.0f} s); {args.eval_tokens} held-out tokens per corpus",
+        "",
+        "Perplexity ratio to dense (dense: " + ", ".join(f"{d} {p:.2f}" for d, p in dense.items()) + ")",
+        "",
+        "| experts | shared | active | method | router | FFN weights read | "
+        + " | ".join(args.eval)
+        + " | carve s |",
+        "|" + "---:|" * 3 + "---|---|---:|" + "---:|" * len(args.eval) + "---:|",
+    ]
+    for r in rows:
+        c = r["config"]
+        options = ", ".join(f"{k} {v}" for k, v in c["router_options"].items())
+        router = c["router"] + (f" ({options})" if options else "")
+        lines.append(
+            f"| {c['experts']} | {c['shared']} | {c['active']} | {c['method']} | {router} | "
+            f"{r['active_fraction']:.1%} | "
+            + " | ".join(f"x{r['ratio'][d]:.3f}" for d in args.eval)
+            + f" | {r['carve_seconds']:.1f} |"
+        )
+    write_results(args.out, results, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

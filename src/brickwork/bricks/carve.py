@@ -1,0 +1,223 @@
+"""carve_ and uncarve_: swap a model's dense FFNs for BrickFFNs in place, and back.
+
+Plan first, then execute: :func:`carve_` profiles the calibration text once (statistics plus a sample of
+FFN inputs and activations), builds each layer's grouping and router, and only then swaps modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from brickwork.bricks.config import CarveConfig
+from brickwork.bricks.module import BrickFFN
+from brickwork.data.sources import describe_source
+from brickwork.errors import BrickworkError
+from brickwork.grouping import GROUPING_METHODS, GroupingInputs
+from brickwork.models.specs import FFN, _resolve, find_ffns
+from brickwork.profiling.profile import Profile, ProfileConfig, TokenSampler, profile
+from brickwork.routing import ROUTER_BUILDERS, RouterInputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Calibration:
+    """One calibration pass: the profile, and (x, h) samples per layer for fitting routers."""
+
+    profile: Profile
+    sampler: TokenSampler
+    source: str
+
+
+def calibrate(
+    model: nn.Module, tokenizer, calib: str | Path, config: CarveConfig, progress: bool = True
+) -> Calibration:
+    """Profile ``config.calib_tokens`` of ``calib`` and keep ``config.router_samples`` (x, h) pairs per layer.
+
+    Pass the result to several :func:`carve_` calls to carve the same model many ways from one pass.
+    """
+    tokens = (config.calib_tokens // config.window) * config.window
+    sampler = TokenSampler(stride=max(1, tokens // config.router_samples), limit=config.router_samples)
+    prof_config = ProfileConfig(tokens=tokens, window=config.window, seed=config.seed)
+    prof = profile(model, tokenizer, calib, prof_config, progress=progress, sampler=sampler)
+    return Calibration(profile=prof, sampler=sampler, source=describe_source(calib))
+
+
+@dataclass
+class CarveReport:
+    """What carving did: per layer, the shapes and the fraction of FFN weights read per token."""
+
+    config: CarveConfig
+    layers: list[int]
+    active_fraction: float  # mean over carved layers, router included
+    layer_fractions: list[float]
+    seconds: float
+    calibration: str | None
+    extra: dict = field(default_factory=dict)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(_resolve(root, parent) if parent else root, name, module)
+
+
+def _swap_in(ffn: FFN, brick: BrickFFN) -> None:
+    """Put ``brick`` where the dense FFN was; keep the dense modules (emptied) to put back on uncarve_."""
+    spec = ffn.spec
+    if spec.module is not None:
+        replaced = {spec.module: ffn.module}
+        _set(ffn.block, spec.module, brick)
+    else:  # the FFN is spread over the block (OPT, BERT): the brick takes the first projection's place
+        first = spec.gate_up or spec.up
+        replaced = {first: ffn.input_module, spec.act: ffn.activation, spec.down: ffn.down_module}
+        _set(ffn.block, first, brick)
+        _set(ffn.block, spec.act, nn.Identity())
+        _set(ffn.block, spec.down, nn.Identity())
+    shapes = {}
+    for path, module in replaced.items():
+        for name, param in module.named_parameters():
+            shapes[(path, name)] = param.shape
+            param.data = torch.empty(0, dtype=param.dtype)
+    # Plain attributes, not submodules: they stay out of state_dict and parameters().
+    object.__setattr__(brick, "_dense_modules", replaced)
+    object.__setattr__(brick, "_dense_shapes", shapes)
+    object.__setattr__(brick, "_ffn", ffn)
+
+
+def carved_layers(model: nn.Module) -> dict[int, BrickFFN]:
+    """The BrickFFNs of a carved model, by layer index."""
+    return {brick._ffn.index: brick for brick in model.modules() if isinstance(brick, BrickFFN)}
+
+
+def plan_layers(model: nn.Module, config: CarveConfig) -> list[FFN]:
+    """The FFNs ``config`` carves, after checking that it fits each of them."""
+    ffns = find_ffns(model)
+    if carved_layers(model):
+        raise BrickworkError("this model is already carved; uncarve_ it first or load the dense parent")
+    indices = range(len(ffns)) if config.layers is None else config.layers
+    if max(indices) >= len(ffns):
+        raise ValueError(f"layers must be in [0, {len(ffns) - 1}], got {max(indices)}")
+    chosen = [ffns[i] for i in indices]
+    for ffn in chosen:
+        if ffn.d_ff % config.experts:
+            divisors = [d for d in range(1, min(ffn.d_ff, 4096) + 1) if ffn.d_ff % d == 0]
+            raise ValueError(
+                f"layer {ffn.index}: d_ff = {ffn.d_ff} is not divisible by experts = {config.experts}; "
+                f"choose one of {divisors[-12:]} (or any divisor of {ffn.d_ff})"
+            )
+    return chosen
+
+
+@torch.no_grad()
+def carve_(
+    model: nn.Module,
+    config: CarveConfig,
+    calib: str | Path | None = None,
+    tokenizer=None,
+    calibration: Calibration | None = None,
+    progress: bool = True,
+) -> CarveReport:
+    """Carve ``model``'s FFNs into BrickFFNs in place, as ``config`` says; return a :class:`CarveReport`.
+
+    ``calib`` (with ``tokenizer``) is the calibration text (any source brickwork.data accepts); a profile
+    and router samples are computed from ``config.calib_tokens`` of it in one pass. Or pass a
+    ``calibration`` from :func:`calibrate` of the same (dense) model.
+    """
+    started = time.perf_counter()
+    ffns = plan_layers(model, config)
+    if calibration is None:
+        if calib is None or tokenizer is None:
+            raise BrickworkError(
+                "carve_ needs calibration text and a tokenizer: carve_(model, config, "
+                "calib=..., tokenizer=...)"
+            )
+        calibration = calibrate(model, tokenizer, calib, config, progress=progress)
+    prof, sampler = calibration.profile, calibration.sampler
+
+    method = GROUPING_METHODS[config.method]
+    build_router = ROUTER_BUILDERS[config.router]
+    bricks = []
+    for ffn in tqdm(ffns, desc="carving", unit="layer", disable=not progress):
+        weights = ffn.read()
+        expert_size = ffn.d_ff // config.experts
+        stats = prof.layers[ffn.index]
+        coactivation = prof.coactivation(ffn.index)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + ffn.index)
+        grouping = method(
+            GroupingInputs(
+                weights=weights,
+                stats=stats,
+                coactivation=coactivation,
+                num_shared=config.shared * expert_size,
+                num_experts=config.experts - config.shared,
+                expert_size=expert_size,
+                generator=generator,
+            )
+        )
+        grouping.validate(ffn.d_ff)
+        x, h = sampler.samples(ffn.index)
+        router = build_router(
+            RouterInputs(
+                weights=weights,
+                grouping=grouping,
+                activation=ffn.activation,
+                stats=stats,
+                coactivation=coactivation,
+                inputs=x,
+                hidden=h,
+            ),
+            **config.router_options,
+        )
+        bricks.append((ffn, BrickFFN.from_dense(weights, grouping, config.active, ffn.activation, router)))
+    # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
+    dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in find_ffns(model)}
+    for ffn, brick in bricks:  # swap only once every layer is planned: a failure leaves the model untouched
+        _swap_in(ffn, brick)
+
+    fractions = {ffn.index: brick.active_fraction() for ffn, brick in bricks}
+    overall = sum(size * fractions.get(i, 1.0) for i, size in dense_sizes.items()) / sum(dense_sizes.values())
+    report = CarveReport(
+        config=config,
+        layers=list(fractions),
+        active_fraction=overall,
+        layer_fractions=list(fractions.values()),
+        seconds=time.perf_counter() - started,
+        calibration=calibration.source,
+    )
+    model.brickwork = {
+        "config": config.to_dict(),
+        "calibration": report.calibration,
+        "calibration_tokens": prof.tokens,
+    }
+    return report
+
+
+def _weights_per_neuron(ffn: FFN) -> int:
+    w = ffn.read()
+    return w.d_model * (3 if w.gate is not None else 2)
+
+
+@torch.no_grad()
+def uncarve_(model: nn.Module) -> nn.Module:
+    """Put the dense FFNs back, bit for bit (undoes :func:`carve_`)."""
+    bricks = carved_layers(model)
+    if not bricks:
+        raise BrickworkError("this model has no carved layers")
+    for brick in bricks.values():
+        ffn: FFN = brick._ffn
+        for (path, name), shape in brick._dense_shapes.items():
+            param = dict(brick._dense_modules[path].named_parameters())[name]
+            param.data = torch.empty(shape, dtype=param.dtype, device=brick.up.device)
+        for path, module in brick._dense_modules.items():
+            _set(ffn.block, path, module)
+        ffn.write(brick.to_dense_weights())
+    if hasattr(model, "brickwork"):
+        del model.brickwork
+    return model

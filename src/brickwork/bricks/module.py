@@ -1,0 +1,184 @@
+"""BrickFFN: an FFN cut into shared and routed experts, stored contiguously in expert order."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from brickwork.grouping.base import Grouping
+from brickwork.models.specs import FFNWeights
+from brickwork.routing.base import Router
+
+
+class BrickFFN(nn.Module):
+    """Drop-in replacement of a dense FFN: ``y = FFN_shared(x) + sum of the selected experts' outputs``.
+
+    Neurons are stored in expert order (``neuron_order[j]`` is the dense index of stored neuron j): shared
+    neurons first, then expert 0, expert 1, ... so each expert's gate, up and down rows are one contiguous
+    block (``down_t`` is the down projection transposed, ``[F, D]``). Routed experts' outputs are summed
+    unweighted, so with every expert active the module computes what the dense FFN computed (up to the order
+    of floating-point sums).
+
+    :meth:`forward` is the reference path (it computes every expert and masks); fast kernels are tested
+    against it.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_shared: int,
+        num_experts: int,
+        expert_size: int,
+        active: int,
+        activation: nn.Module,
+        router: Router,
+        gated: bool,
+        up_bias: bool,
+        gate_bias: bool,
+        down_bias: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        d_ff = num_shared + num_experts * expert_size
+        self.d_model, self.d_ff = d_model, d_ff
+        self.num_shared, self.num_experts, self.expert_size, self.active = (
+            num_shared,
+            num_experts,
+            expert_size,
+            active,
+        )
+        self.act = activation
+        self.router = router
+
+        def param(*shape):
+            return nn.Parameter(torch.zeros(*shape, dtype=dtype))
+
+        self.up = param(d_ff, d_model)
+        self.gate = param(d_ff, d_model) if gated else None
+        self.down_t = param(d_ff, d_model)
+        self.up_bias = param(d_ff) if up_bias else None
+        self.gate_bias = param(d_ff) if gate_bias else None
+        self.down_bias = param(d_model) if down_bias else None
+        self.register_buffer("neuron_order", torch.arange(d_ff))
+        self.last_selection: torch.Tensor | None = None  # [T, active] of the latest forward, for inspection
+
+    @classmethod
+    def from_dense(
+        cls, weights: FFNWeights, grouping: Grouping, active: int, activation: nn.Module, router: Router
+    ) -> BrickFFN:
+        grouping.validate(weights.d_ff)
+        brick = cls(
+            weights.d_model,
+            len(grouping.shared),
+            grouping.num_experts,
+            grouping.expert_size,
+            active,
+            activation,
+            router,
+            gated=weights.gate is not None,
+            up_bias=weights.up_bias is not None,
+            gate_bias=weights.gate_bias is not None,
+            down_bias=weights.down_bias is not None,
+            dtype=weights.up.dtype,
+        )
+        order = grouping.neuron_order
+        with torch.no_grad():
+            brick.neuron_order.copy_(order)
+            brick.up.copy_(weights.up[order])
+            brick.down_t.copy_(weights.down.t()[order])
+            if brick.gate is not None:
+                brick.gate.copy_(weights.gate[order])
+            if brick.up_bias is not None:
+                brick.up_bias.copy_(weights.up_bias[order])
+            if brick.gate_bias is not None:
+                brick.gate_bias.copy_(weights.gate_bias[order])
+            if brick.down_bias is not None:
+                brick.down_bias.copy_(weights.down_bias)
+        return brick
+
+    def to_dense_weights(self) -> FFNWeights:
+        """The dense FFN's weights in the original neuron order (an exact inverse of :meth:`from_dense`)."""
+        inverse = torch.argsort(self.neuron_order)
+
+        def back(t):
+            return None if t is None else t.detach()[inverse].clone()
+
+        return FFNWeights(
+            up=back(self.up),
+            down=back(self.down_t).t().contiguous(),
+            gate=back(self.gate),
+            up_bias=back(self.up_bias),
+            gate_bias=back(self.gate_bias),
+            down_bias=None if self.down_bias is None else self.down_bias.detach().clone(),
+        )
+
+    @property
+    def grouping(self) -> Grouping:
+        order = self.neuron_order
+        return Grouping(
+            shared=order[: self.num_shared],
+            experts=order[self.num_shared :].view(self.num_experts, self.expert_size),
+        )
+
+    @property
+    def routed_neurons(self) -> int:
+        return self.num_experts * self.expert_size
+
+    @property
+    def input_weights_per_neuron(self) -> int:
+        return self.d_model * (2 if self.gate is not None else 1)
+
+    @property
+    def weights_per_neuron(self) -> int:
+        return self.input_weights_per_neuron + self.d_model
+
+    def active_fraction(self) -> float:
+        """FFN weights read per token (shared + selected experts + router) / dense FFN weights."""
+        neurons = self.num_shared + self.active * self.expert_size
+        reads = neurons * self.weights_per_neuron + self.router.weights_read(self)
+        return reads / (self.d_ff * self.weights_per_neuron)
+
+    def hidden(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """h of stored neurons ``start:stop`` for inputs ``x [T, D]``."""
+        rows = slice(start, stop)
+        up = nn.functional.linear(x, self.up[rows], None if self.up_bias is None else self.up_bias[rows])
+        if self.gate is None:
+            return self.act(up)
+        gate = nn.functional.linear(
+            x, self.gate[rows], None if self.gate_bias is None else self.gate_bias[rows]
+        )
+        return self.act(gate) * up
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, active] indices of the routed experts each token runs."""
+        scores = self.router(x, self)
+        if self.active == self.num_experts:
+            return torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
+        return scores.topk(self.active, dim=-1, sorted=False).indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.d_model)
+        s = self.num_shared
+        y = x.new_zeros(x.shape[0], self.d_model)
+        if s:
+            y = y + self.hidden(x, 0, s) @ self.down_t[:s]
+        if self.num_experts:
+            selection = self.select(x)
+            self.last_selection = selection
+            mask = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+            mask.scatter_(1, selection, 1.0)
+            h = (
+                self.hidden(x, s, self.d_ff).view(x.shape[0], self.num_experts, self.expert_size)
+                * mask[..., None]
+            )
+            y = y + h.view(x.shape[0], -1) @ self.down_t[s:]
+        if self.down_bias is not None:
+            y = y + self.down_bias
+        return y.view(*shape[:-1], self.d_model)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_ff={self.d_ff}, shared={self.num_shared}, experts={self.num_experts}x"
+            f"{self.expert_size}, active={self.active}, router={self.router.kind}"
+        )

@@ -1,0 +1,86 @@
+"""``coactivation``: balanced partition of the neuron co-activation graph.
+
+Zhang et al. 2022, "MoEfication" (co-activation graph split with METIS); Zhu et al. 2024, "LLaMA-MoE"
+(co-activation graph clustering). Nodes are neurons, edge weights the number of calibration tokens on which
+both neurons are in the top-k. METIS (Karypis & Kumar 1998, via ``pymetis``) cuts it into parts with little
+weight between them; its parts are balanced only to a tolerance, so a repair step then moves the neurons with
+the weakest ties out of over-full parts into the parts they are most tied to, until every part has exactly
+``expert_size`` neurons. Shared neurons are the most frequently active ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from brickwork.errors import BrickworkError
+from brickwork.grouping.base import (
+    Grouping,
+    GroupingInputs,
+    groups_from_assignment,
+    register_grouping,
+    shared_by_rate,
+)
+
+NEIGHBOURS = 64  # strongest co-activation edges kept per neuron: keeps the graph sparse and METIS fast
+
+
+def _metis_parts(affinity: torch.Tensor, parts: int, seed: int) -> np.ndarray:
+    import pymetis
+
+    n = affinity.shape[0]
+    a = affinity.clone()
+    a.fill_diagonal_(0)
+    k = min(NEIGHBOURS, n - 1)
+    top = a.topk(k, dim=1).indices
+    mask = torch.zeros_like(a, dtype=torch.bool).scatter_(1, top, True)
+    mask |= mask.t().clone()
+    scale = 1000.0 / max(float(a.max()), 1e-12)
+    weights = torch.where(mask, (a * scale).round().clamp_min(1), torch.zeros_like(a)).long()
+    xadj, adjncy, eweights = [0], [], []
+    for i in range(n):
+        neighbours = torch.nonzero(mask[i]).flatten()
+        adjncy.extend(neighbours.tolist())
+        eweights.extend(weights[i, neighbours].tolist())
+        xadj.append(len(adjncy))
+    options = pymetis.Options(seed=seed, ufactor=1)
+    _, membership = pymetis.part_graph(parts, xadj=xadj, adjncy=adjncy, eweights=eweights, options=options)
+    return np.asarray(membership)
+
+
+def _repair_balance(assignment: np.ndarray, affinity: torch.Tensor, parts: int, size: int) -> np.ndarray:
+    assignment = assignment.copy()
+    a = affinity.double()
+    while True:
+        counts = np.bincount(assignment, minlength=parts)
+        over = np.nonzero(counts > size)[0]
+        if not len(over):
+            return assignment
+        onehot = torch.from_numpy(np.eye(parts)[assignment])
+        tie = (a @ onehot).numpy()  # tie[i, p]: affinity of neuron i to part p
+        under = counts < size
+        part = over[0]
+        members = np.nonzero(assignment == part)[0]
+        gain = tie[members][:, under].max(1) - tie[members, part]
+        mover = members[np.argmax(gain)]
+        targets = np.nonzero(under)[0]
+        assignment[mover] = targets[np.argmax(tie[mover, targets])]
+
+
+@register_grouping("coactivation")
+def coactivation_partition(inputs: GroupingInputs) -> Grouping:
+    if inputs.coactivation is None:
+        raise BrickworkError("method 'coactivation' needs a profile with co-activation statistics")
+    shared, rest = shared_by_rate(inputs)
+    if inputs.expert_size == 1:
+        return Grouping(shared=shared, experts=rest.view(-1, 1))
+    affinity = inputs.coactivation[rest][:, rest].double()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
+    if inputs.num_experts == 1:
+        membership = np.zeros(len(rest), dtype=np.int64)
+    else:
+        membership = _metis_parts(affinity, inputs.num_experts, seed)
+    membership = _repair_balance(membership, affinity, inputs.num_experts, inputs.expert_size)
+    return Grouping(
+        shared=shared, experts=groups_from_assignment(rest, torch.from_numpy(membership), inputs.num_experts)
+    )

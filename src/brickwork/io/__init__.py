@@ -1,0 +1,5 @@
+"""Saving and loading carved models."""
+
+from brickwork.io.saving import load, save
+
+__all__ = ["load", "save"]

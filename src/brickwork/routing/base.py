@@ -1,0 +1,73 @@
+"""Routers: modules that score a layer's routed experts for each token; the router registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from brickwork.grouping.base import Grouping
+from brickwork.models.specs import FFNWeights
+
+if TYPE_CHECKING:
+    from brickwork.bricks.module import BrickFFN
+
+
+@dataclass
+class RouterInputs:
+    """What a router may be built from, for one FFN."""
+
+    weights: FFNWeights  # the dense FFN, canonical orientation, original neuron order
+    grouping: Grouping
+    activation: nn.Module
+    stats: dict[str, torch.Tensor]  # the layer's profile statistics
+    coactivation: torch.Tensor | None
+    inputs: torch.Tensor | None  # [N, D] calibration FFN inputs x
+    hidden: torch.Tensor | None  # [N, F] the matching h, original neuron order
+
+    def expert_mass(self) -> torch.Tensor:
+        """[N, E] activation mass of each routed expert on the calibration tokens: sum of |h| over its neurons."""
+        if self.hidden is None:
+            raise ValueError("this router needs calibration activations")
+        return self.hidden.abs()[:, self.grouping.experts].sum(-1)
+
+
+class Router(nn.Module):
+    """Scores ``[T, E]`` for the routed experts of one BrickFFN; the top ``active`` are run.
+
+    Subclasses set ``kind`` (their registry name) and implement :meth:`forward`, :meth:`weights_read` (weights a
+    token reads to be routed, for the active-fraction figure) and :meth:`extra_config` (what ``empty`` needs,
+    besides the shapes, to rebuild the router before its state dict is loaded).
+    """
+
+    kind: str = ""
+
+    def forward(self, x: torch.Tensor, brick: BrickFFN) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weights_read(self, brick: BrickFFN) -> int:
+        """Weights a token reads to be routed (its parameters, by default)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_config(self) -> dict:
+        return {}
+
+    @classmethod
+    def empty(cls, num_experts: int, d_model: int, d_ff: int, gated: bool, **extra) -> Router:
+        """An uninitialised router of the right shapes, to load a saved state dict into."""
+        raise NotImplementedError
+
+
+RouterBuilder = Callable[[RouterInputs], Router]
+ROUTERS: dict[str, type[Router]] = {}
+ROUTER_BUILDERS: dict[str, RouterBuilder] = {}
+
+
+def register_router(cls: type[Router]) -> type[Router]:
+    """Register a Router subclass; its ``build(inputs)`` classmethod constructs it from calibration data."""
+    ROUTERS[cls.kind] = cls
+    ROUTER_BUILDERS[cls.kind] = cls.build
+    return cls

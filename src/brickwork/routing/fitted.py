@@ -1,0 +1,48 @@
+"""``fitted``: a linear router fitted in closed form to predict each expert's activation mass.
+
+Zhang et al. 2022, "MoEfication" (routers trained to predict which experts carry the most activation). Here
+the predictor is linear, ``score = x W + b``, fitted per layer by ridge regression of the experts' true mass
+``sum_{i in e} |h_i|`` on the calibration FFN inputs: one D x D solve, a second or less per layer on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from brickwork.routing.base import Router, RouterInputs, register_router
+
+RIDGE = 1e-3  # relative to the mean diagonal of X^T X
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [out, in] and bias [out] minimising ||x W^T + b - y||^2 + ridge * scale * ||W||^2."""
+    x, y = x.double(), y.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.t() @ xc
+    gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-12))
+    weight = torch.linalg.solve(gram, xc.t() @ yc).t()
+    return weight, y_mean - weight @ x_mean
+
+
+@register_router
+class FittedRouter(Router):
+    kind = "fitted"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)  # [E, D]
+        self.bias = torch.nn.Parameter(bias)
+
+    def forward(self, x, brick):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+    @classmethod
+    def build(cls, inputs: RouterInputs) -> FittedRouter:
+        weight, bias = ridge_fit(inputs.inputs, inputs.expert_mass())
+        dtype = inputs.weights.up.dtype
+        return cls(weight.to(dtype), bias.to(dtype))
+
+    @classmethod
+    def empty(cls, num_experts, d_model, d_ff, gated, **extra):
+        return cls(torch.zeros(num_experts, d_model), torch.zeros(num_experts))
