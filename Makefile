@@ -33,4 +33,4 @@ bench-profile: setup
 	$(BIN)/python bench/profile_overhead.py --out bench/results/profile-overhead
 
 bench-carving: setup
-	$(BIN)/python bench/carving_quality.py --grid --eval-tokens 4096 --out bench/results/carving-quality
+	$(BIN)/python bench/carving_quality.py --grid --eval-tokens 2048 --out bench/results/carving-quality

@@ -212,3 +212,43 @@ def test_partial_router_scores_from_the_largest_inputs_only():
     assert torch.equal(router.sparse_inputs(x), torch.tensor([[0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="input_fraction must be in"):
         PartialInputRouter(0)
+
+
+def test_down_fraction_reads_only_the_largest_activations(tmp_path, calibrations, tokenizer):
+    model = tiny("llama")
+    config = small(
+        router="fitted", active=3, down_fraction=0.25
+    )  # computes 4 of 8 slices, reads 16 down rows
+    report = bw.carve_(model, config, calibration=calibrations["llama"])
+    brick = carved_layers(model)[0]
+    assert brick.down_keep == TINY_FFN // 4
+    d, f = 32, TINY_FFN
+    expected = ((1 + 3) * (f // 8) * 2 * d + (f // 4) * d + 7 * d + 7) / (3 * d * f)
+    assert brick.active_fraction() == pytest.approx(expected) and report.active_fraction == pytest.approx(
+        expected
+    )
+
+    # The brick's output equals down applied to h with all but the 16 largest computed |h| zeroed.
+    x = torch.randn(5, d, generator=torch.Generator().manual_seed(4))
+    selection = brick.select(x)
+    h = brick.hidden(x, 0, brick.d_ff)
+    computed = torch.zeros(5, brick.num_experts, dtype=torch.bool).scatter_(1, selection, True)
+    keep_mask = torch.cat(
+        [
+            torch.ones(5, brick.num_shared, dtype=torch.bool),
+            computed.repeat_interleave(brick.expert_size, dim=1),
+        ],
+        dim=1,
+    )
+    h = torch.where(keep_mask, h, torch.zeros_like(h))
+    top = h.abs().topk(f // 4, dim=1).indices
+    h = torch.zeros_like(h).scatter_(1, top, h.gather(1, top))
+    with torch.no_grad():
+        torch.testing.assert_close(brick(x), h @ brick.down_t, rtol=1e-5, atol=1e-6)
+
+    ids = torch.randint(3, 100, (2, 12))
+    before = logits(model, ids)
+    bw.save(model, tmp_path / "carved", tokenizer)
+    assert torch.equal(logits(bw.load(tmp_path / "carved"), ids), before)
+    with pytest.raises(ValueError, match="down_fraction must be in"):
+        small(active=3, down_fraction=0.9)

@@ -175,7 +175,10 @@ def carve_(
             ),
             **config.router_options,
         )
-        bricks.append((ffn, BrickFFN.from_dense(weights, grouping, config.active, ffn.activation, router)))
+        down_keep = None if config.down_fraction is None else max(1, round(config.down_fraction * ffn.d_ff))
+        bricks.append(
+            (ffn, BrickFFN.from_dense(weights, grouping, config.active, ffn.activation, router, down_keep))
+        )
     # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
     dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in find_ffns(model)}
     for ffn, brick in bricks:  # swap only once every layer is planned: a failure leaves the model untouched

@@ -18,6 +18,8 @@ class CarveConfig:
     asks for a fraction of the FFN: ``active = round(active_fraction * experts) - shared``.
 
     ``router_options`` passes keyword arguments to the router's builder (e.g. ``{"rank": 64}`` for lowrank).
+    ``down_fraction`` (of d_ff) caps how many of the computed neurons' down rows each token reads: those with
+    the largest |h| (default: all computed neurons).
     """
 
     experts: int = 16
@@ -27,6 +29,7 @@ class CarveConfig:
     method: str = "activation"
     router: str = "fitted"
     router_options: dict = field(default_factory=dict)
+    down_fraction: float | None = None
     layers: list[int] | None = None  # None: every FFN
     seed: int = 0
     calib_tokens: int = 16384  # tokens profiled for grouping and routers
@@ -58,6 +61,11 @@ class CarveConfig:
             raise ValueError("give `active` (routed experts per token) or `active_fraction`")
         if not 1 <= self.active <= routed:
             raise ValueError(f"active must be in [1, experts - shared] = [1, {routed}], got {self.active}")
+        if self.down_fraction is not None and not 0 < self.down_fraction <= self.planned_fraction:
+            raise ValueError(
+                f"down_fraction must be in (0, {self.planned_fraction:g}] (the fraction of neurons "
+                f"computed per token), got {self.down_fraction}"
+            )
         if self.method not in GROUPING_METHODS:
             raise ValueError(f"unknown method '{self.method}'; choose from {sorted(GROUPING_METHODS)}")
         if self.router not in ROUTERS:

@@ -19,6 +19,10 @@ class BrickFFN(nn.Module):
     unweighted, so with every expert active the module computes what the dense FFN computed (up to the order
     of floating-point sums).
 
+    With ``down_keep`` set, only the ``down_keep`` largest |h| among the computed neurons (per token) go through
+    the down projection: the exact activations pick which down rows are worth reading (TEAL's h-sparsity,
+    Liu et al. 2024, applied after routing).
+
     :meth:`forward` is the reference path (it computes every expert and masks); fast kernels are tested
     against it.
     """
@@ -37,6 +41,7 @@ class BrickFFN(nn.Module):
         gate_bias: bool,
         down_bias: bool,
         dtype: torch.dtype = torch.float32,
+        down_keep: int | None = None,
     ):
         super().__init__()
         d_ff = num_shared + num_experts * expert_size
@@ -49,6 +54,8 @@ class BrickFFN(nn.Module):
         )
         self.act = activation
         self.router = router
+        computed = num_shared + active * expert_size
+        self.down_keep = None if down_keep is None or down_keep >= computed else down_keep
 
         def param(*shape):
             return nn.Parameter(torch.zeros(*shape, dtype=dtype))
@@ -64,7 +71,13 @@ class BrickFFN(nn.Module):
 
     @classmethod
     def from_dense(
-        cls, weights: FFNWeights, grouping: Grouping, active: int, activation: nn.Module, router: Router
+        cls,
+        weights: FFNWeights,
+        grouping: Grouping,
+        active: int,
+        activation: nn.Module,
+        router: Router,
+        down_keep: int | None = None,
     ) -> BrickFFN:
         grouping.validate(weights.d_ff)
         brick = cls(
@@ -80,6 +93,7 @@ class BrickFFN(nn.Module):
             gate_bias=weights.gate_bias is not None,
             down_bias=weights.down_bias is not None,
             dtype=weights.up.dtype,
+            down_keep=down_keep,
         )
         order = grouping.neuron_order
         with torch.no_grad():
@@ -135,7 +149,12 @@ class BrickFFN(nn.Module):
     def active_fraction(self) -> float:
         """FFN weights read per token (shared + selected experts + router) / dense FFN weights."""
         neurons = self.num_shared + self.active * self.expert_size
-        reads = neurons * self.weights_per_neuron + self.router.weights_read(self)
+        down_rows = neurons if self.down_keep is None else self.down_keep
+        reads = (
+            neurons * self.input_weights_per_neuron
+            + down_rows * self.d_model
+            + self.router.weights_read(self)
+        )
         return reads / (self.d_ff * self.weights_per_neuron)
 
     def hidden(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -160,9 +179,7 @@ class BrickFFN(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.d_model)
         s = self.num_shared
-        y = x.new_zeros(x.shape[0], self.d_model)
-        if s:
-            y = y + self.hidden(x, 0, s) @ self.down_t[:s]
+        parts = [self.hidden(x, 0, s)] if s else []
         if self.num_experts:
             selection = self.select(x)
             self.last_selection = selection
@@ -172,7 +189,12 @@ class BrickFFN(nn.Module):
                 self.hidden(x, s, self.d_ff).view(x.shape[0], self.num_experts, self.expert_size)
                 * mask[..., None]
             )
-            y = y + h.view(x.shape[0], -1) @ self.down_t[s:]
+            parts.append(h.view(x.shape[0], -1))
+        h = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.down_keep is not None:
+            keep = h.abs().topk(self.down_keep, dim=1, sorted=False).indices
+            h = torch.zeros_like(h).scatter_(1, keep, h.gather(1, keep))
+        y = h @ self.down_t
         if self.down_bias is not None:
             y = y + self.down_bias
         return y.view(*shape[:-1], self.d_model)

@@ -44,6 +44,7 @@ def _layer_record(index: int, brick: BrickFFN) -> dict:
         "down_bias": brick.down_bias is not None,
         "router": brick.router.kind,
         "router_config": brick.router.extra_config(),
+        "down_keep": brick.down_keep,
         "active_fraction": brick.active_fraction(),
     }
 
@@ -165,6 +166,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             up_bias=record["up_bias"],
             gate_bias=record["gate_bias"],
             down_bias=record["down_bias"],
+            down_keep=record.get("down_keep"),
         )
         _swap_in(ffn, brick)
     try:

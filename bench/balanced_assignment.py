@@ -1,0 +1,94 @@
+"""Balanced grouping at Llama-3-8B size: d_ff 14,336 neurons into 64 equal experts, one layer, synthetic data.
+
+Times each construction method's grouping step on inputs shaped like that layer's: gate/up rows of width
+4,096 (weight_kmeans), a co-activation matrix from 4,096 tokens' top-10% patterns (activation, coactivation),
+and the random split. Writes results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_results  # noqa: E402
+
+from brickwork.grouping import GROUPING_METHODS, GroupingInputs  # noqa: E402
+from brickwork.models.specs import FFNWeights  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--d-ff", type=int, default=14336)
+    parser.add_argument("--d-model", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens behind the synthetic co-activation")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/balanced-assignment"))
+    args = parser.parse_args()
+
+    generator = torch.Generator().manual_seed(0)
+    f, d = args.d_ff, args.d_model
+    # Neurons in 64 latent groups, so that clustering has structure to find, as trained FFNs do.
+    centres = torch.randn(args.experts, d, generator=generator)
+    membership = torch.randint(0, args.experts, (f,), generator=generator)
+    gate = centres[membership] + 2 * torch.randn(f, d, generator=generator)
+    up = torch.randn(f, d, generator=generator)
+    weights = FFNWeights(up=up, down=torch.randn(d, f, generator=generator), gate=gate)
+    token_topic = torch.randint(0, args.experts, (args.tokens,), generator=generator)
+    logits = torch.randn(args.tokens, f, generator=generator) + 3.0 * (
+        token_topic[:, None] == membership[None, :]
+    )
+    k = f // 10
+    patterns = torch.zeros(args.tokens, f).scatter_(1, logits.topk(k, dim=1).indices, 1.0)
+    coactivation = patterns.t() @ patterns
+    stats = {"topk_rate": patterns.mean(0), "mean_abs": patterns.mean(0)}
+    del patterns, logits
+
+    rows = []
+    for name, method in GROUPING_METHODS.items():
+        inputs = GroupingInputs(
+            weights=weights,
+            stats=stats,
+            coactivation=coactivation,
+            num_shared=0,
+            num_experts=args.experts,
+            expert_size=f // args.experts,
+            generator=torch.Generator().manual_seed(0),
+        )
+        start = time.perf_counter()
+        grouping = method(inputs)
+        seconds = time.perf_counter() - start
+        grouping.validate(f)
+        # How much of the planted structure the grouping recovered: share of pairs in an expert that share a group.
+        same = (
+            (membership[grouping.experts][:, :, None] == membership[grouping.experts][:, None, :])
+            .float()
+            .mean()
+        )
+        rows.append({"method": name, "seconds": seconds, "planted_pair_purity": same.item()})
+        print(f"{name:<14} {seconds:7.1f} s  purity {same.item():.3f}", flush=True)
+
+    results = {"machine": machine_info(), "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
+    m = results["machine"]
+    lines = [
+        f"# Balanced grouping at d_ff {f}, {args.experts} experts (one layer, synthetic)",
+        "",
+        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}",
+        "",
+        "| method | seconds | planted-pair purity |",
+        "|---|---:|---:|",
+        *[f"| {r['method']} | {r['seconds']:.1f} | {r['planted_pair_purity']:.3f} |" for r in rows],
+        "",
+        f"Purity: the share of neuron pairs inside an expert that come from the same planted group (random: "
+        f"{1 / args.experts:.3f}).",
+    ]
+    write_results(args.out, results, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
