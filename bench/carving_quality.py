@@ -83,26 +83,17 @@ def main() -> None:
                     router_options=c.router_options,
                 )
             )
-        configs.append(
-            dict(
-                experts=192,
-                shared=0,
-                active=77,
-                method="activation",
-                router="partial",
-                router_options={"input_fraction": 0.25},
+        for active, input_fraction in ((77, 0.25), (35, 0.125)):  # 50% and 25% with experts of 8 neurons
+            configs.append(
+                dict(
+                    experts=192,
+                    shared=0,
+                    active=active,
+                    method="activation",
+                    router="partial",
+                    router_options={"input_fraction": input_fraction},
+                )
             )
-        )
-        configs.append(
-            dict(
-                experts=192,
-                shared=0,
-                active=35,
-                method="activation",
-                router="partial",
-                router_options={"input_fraction": 0.125},
-            )
-        )
         for active in (384, 768):
             configs.append(dict(experts=1536, shared=0, active=active, method="activation", router="oracle"))
 

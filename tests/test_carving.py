@@ -70,6 +70,8 @@ def test_all_active_equals_dense_and_uncarve_restores(model_type, method, router
 def test_sparse_carve_runs_and_selects_the_configured_experts(model_type, method, router, calibrations):
     model = tiny(model_type)
     bw.carve_(model, small(method=method, router=router), calibration=calibrations[model_type])
+    for brick in carved_layers(model).values():
+        brick.record_selection = True
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     out = logits(model, ids)
     assert torch.isfinite(out).all()

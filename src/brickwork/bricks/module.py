@@ -67,7 +67,8 @@ class BrickFFN(nn.Module):
         self.gate_bias = param(d_ff) if gate_bias else None
         self.down_bias = param(d_model) if down_bias else None
         self.register_buffer("neuron_order", torch.arange(d_ff))
-        self.last_selection: torch.Tensor | None = None  # [T, active] of the latest forward, for inspection
+        self.record_selection = False  # when True, keep the latest forward's [T, active] selection
+        self.last_selection: torch.Tensor | None = None
 
     @classmethod
     def from_dense(
@@ -182,7 +183,8 @@ class BrickFFN(nn.Module):
         parts = [self.hidden(x, 0, s)] if s else []
         if self.num_experts:
             selection = self.select(x)
-            self.last_selection = selection
+            if self.record_selection:
+                self.last_selection = selection
             mask = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
             mask.scatter_(1, selection, 1.0)
             h = (

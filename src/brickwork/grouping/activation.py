@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from brickwork.errors import BrickworkError
 from brickwork.grouping.base import (
     Grouping,
     GroupingInputs,
     balanced_assign,
-    groups_from_assignment,
     register_grouping,
-    shared_by_rate,
+    require_coactivation,
+    shared_then_clusters,
 )
 
 
@@ -46,11 +45,10 @@ def balanced_kernel_kmeans(
 
 @register_grouping("activation")
 def activation_clusters(inputs: GroupingInputs) -> Grouping:
-    if inputs.coactivation is None:
-        raise BrickworkError("method 'activation' needs a profile with co-activation statistics")
-    shared, rest = shared_by_rate(inputs)
-    if inputs.expert_size == 1:
-        return Grouping(shared=shared, experts=rest.view(-1, 1))
-    gram = inputs.coactivation[rest][:, rest]
-    assignment = balanced_kernel_kmeans(gram, inputs.num_experts, inputs.generator)
-    return Grouping(shared=shared, experts=groups_from_assignment(rest, assignment, inputs.num_experts))
+    coactivation = require_coactivation(inputs, "activation")
+    return shared_then_clusters(
+        inputs,
+        lambda rest: balanced_kernel_kmeans(
+            coactivation[rest][:, rest], inputs.num_experts, inputs.generator
+        ),
+    )

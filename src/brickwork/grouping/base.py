@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from brickwork.errors import BrickworkError
 from brickwork.models.specs import FFNWeights
 
 
@@ -71,6 +72,21 @@ def shared_by_rate(inputs: GroupingInputs) -> tuple[torch.Tensor, torch.Tensor]:
     rate = inputs.stats["topk_rate"].double() + 1e-9 * inputs.stats["mean_abs"].double()
     order = torch.argsort(rate, descending=True, stable=True)
     return order[: inputs.num_shared].sort().values, order[inputs.num_shared :].sort().values
+
+
+def shared_then_clusters(inputs: GroupingInputs, assign: Callable[[torch.Tensor], torch.Tensor]) -> Grouping:
+    """Shared = the most active neurons; the rest cut into equal experts by ``assign(rest)``, which returns each
+    neuron's expert (experts of one neuron need no clustering)."""
+    shared, rest = shared_by_rate(inputs)
+    if inputs.expert_size == 1:
+        return Grouping(shared=shared, experts=rest.view(-1, 1))
+    return Grouping(shared=shared, experts=groups_from_assignment(rest, assign(rest), inputs.num_experts))
+
+
+def require_coactivation(inputs: GroupingInputs, method: str) -> torch.Tensor:
+    if inputs.coactivation is None:
+        raise BrickworkError(f"method '{method}' needs a profile with co-activation statistics")
+    return inputs.coactivation
 
 
 def balanced_assign(cost: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from brickwork.errors import BrickworkError
 from brickwork.grouping.base import (
     Grouping,
     GroupingInputs,
-    groups_from_assignment,
     register_grouping,
-    shared_by_rate,
+    require_coactivation,
+    shared_then_clusters,
 )
 
 NEIGHBOURS = 64  # strongest co-activation edges kept per neuron: keeps the graph sparse and METIS fast
@@ -69,18 +68,15 @@ def _repair_balance(assignment: np.ndarray, affinity: torch.Tensor, parts: int, 
 
 @register_grouping("coactivation")
 def coactivation_partition(inputs: GroupingInputs) -> Grouping:
-    if inputs.coactivation is None:
-        raise BrickworkError("method 'coactivation' needs a profile with co-activation statistics")
-    shared, rest = shared_by_rate(inputs)
-    if inputs.expert_size == 1:
-        return Grouping(shared=shared, experts=rest.view(-1, 1))
-    affinity = inputs.coactivation[rest][:, rest].double()
+    coactivation = require_coactivation(inputs, "coactivation")
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=inputs.generator))
-    if inputs.num_experts == 1:
-        membership = np.zeros(len(rest), dtype=np.int64)
-    else:
-        membership = _metis_parts(affinity, inputs.num_experts, seed)
-    membership = _repair_balance(membership, affinity, inputs.num_experts, inputs.expert_size)
-    return Grouping(
-        shared=shared, experts=groups_from_assignment(rest, torch.from_numpy(membership), inputs.num_experts)
-    )
+
+    def partition(rest: torch.Tensor) -> torch.Tensor:
+        affinity = coactivation[rest][:, rest].double()
+        if inputs.num_experts == 1:
+            membership = np.zeros(len(rest), dtype=np.int64)
+        else:
+            membership = _metis_parts(affinity, inputs.num_experts, seed)
+        return torch.from_numpy(_repair_balance(membership, affinity, inputs.num_experts, inputs.expert_size))
+
+    return shared_then_clusters(inputs, partition)

@@ -14,9 +14,8 @@ from brickwork.grouping.base import (
     Grouping,
     GroupingInputs,
     balanced_kmeans,
-    groups_from_assignment,
     register_grouping,
-    shared_by_rate,
+    shared_then_clusters,
 )
 
 
@@ -28,8 +27,6 @@ def neuron_keys(inputs: GroupingInputs) -> torch.Tensor:
 
 @register_grouping("weight_kmeans")
 def weight_kmeans(inputs: GroupingInputs) -> Grouping:
-    shared, rest = shared_by_rate(inputs)
-    if inputs.expert_size == 1:
-        return Grouping(shared=shared, experts=rest.view(-1, 1))
-    assignment = balanced_kmeans(neuron_keys(inputs)[rest], inputs.num_experts, inputs.generator)
-    return Grouping(shared=shared, experts=groups_from_assignment(rest, assignment, inputs.num_experts))
+    return shared_then_clusters(
+        inputs, lambda rest: balanced_kmeans(neuron_keys(inputs)[rest], inputs.num_experts, inputs.generator)
+    )
