@@ -31,7 +31,7 @@ def parse_config(text: str) -> dict:
             kwargs.setdefault("router_options", {})["input_fraction"] = float(value)
         elif key in ("experts", "shared", "active"):
             kwargs[key] = int(value)
-        elif key == "active_fraction":
+        elif key in ("active_fraction", "down_fraction"):
             kwargs[key] = float(value)
         else:
             kwargs[key] = value
@@ -124,7 +124,7 @@ def main() -> None:
             "config": {
                 k: v
                 for k, v in config.to_dict().items()
-                if k in ("experts", "shared", "active", "method", "router", "router_options")
+                if k in ("experts", "shared", "active", "method", "router", "router_options", "down_fraction")
             },
             "active_fraction": report.active_fraction,
             "carve_seconds": carve_seconds,
@@ -161,10 +161,10 @@ def main() -> None:
         "",
         "Perplexity ratio to dense (dense: " + ", ".join(f"{d} {p:.2f}" for d, p in dense.items()) + ")",
         "",
-        "| experts | shared | active | method | router | FFN weights read | "
+        "| experts | shared | active | method | router | down rows | FFN weights read | "
         + " | ".join(args.eval)
         + " | carve s |",
-        "|" + "---:|" * 3 + "---|---|---:|" + "---:|" * len(args.eval) + "---:|",
+        "|" + "---:|" * 3 + "---|---|---:|---:|" + "---:|" * len(args.eval) + "---:|",
     ]
     for r in rows:
         c = r["config"]
@@ -172,6 +172,7 @@ def main() -> None:
         router = c["router"] + (f" ({options})" if options else "")
         lines.append(
             f"| {c['experts']} | {c['shared']} | {c['active']} | {c['method']} | {router} | "
+            f"{'all' if c.get('down_fraction') is None else format(c['down_fraction'], '.0%')} | "
             f"{r['active_fraction']:.1%} | "
             + " | ".join(f"x{r['ratio'][d]:.3f}" for d in args.eval)
             + f" | {r['carve_seconds']:.1f} |"

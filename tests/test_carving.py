@@ -254,3 +254,14 @@ def test_down_fraction_reads_only_the_largest_activations(tmp_path, calibrations
     assert torch.equal(logits(bw.load(tmp_path / "carved"), ids), before)
     with pytest.raises(ValueError, match="down_fraction must be in"):
         small(active=3, down_fraction=0.9)
+
+
+def test_routers_that_need_no_samples_calibrate_without_them(calib_file, tokenizer):
+    model = tiny("llama")
+    calibration = calibrate(model, tokenizer, calib_file, small(), progress=False, samples=False)
+    assert calibration.sampler is None
+    with pytest.raises(BrickworkError, match="calibrate with samples=True"):
+        bw.carve_(model, small(router="fitted"), calibration=calibration)
+    assert not carved_layers(model), "a failed carve must leave the model untouched"
+    bw.carve_(model, small(router="partial"), calibration=calibration)
+    assert len(carved_layers(model)) == 2

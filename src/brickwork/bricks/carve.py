@@ -22,7 +22,7 @@ from brickwork.errors import BrickworkError
 from brickwork.grouping import GROUPING_METHODS, GroupingInputs
 from brickwork.models.specs import FFN, _resolve, find_ffns
 from brickwork.profiling.profile import Profile, ProfileConfig, TokenSampler, profile
-from brickwork.routing import ROUTER_BUILDERS, RouterInputs
+from brickwork.routing import ROUTER_BUILDERS, ROUTERS, RouterInputs
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +32,27 @@ class Calibration:
     """One calibration pass: the profile, and (x, h) samples per layer for fitting routers."""
 
     profile: Profile
-    sampler: TokenSampler
+    sampler: TokenSampler | None  # None when no (x, h) pairs were kept
     source: str
 
 
 def calibrate(
-    model: nn.Module, tokenizer, calib: str | Path, config: CarveConfig, progress: bool = True
+    model: nn.Module,
+    tokenizer,
+    calib: str | Path,
+    config: CarveConfig,
+    progress: bool = True,
+    samples: bool = True,
 ) -> Calibration:
-    """Profile ``config.calib_tokens`` of ``calib`` and keep ``config.router_samples`` (x, h) pairs per layer.
+    """Profile ``config.calib_tokens`` of ``calib`` and, with ``samples``, keep ``config.router_samples`` (x, h)
+    pairs per layer for routers that fit on them (memory: router_samples x (D + F) x 4 bytes per layer).
 
     Pass the result to several :func:`carve_` calls to carve the same model many ways from one pass.
     """
     tokens = (config.calib_tokens // config.window) * config.window
-    sampler = TokenSampler(stride=max(1, tokens // config.router_samples), limit=config.router_samples)
+    sampler = None
+    if samples:
+        sampler = TokenSampler(stride=max(1, tokens // config.router_samples), limit=config.router_samples)
     prof_config = ProfileConfig(tokens=tokens, window=config.window, seed=config.seed)
     prof = profile(model, tokenizer, calib, prof_config, progress=progress, sampler=sampler)
     return Calibration(profile=prof, sampler=sampler, source=describe_source(calib))
@@ -138,7 +146,8 @@ def carve_(
                 "carve_ needs calibration text and a tokenizer: carve_(model, config, "
                 "calib=..., tokenizer=...)"
             )
-        calibration = calibrate(model, tokenizer, calib, config, progress=progress)
+        needs_samples = ROUTERS[config.router].needs_samples
+        calibration = calibrate(model, tokenizer, calib, config, progress=progress, samples=needs_samples)
     prof, sampler = calibration.profile, calibration.sampler
 
     method = GROUPING_METHODS[config.method]
@@ -162,7 +171,7 @@ def carve_(
             )
         )
         grouping.validate(ffn.d_ff)
-        x, h = sampler.samples(ffn.index)
+        x, h = sampler.samples(ffn.index) if sampler is not None else (None, None)
         router = build_router(
             RouterInputs(
                 weights=weights,

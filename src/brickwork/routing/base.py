@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from brickwork.errors import BrickworkError
 from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFNWeights
 
@@ -31,7 +32,7 @@ class RouterInputs:
     def expert_mass(self) -> torch.Tensor:
         """[N, E] activation mass of each routed expert on the calibration tokens: sum of |h| over its neurons."""
         if self.hidden is None:
-            raise ValueError("this router needs calibration activations")
+            raise BrickworkError("this router fits on calibration activations: calibrate with samples=True")
         return self.hidden.abs()[:, self.grouping.experts].sum(-1)
 
 
@@ -44,6 +45,7 @@ class Router(nn.Module):
     """
 
     kind: str = ""
+    needs_samples: bool = False  # whether build() fits on calibration (x, h) pairs
 
     def forward(self, x: torch.Tensor, brick: BrickFFN) -> torch.Tensor:
         raise NotImplementedError

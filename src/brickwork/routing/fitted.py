@@ -28,6 +28,7 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> tuple[t
 @register_router
 class FittedRouter(Router):
     kind = "fitted"
+    needs_samples = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -39,7 +40,8 @@ class FittedRouter(Router):
 
     @classmethod
     def build(cls, inputs: RouterInputs) -> FittedRouter:
-        weight, bias = ridge_fit(inputs.inputs, inputs.expert_mass())
+        mass = inputs.expert_mass()  # raises a clear error when no samples were kept
+        weight, bias = ridge_fit(inputs.inputs, mass)
         dtype = inputs.weights.up.dtype
         return cls(weight.to(dtype), bias.to(dtype))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from brickwork.errors import BrickworkError
 from brickwork.routing.base import Router, RouterInputs, register_router
 
 DEFAULT_RANK = 32
@@ -36,6 +37,7 @@ def covariance_weighted_lowrank(
 @register_router
 class LowRankRouter(Router):
     kind = "lowrank"
+    needs_samples = True
 
     def __init__(
         self, up_a, up_b, up_bias, gate_a=None, gate_b=None, gate_bias=None, rank: int = DEFAULT_RANK
@@ -65,6 +67,8 @@ class LowRankRouter(Router):
 
     @classmethod
     def build(cls, inputs: RouterInputs, rank: int = DEFAULT_RANK) -> LowRankRouter:
+        if inputs.inputs is None:
+            raise BrickworkError("the lowrank router fits on calibration inputs: calibrate with samples=True")
         w = inputs.weights
         routed = inputs.grouping.experts.flatten()
         rank = min(rank, w.d_model, len(routed))
