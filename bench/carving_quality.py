@@ -57,7 +57,33 @@ def main() -> None:
         "--grid", action="store_true", help="every method x router at 25/50/75%% with 16 experts"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/carving-quality"))
+    parser.add_argument(
+        "--replot",
+        nargs="*",
+        type=Path,
+        help="re-render --out from its results.json, adding the "
+        "rows of these other results.json files (same model, corpora and dense figures)",
+    )
     args = parser.parse_args()
+    if args.replot is not None:
+        import json
+
+        results = json.loads((args.out / "results.json").read_text())
+        for extra in args.replot:
+            other = json.loads(extra.read_text())
+            results["rows"] += [dict(r, source=str(extra)) for r in other["rows"]]
+            results.setdefault("merged_from", []).append(
+                {
+                    "file": str(extra),
+                    "machine": other["machine"],
+                    "settings": other["settings"],
+                    "dense": other["dense"],
+                }
+            )
+        write_results(args.out, results, render_table(results))
+        plot(results, args.out / "quality.png")
+        print(render_table(results))
+        return
 
     configs = [parse_config(c) for c in args.config]
     if args.grid:
@@ -152,21 +178,30 @@ def main() -> None:
         "dense": dense,
         "rows": rows,
     }
+    write_results(args.out, results, render_table(results))
+    plot(results, args.out / "quality.png")
+    print(render_table(results))
+
+
+def render_table(results: dict) -> str:
+    settings, dense, rows = results["settings"], results["dense"], results["rows"]
+    corpora = settings["eval"]
     m = results["machine"]
     lines = [
-        f"# Carving quality ({args.model})",
+        f"# Carving quality ({settings['model']})",
         "",
-        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, torch {m['torch']}; calibration `{args.calib}` "
-        f"{args.calib_tokens} tokens ({calibration_seconds:.0f} s); {args.eval_tokens} held-out tokens per corpus",
+        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, torch {m['torch']}; calibration `{settings['calib']}` "
+        f"{settings['calib_tokens']} tokens ({settings['calibration_seconds']:.0f} s); {settings['eval_tokens']} "
+        "held-out tokens per corpus",
         "",
         "Perplexity ratio to dense (dense: " + ", ".join(f"{d} {p:.2f}" for d, p in dense.items()) + ")",
         "",
         "| experts | shared | active | method | router | down rows | FFN weights read | "
-        + " | ".join(args.eval)
+        + " | ".join(corpora)
         + " | carve s |",
-        "|" + "---:|" * 3 + "---|---|---:|---:|" + "---:|" * len(args.eval) + "---:|",
+        "|" + "---:|" * 3 + "---|---|---:|---:|" + "---:|" * len(corpora) + "---:|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (round(r["active_fraction"] * 4) / 4, r["ratio"][corpora[0]])):
         c = r["config"]
         options = ", ".join(f"{k} {v}" for k, v in c["router_options"].items())
         router = c["router"] + (f" ({options})" if options else "")
@@ -174,11 +209,45 @@ def main() -> None:
             f"| {c['experts']} | {c['shared']} | {c['active']} | {c['method']} | {router} | "
             f"{'all' if c.get('down_fraction') is None else format(c['down_fraction'], '.0%')} | "
             f"{r['active_fraction']:.1%} | "
-            + " | ".join(f"x{r['ratio'][d]:.3f}" for d in args.eval)
+            + " | ".join(f"x{r['ratio'][d]:.3f}" for d in corpora)
             + f" | {r['carve_seconds']:.1f} |"
         )
-    write_results(args.out, results, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    """Perplexity ratio (first corpus, log scale) against FFN weights read, one series per router x granularity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpus = results["settings"]["eval"][0]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in results["rows"]:
+        c = r["config"]
+        size = "neuron" if c["experts"] >= 1000 else f"{c['experts']} experts"
+        label = f"{c['router']}, {size}" + (", down-sparse" if c.get("down_fraction") else "")
+        if c["experts"] == 16:
+            label += f", {c['method']}"
+        series.setdefault(label, []).append((r["active_fraction"], r["ratio"][corpus]))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for label, points in sorted(series.items()):
+        points.sort()
+        style = "-o" if "neuron" in label or "192" in label else ":."
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=4, linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("FFN weights read per token (fraction of dense, router included)")
+    ax.set_ylabel(f"perplexity / dense ({corpus})")
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(
+        f"Carved {results['settings']['model']}: quality vs weights read (lower left is better)", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
