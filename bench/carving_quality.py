@@ -69,8 +69,14 @@ def main() -> None:
         import json
 
         results = json.loads((args.out / "results.json").read_text())
-        for extra in args.replot:
+
+        def key(row: dict) -> str:
+            return json.dumps(row["config"], sort_keys=True)
+
+        for extra in args.replot:  # a later file's row replaces an earlier row of the same configuration
             other = json.loads(extra.read_text())
+            replaced = {key(r) for r in other["rows"]}
+            results["rows"] = [r for r in results["rows"] if key(r) not in replaced]
             results["rows"] += [dict(r, source=str(extra)) for r in other["rows"]]
             results.setdefault("merged_from", []).append(
                 {
