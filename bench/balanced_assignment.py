@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/balanced-assignment"))
     args = parser.parse_args()
 
+    machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
     generator = torch.Generator().manual_seed(0)
     f, d = args.d_ff, args.d_model
     # Neurons in 64 latent groups, so that clustering has structure to find, as trained FFNs do.
@@ -72,7 +73,7 @@ def main() -> None:
         rows.append({"method": name, "seconds": seconds, "planted_pair_purity": same.item()})
         print(f"{name:<14} {seconds:7.1f} s  purity {same.item():.3f}", flush=True)
 
-    results = {"machine": machine_info(), "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
+    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
     m = results["machine"]
     lines = [
         f"# Balanced grouping at d_ff {f}, {args.experts} experts (one layer, synthetic)",

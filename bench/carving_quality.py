@@ -106,7 +106,7 @@ def main() -> None:
         # The measured default (neuron level, partial router) and the neuron-level oracle bounds. These rows
         # are the SmolLM2 shapes (d_ff 1536, gated); for another model pass them with --config.
         for fraction in (0.25, 0.5, 0.75):
-            c = recommended(fraction, d_ff=1536)
+            c = recommended(fraction, d_ff=1536, d_model=576)
             configs.append(
                 dict(
                     experts=c.experts,
@@ -114,6 +114,7 @@ def main() -> None:
                     active=c.active,
                     method=c.method,
                     router=c.router,
+                    down_fraction=c.down_fraction,
                     router_options=c.router_options,
                 )
             )
@@ -133,6 +134,7 @@ def main() -> None:
         for active in (306, 690):
             configs.append(dict(experts=1536, shared=0, active=active, method="activation", router="lowrank"))
 
+    machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
     model, tokenizer = bw.load_model(args.model)
     base = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples)
     started = time.perf_counter()
@@ -175,7 +177,7 @@ def main() -> None:
         )
 
     results = {
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {
             "model": args.model,
             "calib": args.calib,

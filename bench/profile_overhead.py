@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile-overhead"))
     args = parser.parse_args()
 
+    machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
     model, tokenizer = bw.load_model(args.model)
     config = bw.ProfileConfig()
     windows = token_windows(tokenizer, args.calib, config.window, args.repeat_tokens).split(config.batch_size)
@@ -77,7 +78,7 @@ def main() -> None:
     full_seconds = time.perf_counter() - start
 
     results = {
-        "machine": machine_info(),
+        "machine": machine,
         "settings": {
             "model": args.model,
             "calib": args.calib,

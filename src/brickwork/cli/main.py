@@ -119,6 +119,7 @@ def _cmd_carve(args: argparse.Namespace) -> None:
         config = recommended(
             args.active_fraction,
             d_ff=first.d_ff,
+            d_model=first.read().d_model,
             gated=first.is_gated,
             method=args.method,
             router=args.router,
