@@ -48,22 +48,24 @@ def _metis_parts(affinity: torch.Tensor, parts: int, seed: int) -> np.ndarray:
 
 
 def _repair_balance(assignment: np.ndarray, affinity: torch.Tensor, parts: int, size: int) -> np.ndarray:
+    """Move neurons out of over-full parts, weakest-tied first, into the under-full part they are most tied to."""
     assignment = assignment.copy()
-    a = affinity.double()
-    while True:
-        counts = np.bincount(assignment, minlength=parts)
-        over = np.nonzero(counts > size)[0]
-        if not len(over):
-            return assignment
-        onehot = torch.from_numpy(np.eye(parts)[assignment])
-        tie = (a @ onehot).numpy()  # tie[i, p]: affinity of neuron i to part p
-        under = counts < size
-        part = over[0]
+    a = affinity.double().numpy()
+    tie = a @ np.eye(parts)[assignment]  # tie[i, p]: affinity of neuron i to part p, kept up to date per move
+    counts = np.bincount(assignment, minlength=parts)
+    while (counts > size).any():
+        part = int(np.nonzero(counts > size)[0][0])
+        under = np.nonzero(counts < size)[0]
         members = np.nonzero(assignment == part)[0]
-        gain = tie[members][:, under].max(1) - tie[members, part]
+        gain = tie[np.ix_(members, under)].max(1) - tie[members, part]
         mover = members[np.argmax(gain)]
-        targets = np.nonzero(under)[0]
-        assignment[mover] = targets[np.argmax(tie[mover, targets])]
+        target = int(under[np.argmax(tie[mover, under])])
+        assignment[mover] = target
+        counts[part] -= 1
+        counts[target] += 1
+        tie[:, part] -= a[:, mover]
+        tie[:, target] += a[:, mover]
+    return assignment
 
 
 @register_grouping("coactivation")
