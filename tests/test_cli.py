@@ -1,11 +1,17 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
 from brickwork.cli.main import main
 from brickwork.models.tiny import build_tiny_model
+
+
+def cli(command: str) -> int:
+    """Run ``brickwork <command>`` in-process; returns the exit code."""
+    return main(shlex.split(command))
 
 
 @pytest.fixture
@@ -18,24 +24,7 @@ def tiny_dir(tmp_path, tokenizer):
 
 def test_profile_and_eval_commands(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "prof"
-    assert (
-        main(
-            [
-                "profile",
-                str(tiny_dir),
-                "--calib",
-                str(text_file),
-                "--tokens",
-                "128",
-                "--window",
-                "32",
-                "--out",
-                str(out),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert cli(f"profile {tiny_dir} --calib {text_file} --tokens 128 --window 32 --out {out} -q") == 0
     printed = capsys.readouterr().out
     assert "top10% mass" in printed and "profiled 128 tokens" in printed
     for name in (
@@ -49,124 +38,55 @@ def test_profile_and_eval_commands(tmp_path, tiny_dir, text_file, capsys):
         assert (out / name).is_file(), name
 
     report = tmp_path / "eval.json"
-    assert (
-        main(
-            [
-                "eval",
-                str(tiny_dir),
-                "--data",
-                str(text_file),
-                "--parent",
-                str(tiny_dir),
-                "--window",
-                "32",
-                "--max-tokens",
-                "96",
-                "--json",
-                str(report),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    command = f"eval {tiny_dir} --data {text_file} --parent {tiny_dir} --window 32 --max-tokens 96 --json {report} -q"
+    assert cli(command) == 0
     assert "perplexity" in capsys.readouterr().out
     result = json.loads(report.read_text())["results"][0]
     assert result["windows"] == 3 and result["kl"] == pytest.approx(0, abs=1e-6)
 
 
 def test_cli_errors_are_short_and_clear(tmp_path, tiny_dir, text_file, capsys, isolated_home):
-    assert main(["eval", str(tiny_dir), "--data", "no-such-corpus", "-q"]) == 2
+    assert cli(f"eval {tiny_dir} --data no-such-corpus -q") == 2
     assert "neither a built-in corpus" in capsys.readouterr().err
-    assert main(["eval", str(tmp_path / "missing-model"), "-q"]) == 2
+    assert cli(f"eval {tmp_path / 'missing-model'} -q") == 2
     assert "Model path not found" in capsys.readouterr().err
-    assert (
-        main(["profile", str(tiny_dir), "--calib", str(text_file), "--tokens", "8", "--window", "32", "-q"])
-        == 2
-    )
+    assert cli(f"profile {tiny_dir} --calib {text_file} --tokens 8 --window 32 -q") == 2
     assert "at least one window" in capsys.readouterr().err
     not_a_model = tmp_path / "plain-dir"
     not_a_model.mkdir()
-    assert main(["eval", str(not_a_model), "-q"]) == 2
+    assert cli(f"eval {not_a_model} -q") == 2
     assert "holds no config.json" in capsys.readouterr().err
 
 
 def test_carve_command_saves_evaluates_and_reloads(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "carved"
-    code = main(
-        [
-            "carve",
-            str(tiny_dir),
-            "--experts",
-            "8",
-            "--shared",
-            "1",
-            "--active",
-            "2",
-            "--method",
-            "activation",
-            "--router",
-            "fitted",
-            "--calib",
-            str(text_file),
-            "--calib-tokens",
-            "512",
-            "--out",
-            str(out),
-            "--eval",
-            str(text_file),
-            "--eval-tokens",
-            "1024",
-            "--samples",
-            "1",
-            "-q",
-        ]
+    command = (
+        f"carve {tiny_dir} --experts 8 --shared 1 --active 2 --method activation --router fitted "
+        f"--calib {text_file} --calib-tokens 512 --out {out} --eval {text_file} --eval-tokens 1024 "
+        "--samples 1 -q"
     )
-    assert code == 0
+    assert cli(command) == 0
     printed = capsys.readouterr().out
     assert "carved 2 FFN layers" in printed and "KL(dense||carved)" in printed and "dense :" in printed
     assert (out / "brickwork.json").is_file()
     # A carved directory is a model argument like any other.
-    assert (
-        main(
-            [
-                "eval",
-                str(out),
-                "--data",
-                str(text_file),
-                "--parent",
-                str(tiny_dir),
-                "--window",
-                "32",
-                "--max-tokens",
-                "96",
-                "-q",
-            ]
-        )
-        == 0
-    )
+    assert cli(f"eval {out} --data {text_file} --parent {tiny_dir} --window 32 --max-tokens 96 -q") == 0
     assert "top-1 agreement" in capsys.readouterr().out
 
 
-def test_carve_command_rejects_bad_shapes(tmp_path, tiny_dir, text_file, capsys):
+def test_carve_command_with_only_a_fraction_uses_the_measured_default(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "carved"
     assert (
-        main(
-            [
-                "carve",
-                str(tiny_dir),
-                "--experts",
-                "7",
-                "--active",
-                "2",
-                "--calib",
-                str(text_file),
-                "--calib-tokens",
-                "512",
-                "--out",
-                str(tmp_path / "c"),
-                "-q",
-            ]
-        )
-        == 2
+        cli(f"carve {tiny_dir} --active-fraction 0.5 --calib {text_file} --calib-tokens 512 --out {out} -q")
+        == 0
     )
+    printed = capsys.readouterr().out
+    assert "the measured default is 64 experts of 1 neuron(s)" in printed and "router partial" in printed
+    assert json.loads((out / "brickwork.json").read_text())["carve_config"]["down_fraction"] is not None
+
+
+def test_carve_command_rejects_bad_shapes(tmp_path, tiny_dir, text_file, capsys):
+    command = f"carve {tiny_dir} --experts 7 --active 2 --calib {text_file} --calib-tokens 512 --out {tmp_path / 'c'} -q"
+    assert cli(command) == 2
     assert "not divisible by experts = 7" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
