@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from brickwork.errors import BrickworkError
 from brickwork.grouping import GROUPING_METHODS, GroupingInputs
 from brickwork.models.specs import FFN, _resolve, find_ffns
 from brickwork.profiling.profile import Profile, ProfileConfig, TokenSampler, profile
-from brickwork.routing import ROUTER_BUILDERS, ROUTERS, RouterInputs
+from brickwork.routing import ROUTERS, RouterInputs
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,6 @@ class CarveReport:
     layer_fractions: list[float]
     seconds: float
     calibration: str | None
-    extra: dict = field(default_factory=dict)
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -151,7 +150,7 @@ def carve_(
     prof, sampler = calibration.profile, calibration.sampler
 
     method = GROUPING_METHODS[config.method]
-    build_router = ROUTER_BUILDERS[config.router]
+    build_router = ROUTERS[config.router].build
     bricks = []
     for ffn in tqdm(ffns, desc="carving", unit="layer", disable=not progress):
         weights = ffn.read()

@@ -136,10 +136,6 @@ class BrickFFN(nn.Module):
         )
 
     @property
-    def routed_neurons(self) -> int:
-        return self.num_experts * self.expert_size
-
-    @property
     def input_weights_per_neuron(self) -> int:
         return self.d_model * (2 if self.gate is not None else 1)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,13 +62,10 @@ class Router(nn.Module):
         raise NotImplementedError
 
 
-RouterBuilder = Callable[[RouterInputs], Router]
 ROUTERS: dict[str, type[Router]] = {}
-ROUTER_BUILDERS: dict[str, RouterBuilder] = {}
 
 
 def register_router(cls: type[Router]) -> type[Router]:
     """Register a Router subclass; its ``build(inputs)`` classmethod constructs it from calibration data."""
     ROUTERS[cls.kind] = cls
-    ROUTER_BUILDERS[cls.kind] = cls.build
     return cls
