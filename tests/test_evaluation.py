@@ -32,6 +32,8 @@ def test_kl_and_agreement_against_a_parent(tokenizer, text_file):
     assert same.kl == pytest.approx(0.0, abs=1e-6) and same.agreement == 1.0
     diff = bw.evaluate(model, tokenizer, text_file, parent=other, window=32, max_tokens=128, progress=False)
     assert diff.kl > 1e-3 and diff.agreement < 1.0
+    alone = bw.evaluate(other, tokenizer, text_file, window=32, max_tokens=128, progress=False)
+    assert diff.parent_perplexity == pytest.approx(alone.perplexity, rel=1e-6)
     # Brute force KL(parent || model) over the same positions.
     ids = token_windows(tokenizer, text_file, 32, 128)
     with torch.no_grad():

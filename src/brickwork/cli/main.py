@@ -153,13 +153,12 @@ def _cmd_carve(args: argparse.Namespace) -> None:
         f"{report.active_fraction:.1%} of dense (router included); saved to {out}/"
     )
     for data in args.eval or []:
-        dense = bw.evaluate(parent, tokenizer, data, max_tokens=args.eval_tokens, progress=not args.quiet)
         carved = bw.evaluate(
             model, tokenizer, data, parent=parent, max_tokens=args.eval_tokens, progress=not args.quiet
         )
         print(
-            f"{data:<10} perplexity dense {dense.perplexity:8.3f}  carved {carved.perplexity:8.3f}  "
-            f"(x{carved.perplexity / dense.perplexity:.3f})  KL(dense||carved) {carved.kl:.4f}  "
+            f"{data:<10} perplexity dense {carved.parent_perplexity:8.3f}  carved {carved.perplexity:8.3f}  "
+            f"(x{carved.perplexity / carved.parent_perplexity:.3f})  KL(dense||carved) {carved.kl:.4f}  "
             f"top-1 agreement {carved.agreement:.1%}  [{carved.tokens} tokens]"
         )
     if args.samples:

@@ -31,6 +31,7 @@ class EvalResult:
     nll: float
     perplexity: float
     kl: float | None = None
+    parent_perplexity: float | None = None
     agreement: float | None = None
     seconds: float = 0.0
 
@@ -73,7 +74,7 @@ def evaluate(
             )
     device = next(model.parameters()).device
     started = time.perf_counter()
-    nll_sum, kl_sum, agree, predicted, windows = 0.0, 0.0, 0, 0, 0
+    nll_sum, parent_nll_sum, kl_sum, agree, predicted, windows = 0.0, 0.0, 0.0, 0, 0, 0
     batches = _batches(iter_token_windows(tokenizer, data, window, max_tokens), batch_size)
     total = None if max_tokens is None else max_tokens // window
     for batch in tqdm(
@@ -89,6 +90,7 @@ def evaluate(
         nll_sum += -logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
         if parent is not None:
             parent_logprobs = torch.log_softmax(parent(input_ids=ids).logits[:, :-1].float(), dim=-1)
+            parent_nll_sum += -parent_logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
             kl_sum += (parent_logprobs.exp() * (parent_logprobs - logprobs)).sum().item()
             agree += (parent_logprobs.argmax(-1) == logprobs.argmax(-1)).sum().item()
         predicted += targets.numel()
@@ -106,6 +108,7 @@ def evaluate(
         nll=nll,
         perplexity=math.exp(nll),
         kl=kl_sum / predicted if parent is not None else None,
+        parent_perplexity=math.exp(parent_nll_sum / predicted) if parent is not None else None,
         agreement=agree / predicted if parent is not None else None,
         seconds=time.perf_counter() - started,
     )
