@@ -175,7 +175,6 @@ def carve_(
             RouterInputs(
                 weights=weights,
                 grouping=grouping,
-                activation=ffn.activation,
                 stats=stats,
                 coactivation=coactivation,
                 inputs=x,

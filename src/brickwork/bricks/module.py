@@ -167,10 +167,11 @@ class BrickFFN(nn.Module):
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """[T, active] indices of the routed experts each token runs."""
-        scores = self.router(x, self)
-        if self.active == self.num_experts:
+        if (
+            self.active == self.num_experts
+        ):  # nothing to choose: skip the router (the oracle's costs a full FFN)
             return torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
-        return scores.topk(self.active, dim=-1, sorted=False).indices
+        return self.router(x, self).topk(self.active, dim=-1, sorted=False).indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -200,5 +201,5 @@ class BrickFFN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, shared={self.num_shared}, experts={self.num_experts}x"
-            f"{self.expert_size}, active={self.active}, router={self.router.kind}"
+            f"{self.expert_size}, active={self.active}, router={self.router.kind}, down_keep={self.down_keep}"
         )

@@ -140,14 +140,14 @@ def load_model(
     """Load a causal LM and its tokenizer.
 
     ``name_or_path`` is a bundled alias (``smollm2-135m``), a local Hugging Face directory (or a carved model
-    saved by :func:`brickwork.save`), a ``.gguf`` file, or a hub name (needs network access). Returns ``(model, tokenizer)`` with the model in eval mode.
+    saved by :func:`brickwork.save`), a ``.gguf`` file, or a hub name (needs network access). Returns
+    ``(model, tokenizer)`` with the model in eval mode.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, location = resolve_model_source(name_or_path)
-    if (
-        kind == "dir" and (Path(location) / "brickwork.json").is_file()
-    ):  # a carved model saved by brickwork.save
+    carved = kind == "dir" and (Path(location) / "brickwork.json").is_file()  # saved by brickwork.save
+    if carved:
         from brickwork.io import load
 
         model = load(location, device=device)

@@ -22,7 +22,6 @@ class RouterInputs:
 
     weights: FFNWeights  # the dense FFN, canonical orientation, original neuron order
     grouping: Grouping
-    activation: nn.Module
     stats: dict[str, torch.Tensor]  # the layer's profile statistics
     coactivation: torch.Tensor | None
     inputs: torch.Tensor | None  # [N, D] calibration FFN inputs x
