@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality
 
 setup:
 	bash scripts/setup.sh
@@ -34,3 +34,6 @@ bench-profile: setup
 
 bench-carving: setup
 	$(BIN)/python bench/carving_quality.py --grid --eval-tokens 2048 --out bench/results/carving-quality
+
+bench-quality: setup
+	$(BIN)/brickwork bench quality smollm2-135m --fractions 0.25 0.5 0.75 --out bench/results/quality-smollm2

@@ -21,6 +21,10 @@ def _cmd_setup(args: argparse.Namespace) -> None:
         print(f"corpus {name:<9} {path}")
     for alias in args.models:
         print(f"model  {alias:<9} {cache_bundled_model(alias, force=args.force)}")
+    if not args.no_tasks:
+        from brickwork.evaluation.tasks import prepare_tasks, tasks_dir
+
+        print(f"tasks  {len(prepare_tasks(force=args.force))} BIG-bench tasks in {tasks_dir()}")
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
@@ -80,6 +84,59 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         )
 
 
+def _cmd_bench_quality(args: argparse.Namespace) -> None:
+    from brickwork.benchmarks.quality import QualityBenchConfig, render_table, run_quality_bench, write
+
+    options = {
+        "fractions": tuple(args.fractions),
+        "methods": tuple(args.methods) if args.methods else None,
+        "routers": tuple(args.routers) if args.routers else None,
+        "baselines": tuple(args.baselines),
+        "neuron_level": not args.no_neuron_level,
+        "tasks": tuple(args.tasks) if args.tasks is not None else None,
+        "seed": args.seed,
+        "quick": args.quick,
+    }
+    for name in ("model", "experts", "shared", "calib", "calib_tokens", "eval_tokens", "task_examples"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.eval:
+        options["eval"] = tuple(args.eval)
+    config = QualityBenchConfig(**options)
+    results = run_quality_bench(config, progress=not args.quiet)
+    out = write(results, args.out)
+    print(render_table(results))
+    print(f"\nwrote {out}/results.json, results.md, quality.png")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.io.export import export
+
+    model, tokenizer = bw.load_model(args.model)
+    report = export(
+        model,
+        args.out,
+        args.format,
+        tokenizer=tokenizer,
+        validate_data=None if args.no_validate else args.data,
+        validate_tokens=args.tokens,
+        dtype=args.dtype,
+    )
+    print(f"exported {args.model} as {args.format} to {report.path} in {report.seconds:.1f} s")
+    if report.validation:
+        v = report.validation
+        print(
+            f"validation on {v['tokens']} tokens of {args.data}, stock transformers vs brickwork: "
+            f"KL(brickwork||exported) {v['kl']:.2e} nats/token, top-1 agreement {v['agreement']:.2%}, "
+            f"max |logit difference| {v['max_logit_diff']:.3g}"
+        )
+    if args.json:
+        from brickwork.io_utils import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
+
+
 DEMO_PROMPTS = (
     "The capital of France is",
     "Once upon a time, a little fox",
@@ -107,11 +164,34 @@ def _continuations(model, tokenizer, prompts, new_tokens: int) -> list[str]:
     return out
 
 
+def _router_options(items: list[str]) -> dict:
+    """``["intercept=false", "rank=32"]`` -> ``{"intercept": False, "rank": 32}``."""
+    out: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise BrickworkError(f"--router-option takes key=value, got '{item}'")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false"):
+            out[key] = lowered == "true"
+            continue
+        for kind in (int, float):
+            try:
+                out[key] = kind(text)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = text
+    return out
+
+
 def _cmd_carve(args: argparse.Namespace) -> None:
     import brickwork as bw
 
     model, tokenizer = bw.load_model(args.model)
     options = {"rank": args.rank} if args.rank else {}
+    options.update(_router_options(args.router_option or []))
     if args.active_fraction is not None and args.active is None and args.experts is None:
         from brickwork.bricks.presets import recommended
 
@@ -188,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpora", nargs="*", default=list(CORPORA), help="corpora to prepare (default: all)")
     p.add_argument("--models", nargs="*", default=[DEFAULT_MODEL], help="bundled models to cache")
     p.add_argument("--force", action="store_true", help="redo even what is already prepared")
+    p.add_argument(
+        "--no-tasks", action="store_true", help="skip the BIG-bench tasks (a 358 MB download from PyPI)"
+    )
     p.set_defaults(func=_cmd_setup)
 
     p = sub.add_parser("profile", help="profile FFN neurons on calibration text")
@@ -235,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--router", choices=sorted(ROUTERS), help="router kind (default fitted)")
     p.add_argument("--rank", type=int, help="rank of the lowrank router's approximations")
+    p.add_argument(
+        "--router-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an option of the router's builder (repeatable), e.g. intercept=false for a fitted router "
+        "that stock MoE formats can hold",
+    )
     p.add_argument("--layers", type=int, nargs="+", help="layers to carve (default all)")
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
@@ -259,7 +349,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
-    for p in sub.choices.values():
+    from brickwork.io.export import EXPORT_FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write a carved model as a stock MoE model (qwen2_moe, mixtral) or a qwen2moe GGUF file, "
+        "then load it back with stock transformers and compare",
+    )
+    p.add_argument("model", help="a carved model directory (brickwork carve --out)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="qwen2_moe")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output directory (a .gguf file for --format gguf)"
+    )
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--data", default="botchan", help=f"validation text (default botchan); {data_help}")
+    p.add_argument("--tokens", type=int, default=2048, help="validation tokens (default 2048)")
+    p.add_argument("--no-validate", action="store_true", help="skip validation (top-1 carves only)")
+    p.add_argument("--json", type=Path, help="also write the export report (validation figures) here")
+    p.set_defaults(func=_cmd_export)
+
+    bench = sub.add_parser("bench", help="benchmarks: quality vs FFN weights read")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    p = bench_sub.add_parser(
+        "quality",
+        help="carved configurations and neuron-level baselines: perplexity, KL, agreement and task accuracy "
+        "against FFN weights read; writes results.json, results.md and quality.png",
+    )
+    from brickwork.evaluation.baselines import BASELINES
+
+    p.add_argument("model", nargs="?", help=f"{model_help} (default {DEFAULT_MODEL})")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="active fractions")
+    p.add_argument("--methods", nargs="+", choices=sorted(GROUPING_METHODS), help="default: all")
+    p.add_argument(
+        "--routers",
+        nargs="+",
+        choices=sorted(ROUTERS),
+        help="default: centroid, representative, fitted, oracle",
+    )
+    p.add_argument("--experts", type=int, help="experts per FFN in the grid (default 16)")
+    p.add_argument("--shared", type=int, help="shared experts in the grid (default 2)")
+    p.add_argument("--no-neuron-level", action="store_true", help="leave out the neuron-level default rows")
+    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
+    p.add_argument("--calib", help=f"calibration text (default {DEFAULT_CALIBRATION}); {data_help}")
+    p.add_argument("--calib-tokens", type=int, help="calibration tokens (default 16384)")
+    p.add_argument("--eval", nargs="+", help=f"held-out corpora (default {' '.join(DEFAULT_EVALUATION)})")
+    p.add_argument("--eval-tokens", type=int, help="held-out tokens per corpus (default 1024)")
+    p.add_argument(
+        "--tasks",
+        nargs="*",
+        help="built-in BIG-bench task names or task.json paths (default: the built-in "
+        "default list; none: no downstream tasks)",
+    )
+    p.add_argument("--task-examples", type=int, help="examples per task (default 25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few windows")
+    p.add_argument("--out", type=Path, default=Path("bench/results/quality"), help="output directory")
+    p.set_defaults(func=_cmd_bench_quality)
+    quality = p
+
+    for p in [*sub.choices.values(), quality]:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
     return parser
 

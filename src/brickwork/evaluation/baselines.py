@@ -19,6 +19,7 @@ For plain (non-gated) FFNs the gate is the up projection: CATS thresholds |act(u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ def reads_fraction(kind: str, keep: float, gated: bool) -> float:
     raise ValueError(f"unknown baseline '{kind}'; choose from {BASELINES}")
 
 
+_KEEP_VALUES = 2_000_000
+
+
 def _quantile(values: torch.Tensor, q: float) -> float:
     flat = values.flatten().float()
     if (
@@ -83,20 +87,30 @@ class NeuronSparsity:
     ) -> NeuronSparsity:
         """Per-layer thresholds so that ``keep_fraction`` of the values pass, on ``tokens`` calibration tokens."""
         seen: dict[tuple[int, str], list[torch.Tensor]] = {}
+        needed = {"cats": ("act",), "teal": ("x", "h"), "oracle": ()}[self.kind]
 
         def keep(layer: int, name: str) -> Callable:
             def hook(module, args, output=None):
-                value = args[0] if output is None else output
-                seen.setdefault((layer, name), []).append(value.detach().abs().reshape(-1, value.shape[-1]))
+                value = (args[0] if output is None else output).detach()
+                # A strided subsample bounds memory (about 2M values per layer and kind; plenty for a quantile).
+                # The stride is coprime to the width, so that every column is sampled.
+                width = value.shape[-1]
+                stride = max(1, tokens * width // _KEEP_VALUES)
+                while math.gcd(stride, width) != 1:
+                    stride += 1
+                seen.setdefault((layer, name), []).append(value.abs().flatten()[::stride].clone())
 
             return hook
 
         handles = []
         try:
             for ffn in self.ffns:
-                handles.append(ffn.input_module.register_forward_pre_hook(keep(ffn.index, "x")))
-                handles.append(ffn.down_module.register_forward_pre_hook(keep(ffn.index, "h")))
-                handles.append(ffn.activation.register_forward_hook(keep(ffn.index, "act")))
+                if "x" in needed:
+                    handles.append(ffn.input_module.register_forward_pre_hook(keep(ffn.index, "x")))
+                if "h" in needed:
+                    handles.append(ffn.down_module.register_forward_pre_hook(keep(ffn.index, "h")))
+                if "act" in needed:
+                    handles.append(ffn.activation.register_forward_hook(keep(ffn.index, "act")))
             windows = list(iter_token_windows(tokenizer, calib, window, tokens))
             if not windows:
                 raise BrickworkError(
@@ -111,7 +125,7 @@ class NeuronSparsity:
             self.thresholds[ffn.index] = {
                 # keep_fraction 1 keeps everything, zeros included
                 name: -1.0 if self.keep >= 1 else _quantile(torch.cat(seen[(ffn.index, name)]), 1 - self.keep)
-                for name in ("x", "h", "act")
+                for name in needed
             }
         return self
 

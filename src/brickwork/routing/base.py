@@ -55,6 +55,10 @@ class Router(nn.Module):
     def extra_config(self) -> dict:
         return {}
 
+    def linear_form(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(W [E, D], b [E] or None)`` when the scores are ``x W^T + b``, else None (export needs this)."""
+        return None
+
     @classmethod
     def empty(cls, num_experts: int, d_model: int, d_ff: int, gated: bool, **extra) -> Router:
         """An uninitialised router of the right shapes, to load a saved state dict into."""

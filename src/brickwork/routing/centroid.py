@@ -24,6 +24,9 @@ class CentroidRouter(Router):
     def forward(self, x, brick):
         return torch.nn.functional.linear(x, self.keys, self.bias)
 
+    def linear_form(self):
+        return self.keys, self.bias
+
     @classmethod
     def build(cls, inputs: RouterInputs) -> CentroidRouter:
         w = inputs.weights

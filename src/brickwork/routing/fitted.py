@@ -3,6 +3,8 @@
 Zhang et al. 2022, "MoEfication" (routers trained to predict which experts carry the most activation). Here
 the predictor is linear, ``score = x W + b``, fitted per layer by ridge regression of the experts' true mass
 ``sum_{i in e} |h_i|`` on the calibration FFN inputs: one D x D solve, a second or less per layer on a CPU.
+``intercept=False`` fits ``score = x W`` alone, the form of the gates of stock MoE architectures (Mixtral,
+Qwen2-MoE), so that the carve can be exported to them.
 """
 
 from __future__ import annotations
@@ -14,9 +16,16 @@ from brickwork.routing.base import Router, RouterInputs, register_router
 RIDGE = 1e-3  # relative to the mean diagonal of X^T X
 
 
-def ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights [out, in] and bias [out] minimising ||x W^T + b - y||^2 + ridge * scale * ||W||^2."""
+def ridge_fit(
+    x: torch.Tensor, y: torch.Tensor, ridge: float = RIDGE, intercept: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [out, in] and bias [out] minimising ||x W^T + b - y||^2 + ridge * scale * ||W||^2 (b = 0 without
+    an intercept)."""
     x, y = x.double(), y.double()
+    if not intercept:
+        gram = x.t() @ x
+        gram.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-12))
+        return torch.linalg.solve(gram, x.t() @ y).t(), torch.zeros(y.shape[1], dtype=y.dtype)
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
     gram = xc.t() @ xc
@@ -38,10 +47,13 @@ class FittedRouter(Router):
     def forward(self, x, brick):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
+    def linear_form(self):
+        return self.weight, self.bias
+
     @classmethod
-    def build(cls, inputs: RouterInputs) -> FittedRouter:
+    def build(cls, inputs: RouterInputs, intercept: bool = True) -> FittedRouter:
         mass = inputs.expert_mass()  # raises a clear error when no samples were kept
-        weight, bias = ridge_fit(inputs.inputs, mass)
+        weight, bias = ridge_fit(inputs.inputs, mass, intercept=intercept)
         dtype = inputs.weights.up.dtype
         return cls(weight.to(dtype), bias.to(dtype))
 

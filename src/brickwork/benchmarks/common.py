@@ -1,0 +1,52 @@
+"""What every benchmark records beside its numbers: the commit, the machine and the software."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import brickwork
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", False
+    return {
+        "commit": commit + ("-dirty" if dirty else ""),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "brickwork": brickwork.__version__,
+    }
+
+
+def write_results(directory: Path, results: dict, table: str) -> None:
+    from brickwork.io_utils import atomic_write_text
+
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(directory / "results.json", json.dumps(results, indent=2))
+    atomic_write_text(directory / "results.md", table + "\n")

@@ -1,0 +1,386 @@
+"""Export carved models to stock Mixture-of-Experts architectures that unmodified engines load.
+
+- ``qwen2_moe``: ``Qwen2MoeForCausalLM`` (transformers, vLLM). Shared neurons become the shared expert, whose
+  sigmoid gate is zeroed (sigmoid(0) = 1/2 exactly) and compensated by doubling its down projection; routed
+  experts and a linear router map to ``mlp.experts`` and ``mlp.gate``; uncarved layers are listed in
+  ``mlp_only_layers``; q/k/v biases are zero where the source had none.
+- ``mixtral``: ``MixtralForCausalLM``, for carves without shared neurons that carve every layer.
+- ``gguf``: a GGUF file in llama.cpp's ``qwen2moe`` architecture (f32 or f16 tensors; the router stays f32).
+
+Routing. brickwork sums the selected experts with weight 1; stock routers weight them by softmax
+probabilities. Top-1 with renormalisation (``norm_topk_prob``; Mixtral always renormalises) gives weight 1
+exactly, so top-1 carves export exactly. For top-k > 1 the router logits are divided by a power of two T (exact
+in floating point, and it keeps their order) so that the top-k probabilities are nearly equal, and the experts'
+down projections are multiplied by the number of probabilities they share: k with renormalisation, the number
+of experts without it (llama.cpp's qwen2moe never renormalises). Each expert's weight is then
+``1 + O(spread / T)`` where ``spread`` is the range of the router's logits; a larger T makes the weights more
+equal but lets floating-point ties reorder experts whose logits are within about ``T * 2^-23`` relative. T is
+chosen per layer from the logits measured on the validation windows (spread * 2^10, rounded up to a power of 2).
+
+Refused, with the reason: routers that are not linear in the FFN input (the stock gate is one ``Linear`` with no
+bias), down-row sparsity, experts or top-k that differ between layers, FFN or attention output biases,
+activations other than SiLU, and (mixtral, gguf) layers left dense or shared neurons (mixtral).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.module import BrickFFN
+from brickwork.errors import BrickworkError
+from brickwork.io_utils import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+ExportFormat = Literal["qwen2_moe", "mixtral", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = ("qwen2_moe", "mixtral", "gguf")
+_SOURCE_TYPES = ("llama", "mistral", "qwen2")
+_WEIGHT_PRECISION = 2.0**-10  # relative spread of the top-k weights the temperature aims for
+
+
+@dataclass
+class ExportReport:
+    format: str
+    path: str
+    seconds: float
+    temperatures: dict[int, float] = field(default_factory=dict)  # carved layer -> router logit divisor
+    validation: dict | None = None  # kl, agreement, max_logit_diff, tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- what can be exported ------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    bricks: dict[int, BrickFFN]
+    num_experts: int
+    expert_size: int
+    active: int
+    shared: int
+
+
+def _plan(model, format: str) -> _Plan:
+    config = model.config
+    if format not in EXPORT_FORMATS:
+        raise BrickworkError(f"unknown export format '{format}'; choose from {', '.join(EXPORT_FORMATS)}")
+    if config.model_type not in _SOURCE_TYPES:
+        raise BrickworkError(
+            f"export to {format} supports carved {', '.join(_SOURCE_TYPES)} models (Llama-style attention "
+            f"and SwiGLU FFN); this model is '{config.model_type}'"
+        )
+    bricks = carved_layers(model)
+    if not bricks:
+        raise BrickworkError("the model has no carved layer: carve it first (brickwork carve)")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise BrickworkError(f"stock MoE experts use SiLU; this model's FFN uses '{config.hidden_act}'")
+    if getattr(config, "sliding_window", None) and config.model_type == "mistral":
+        raise BrickworkError("sliding-window attention does not export to these formats")
+    if getattr(config, "mlp_bias", False) or (
+        getattr(config, "attention_bias", False) and config.model_type != "qwen2"
+    ):
+        raise BrickworkError("FFN or attention output biases have no place in the stock MoE formats")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise BrickworkError(
+            "heads x head_dim differs from hidden_size; Qwen2-MoE engines (vLLM) assume they are equal"
+        )
+    shapes = {(b.num_experts, b.expert_size, b.active, b.num_shared) for b in bricks.values()}
+    if len(shapes) > 1:
+        raise BrickworkError(
+            f"carved layers differ in experts / expert size / top-k / shared neurons ({sorted(shapes)}); stock "
+            "MoE configs hold one value of each for the whole model"
+        )
+    num_experts, expert_size, active, shared = shapes.pop()
+    for index, brick in bricks.items():
+        if brick.down_keep is not None:
+            raise BrickworkError(
+                f"layer {index} uses down-row sparsity (down_fraction), which stock experts cannot express"
+            )
+        if brick.up_bias is not None or brick.gate_bias is not None or brick.down_bias is not None:
+            raise BrickworkError(f"layer {index} has FFN biases; stock MoE experts have none")
+        if brick.gate is None:
+            raise BrickworkError(f"layer {index} is not a gated (SwiGLU) FFN")
+        form = brick.router.linear_form()
+        if form is None:
+            raise BrickworkError(
+                f"layer {index}'s router '{brick.router.kind}' is not a linear function of the FFN input; stock "
+                "MoE gates are one Linear layer. Carve with --router fitted (router option intercept=false) "
+                "or --router centroid."
+            )
+        if form[1] is not None and bool(form[1].detach().abs().max() > 0):
+            raise BrickworkError(
+                f"layer {index}'s router has a bias; stock MoE gates have none. Carve with the fitted router's "
+                "option intercept=false (brickwork carve --router-option intercept=false)."
+            )
+    if num_experts < 2 or active >= num_experts:
+        raise BrickworkError("export needs routed experts to choose from (active < experts)")
+    n_layers = config.num_hidden_layers
+    if format in ("mixtral", "gguf") and len(bricks) != n_layers:
+        dense = sorted(set(range(n_layers)) - set(bricks))
+        raise BrickworkError(
+            f"{format} needs every layer to be MoE; layers {dense} are dense. Carve every layer, or export "
+            "to qwen2_moe (which keeps dense layers as mlp_only_layers)."
+        )
+    if format == "mixtral" and shared:
+        raise BrickworkError(
+            "mixtral has no shared expert; this carve has shared neurons: export to qwen2_moe"
+        )
+    if format in ("qwen2_moe", "gguf") and not shared:
+        raise BrickworkError(
+            f"{format} expects a shared expert; this carve has none: export to mixtral, or carve with shared > 0"
+        )
+    return _Plan(bricks, num_experts, expert_size, active, shared)
+
+
+# --- router temperature --------------------------------------------------------------------------------
+@torch.no_grad()
+def _logit_spreads(model, bricks: dict[int, BrickFFN], windows: torch.Tensor) -> dict[int, float]:
+    spreads: dict[int, float] = {}
+    handles = []
+
+    def hook(index):
+        def record(module, args, output):
+            spreads[index] = max(spreads.get(index, 0.0), float(output.max() - output.min()))
+
+        return record
+
+    try:
+        for index, brick in bricks.items():
+            handles.append(brick.router.register_forward_hook(hook(index)))
+        for batch in windows.split(4):
+            model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spreads
+
+
+def _exact(plan: _Plan, format: str) -> bool:
+    """Top-1 with renormalisation: the selected expert's weight is exactly 1 at any temperature."""
+    return plan.active == 1 and format != "gguf"
+
+
+def _temperatures(plan: _Plan, format: str, spreads: dict[int, float] | None) -> dict[int, float]:
+    if _exact(plan, format):
+        return dict.fromkeys(plan.bricks, 1.0)
+    if spreads is None:
+        raise BrickworkError(
+            "this export (top-k > 1, or GGUF) needs validation windows to choose the router temperature"
+        )
+    return {
+        i: 2.0 ** math.ceil(math.log2(max(spreads.get(i, 1.0), 1e-6) / _WEIGHT_PRECISION))
+        for i in plan.bricks
+    }
+
+
+# --- building the stock model --------------------------------------------------------------------------
+def _common_config(config) -> dict:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    out = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None),
+        attention_dropout=0.0,
+    )
+    rope = getattr(config, "rope_parameters", None)
+    if rope is not None:
+        out["rope_parameters"] = dict(rope)
+    return out
+
+
+def _stock_config(model, plan: _Plan, format: str):
+    import transformers as tf
+
+    common = _common_config(model.config)
+    if format == "mixtral":
+        return tf.MixtralConfig(
+            **common,
+            intermediate_size=plan.expert_size,
+            num_local_experts=plan.num_experts,
+            num_experts_per_tok=plan.active,
+            sliding_window=None,
+        )
+    return tf.Qwen2MoeConfig(
+        **common,
+        intermediate_size=model.config.intermediate_size,
+        moe_intermediate_size=plan.expert_size,
+        shared_expert_intermediate_size=plan.shared,
+        num_experts=plan.num_experts,
+        num_experts_per_tok=plan.active,
+        # HF and vLLM: renormalise (exact top-1); GGUF: llama.cpp's qwen2moe does not, so neither may we
+        norm_topk_prob=format != "gguf",
+        decoder_sparse_step=1,
+        mlp_only_layers=sorted(set(range(model.config.num_hidden_layers)) - set(plan.bricks)),
+        qkv_bias=True,
+        use_sliding_window=False,
+    )
+
+
+def _expert_weights(brick: BrickFFN, plan: _Plan, scale: float) -> dict[str, torch.Tensor]:
+    s, e, size, d = plan.shared, plan.num_experts, plan.expert_size, brick.d_model
+    gate, up, down_t = brick.gate.detach(), brick.up.detach(), brick.down_t.detach()
+    routed = slice(s, s + e * size)
+    return {
+        "gate_up": torch.cat([gate[routed].view(e, size, d), up[routed].view(e, size, d)], dim=1),
+        "down": (down_t[routed].view(e, size, d).transpose(1, 2) * scale).contiguous(),  # [E, D, size]
+        "shared_gate": gate[:s],
+        "shared_up": up[:s],
+        "shared_down": (down_t[:s].t() * 2).contiguous(),  # times 2: the zeroed sigmoid gate halves it
+    }
+
+
+@torch.no_grad()
+def build_stock_model(model, format: str, temperatures: dict[int, float]):
+    """The stock ``transformers`` model (Qwen2-MoE or Mixtral) that computes what the carved model computes."""
+    import transformers as tf
+
+    plan = _plan(model, "qwen2_moe" if format == "gguf" else format)
+    config = _stock_config(model, plan, format)
+    cls = tf.MixtralForCausalLM if format == "mixtral" else tf.Qwen2MoeForCausalLM
+    dtype = next(model.parameters()).dtype
+    stock = cls(config).to(dtype).eval()
+    source = model.state_dict()
+    target = stock.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name in target:
+        if ".mlp." in name:
+            continue
+        if name in source:
+            out[name] = source[name]
+        elif name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            out[name] = torch.zeros_like(target[name])  # the source had no q/k/v bias
+        elif name == "lm_head.weight":
+            out[name] = source["model.embed_tokens.weight"]
+        else:
+            raise BrickworkError(f"no source weight for {name}; cannot export this model")
+    # renormalised top-k probabilities are about 1/k each; llama.cpp's unrenormalised ones about 1/E
+    share = plan.num_experts if format == "gguf" else plan.active
+    for layer in range(config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp."
+        brick = plan.bricks.get(layer)
+        if brick is None:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out[prefix + proj + ".weight"] = source[prefix + proj + ".weight"]
+            continue
+        temperature = temperatures[layer]
+        weight, _ = brick.router.linear_form()
+        w = _expert_weights(brick, plan, scale=1.0 if _exact(plan, format) else float(share))
+        out[prefix + "gate.weight"] = (weight.detach() / temperature).to(dtype)
+        out[prefix + "experts.gate_up_proj"] = w["gate_up"]
+        out[prefix + "experts.down_proj"] = w["down"]
+        if format != "mixtral":
+            out[prefix + "shared_expert.gate_proj.weight"] = w["shared_gate"]
+            out[prefix + "shared_expert.up_proj.weight"] = w["shared_up"]
+            out[prefix + "shared_expert.down_proj.weight"] = w["shared_down"]
+            out[prefix + "shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size, dtype=dtype)
+    missing = set(target) - set(out)
+    if missing:
+        raise BrickworkError(f"export left weights unset: {sorted(missing)[:5]}")
+    stock.load_state_dict(out, strict=True)
+    if config.tie_word_embeddings:
+        stock.tie_weights()
+    return stock
+
+
+# --- validation -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def compare_logits(reference, other, windows: torch.Tensor) -> dict:
+    """KL(reference || other) per token, top-1 agreement and the largest |logit difference|."""
+    kl, agree, count, max_diff = 0.0, 0, 0, 0.0
+    for batch in windows.split(4):
+        a = reference(input_ids=batch).logits.float()
+        b = other(input_ids=batch).logits.float()
+        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kl += (la.exp() * (la - lb)).sum().item()
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        count += a.shape[0] * a.shape[1]
+        max_diff = max(max_diff, (a - b).abs().max().item())
+    return {"kl": kl / count, "agreement": agree / count, "max_logit_diff": max_diff, "tokens": count}
+
+
+def export(
+    model,
+    out: str | Path,
+    format: ExportFormat = "qwen2_moe",
+    tokenizer=None,
+    validate_data: str | Path | None = "botchan",
+    validate_tokens: int = 2048,
+    window: int = 512,
+    dtype: Literal["float32", "float16"] = "float32",
+) -> ExportReport:
+    """Write ``model`` (carved) in a stock MoE format and check it against the carved model.
+
+    The output is written atomically. With ``validate_data``, the result is loaded back with stock
+    ``transformers`` (no remote code) and compared on ``validate_tokens`` tokens of it; those windows also set
+    the router temperature of top-k > 1 carves. Without it, only top-1 carves can be exported.
+    """
+    from brickwork.data.sources import token_windows
+
+    started = time.perf_counter()
+    plan = _plan(model, format)
+    windows = None
+    if validate_data is not None:
+        if tokenizer is None:
+            raise BrickworkError("validation needs the tokenizer; pass tokenizer= or validate_data=None")
+        windows = token_windows(tokenizer, validate_data, window, validate_tokens)
+    needs_spreads = windows is not None and not _exact(plan, format)
+    spreads = _logit_spreads(model, plan.bricks, windows) if needs_spreads else None
+    temperatures = _temperatures(plan, format, spreads)
+    stock = build_stock_model(model, format, temperatures)
+    out = Path(out)
+    if format == "gguf":
+        from brickwork.io.gguf import write_qwen2moe_gguf
+
+        path = write_qwen2moe_gguf(stock, out, tokenizer, dtype=dtype)
+    else:
+        if dtype == "float16":
+            stock = stock.half()
+        with atomic_directory(out) as tmp:
+            stock.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        path = out
+    report = ExportReport(format=format, path=str(path), seconds=0.0, temperatures=temperatures)
+    if windows is not None:
+        report.validation = compare_logits(model, load_exported(path, format), windows)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def load_exported(path: str | Path, format: str):
+    """The exported model as stock ``transformers`` loads it (no ``trust_remote_code``), in float32."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if format == "gguf":
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, config=_gguf_config(path), dtype=torch.float32
+        ).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _gguf_config(path: Path):
+    """transformers' GGUF reader (5.x) maps no expert or shared-expert sizes for qwen2moe, so the config is
+    rebuilt from the file's own metadata (nothing here comes from brickwork's side)."""
+    from brickwork.io.gguf import read_qwen2moe_config
+
+    return read_qwen2moe_config(path)

@@ -1,0 +1,177 @@
+"""GGUF files in llama.cpp's ``qwen2moe`` architecture, written with the ``gguf`` package.
+
+Tensor names and metadata keys follow llama.cpp's qwen2moe loader: every block is MoE with a shared expert,
+the output projection is stored even when the source ties it to the embeddings, q/k/v have biases, and the
+routed experts are stacked as ``ffn_{gate,up,down}_exps`` ([experts, rows, columns]). llama.cpp does not
+renormalise the top-k router probabilities, which :mod:`brickwork.io.export` compensates for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from brickwork.errors import BrickworkError
+
+logger = logging.getLogger(__name__)
+ARCH = "qwen2moe"
+
+_PER_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+_KEEP_F32 = ("norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias")
+
+
+def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "float32") -> Path:
+    """Write a ``Qwen2MoeForCausalLM`` (every layer MoE) as a GGUF file; atomic (temporary file, rename)."""
+    import gguf
+
+    config = stock.config
+    if config.mlp_only_layers:
+        raise BrickworkError("llama.cpp's qwen2moe needs every layer to be MoE")
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise BrickworkError(f"a GGUF output path must end in .gguf, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer.add_name("brickwork export")
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(config.num_attention_heads)
+        writer.add_head_count_kv(config.num_key_value_heads)
+        writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+        writer.add_file_type(
+            gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32
+        )
+        if tokenizer is not None:
+            _add_tokenizer(writer, tokenizer, config.vocab_size)
+        for name, tensor in _tensors(stock):
+            array = tensor.detach().float().cpu().numpy()
+            if dtype == "float16" and not name.endswith(_KEEP_F32):
+                array = array.astype(np.float16)
+            writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _tensors(stock):
+    state = stock.state_dict()
+    yield "token_embd.weight", state["model.embed_tokens.weight"]
+    for layer in range(stock.config.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        for hf, name in _PER_LAYER.items():
+            tensor = state[prefix + hf]
+            if name == "ffn_gate_inp_shexp.weight":
+                tensor = tensor.reshape(-1)  # llama.cpp holds it as a vector
+            yield f"blk.{layer}.{name}", tensor
+        gate, up = state[prefix + "mlp.experts.gate_up_proj"].chunk(2, dim=1)
+        yield f"blk.{layer}.ffn_gate_exps.weight", gate
+        yield f"blk.{layer}.ffn_up_exps.weight", up
+        yield f"blk.{layer}.ffn_down_exps.weight", state[prefix + "mlp.experts.down_proj"]
+    yield "output_norm.weight", state["model.norm.weight"]
+    yield "output.weight", state["lm_head.weight"]  # llama.cpp's qwen2moe needs it even when tied
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
+    """BPE tokenizers (GPT-2 style, as Llama-3, SmolLM and Qwen use) as llama.cpp's ``gpt2`` tokenizer model."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        logger.warning(
+            "tokenizer is not BPE: the GGUF file carries no tokenizer (transformers still loads it)"
+        )
+        return
+    tokens = [tokenizer.convert_ids_to_tokens(i) or f"[PAD{i}]" for i in range(vocab_size)]
+    special = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special else 1 for i in range(vocab_size)])  # 3 = control, 1 = normal
+    merges = model.get("merges", [])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    for key, value in (
+        ("bos", tokenizer.bos_token_id),
+        ("eos", tokenizer.eos_token_id),
+        ("pad", tokenizer.pad_token_id),
+        ("unk", tokenizer.unk_token_id),
+    ):
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(value)
+
+
+def read_qwen2moe_config(path: str | Path):
+    """A ``Qwen2MoeConfig`` from a qwen2moe GGUF file's metadata (and whether it stores ``output.weight``)."""
+    import gguf
+    import transformers as tf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def field(key: str):
+        f = reader.fields.get(f"{ARCH}.{key}")
+        if f is None:
+            raise BrickworkError(f"{path} has no '{ARCH}.{key}' metadata; is it a qwen2moe GGUF file?")
+        return f.contents()
+
+    arch = reader.fields["general.architecture"].contents()
+    if arch != ARCH:
+        raise BrickworkError(f"{path} is a '{arch}' GGUF file, not {ARCH}")
+    names = {t.name for t in reader.tensors}
+    vocab = next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1]
+    return tf.Qwen2MoeConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(field("embedding_length")),
+        intermediate_size=int(field("feed_forward_length")),
+        num_hidden_layers=int(field("block_count")),
+        num_attention_heads=int(field("attention.head_count")),
+        num_key_value_heads=int(field("attention.head_count_kv")),
+        max_position_embeddings=int(field("context_length")),
+        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
+        rope_parameters={"rope_type": "default", "rope_theta": float(field("rope.freq_base"))},
+        num_experts=int(field("expert_count")),
+        num_experts_per_tok=int(field("expert_used_count")),
+        moe_intermediate_size=int(field("expert_feed_forward_length")),
+        shared_expert_intermediate_size=int(field("expert_shared_feed_forward_length")),
+        norm_topk_prob=False,  # llama.cpp's qwen2moe
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        qkv_bias=True,
+        tie_word_embeddings="output.weight" not in names,
+        torch_dtype=torch.float32,
+    )

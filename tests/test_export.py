@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import brickwork as bw
+from brickwork.cli.main import main as cli
+from brickwork.errors import BrickworkError
+from brickwork.io.export import build_stock_model, compare_logits, export, load_exported
+from conftest import tiny
+
+
+def _carved(text_file, tokenizer, model_type="llama", **overrides):
+    options = dict(
+        experts=8,
+        shared=1,
+        active=2,
+        method="random",
+        router="fitted",
+        router_options={"intercept": False},
+        calib_tokens=512,
+        router_samples=256,
+        window=64,
+    )
+    model = tiny(model_type).eval()
+    bw.carve_(
+        model,
+        bw.CarveConfig(**(options | overrides)),
+        calib=str(text_file),
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    return model
+
+
+def _windows(text_file, tokenizer):
+    from brickwork.data.sources import token_windows
+
+    return token_windows(tokenizer, str(text_file), 64, 256)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_top1_qwen2_moe_export_matches_to_float_rounding(tmp_path, text_file, tokenizer, model_type):
+    model = _carved(text_file, tokenizer, model_type, active=1)
+    report = export(
+        model,
+        tmp_path / "out",
+        "qwen2_moe",
+        tokenizer,
+        validate_data=str(text_file),
+        validate_tokens=256,
+        window=64,
+    )
+    v = report.validation
+    assert v["agreement"] == 1.0 and abs(v["kl"]) < 1e-7 and v["max_logit_diff"] < 1e-5
+    assert set(report.temperatures.values()) == {1.0}  # top-1: router logits untouched
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_moe" and config["norm_topk_prob"] is True
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("active", [2, 3])
+def test_topk_qwen2_moe_export_is_close(tmp_path, text_file, tokenizer, active):
+    model = _carved(text_file, tokenizer, active=active)
+    report = export(
+        model,
+        tmp_path / "out",
+        "qwen2_moe",
+        tokenizer,
+        validate_data=str(text_file),
+        validate_tokens=256,
+        window=64,
+    )
+    v = report.validation
+    assert v["kl"] < 1e-5 and v["agreement"] >= 0.99
+    assert all(
+        t > 1 and t == 2 ** round(torch.log2(torch.tensor(t)).item()) for t in report.temperatures.values()
+    )
+
+
+def test_without_temperature_the_softmax_weights_would_differ(text_file, tokenizer):
+    """The temperature is what makes top-k > 1 faithful: at T = 1 the stock model computes something else."""
+    model = _carved(text_file, tokenizer, active=3)
+    windows = _windows(text_file, tokenizer)
+    plain = compare_logits(
+        model, build_stock_model(model, "qwen2_moe", dict.fromkeys(range(2), 1.0)), windows
+    )
+    tempered = compare_logits(
+        model, build_stock_model(model, "qwen2_moe", dict.fromkeys(range(2), 2.0**16)), windows
+    )
+    assert tempered["max_logit_diff"] < plain["max_logit_diff"] / 10
+
+
+def test_mixtral_export_for_carves_without_shared_neurons(tmp_path, text_file, tokenizer):
+    model = _carved(text_file, tokenizer, shared=0, active=2, router="centroid", router_options={})
+    report = export(
+        model,
+        tmp_path / "mx",
+        "mixtral",
+        tokenizer,
+        validate_data=str(text_file),
+        validate_tokens=256,
+        window=64,
+    )
+    assert json.loads((tmp_path / "mx" / "config.json").read_text())["model_type"] == "mixtral"
+    assert report.validation["kl"] < 1e-5 and report.validation["agreement"] >= 0.99
+
+
+def test_gguf_export_loads_back_with_the_transformers_gguf_reader(tmp_path, text_file, tokenizer):
+    model = _carved(text_file, tokenizer, active=2)
+    path = tmp_path / "carved.gguf"
+    report = export(
+        model, path, "gguf", tokenizer, validate_data=str(text_file), validate_tokens=256, window=64
+    )
+    assert path.is_file() and report.validation["kl"] < 1e-5 and report.validation["agreement"] >= 0.99
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    # llama.cpp's qwen2moe: every block MoE, q/k/v biases, an untied output matrix, f32 router
+    assert {
+        "output.weight",
+        "blk.0.attn_q.bias",
+        "blk.1.ffn_gate_exps.weight",
+        "blk.1.ffn_gate_inp_shexp.weight",
+    } <= names
+    half = tmp_path / "half.gguf"
+    export(
+        model,
+        half,
+        "gguf",
+        tokenizer,
+        validate_data=str(text_file),
+        validate_tokens=128,
+        window=64,
+        dtype="float16",
+    )
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(half)).tensors}
+    assert types["blk.0.ffn_gate_exps.weight"] == "F16" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+
+
+def test_exported_configs_satisfy_the_engines_constraints(tmp_path, text_file, tokenizer):
+    """The constraints the README's serving notes list, checked on the written files."""
+    model = _carved(text_file, tokenizer, active=2, layers=[1])
+    export(
+        model,
+        tmp_path / "q",
+        "qwen2_moe",
+        tokenizer,
+        validate_data=str(text_file),
+        validate_tokens=128,
+        window=64,
+    )
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["hidden_act"] == "silu"  # vLLM's qwen2_moe supports SiLU only
+    assert (
+        config["head_dim"] * config["num_attention_heads"] == config["hidden_size"]
+    )  # vLLM derives head_dim
+    assert config["mlp_only_layers"] == [0]  # the uncarved layer stays dense
+    assert config["num_experts_per_tok"] == 2 and config["num_experts"] == 7
+    assert config["qkv_bias"] is True and config["norm_topk_prob"] is True
+    stock = load_exported(tmp_path / "q", "qwen2_moe")
+    assert torch.all(stock.model.layers[1].self_attn.q_proj.bias == 0)
+    assert torch.all(stock.model.layers[1].mlp.shared_expert_gate.weight == 0)
+
+
+def test_what_the_stock_formats_cannot_hold_is_refused(tmp_path, text_file, tokenizer):
+    with pytest.raises(BrickworkError, match="no carved layer"):
+        export(tiny(), tmp_path / "a", "qwen2_moe", tokenizer)
+    biased = _carved(text_file, tokenizer, router_options={})
+    with pytest.raises(BrickworkError, match="intercept=false"):
+        export(biased, tmp_path / "a", "qwen2_moe", tokenizer)
+    partial = _carved(text_file, tokenizer, router="partial", router_options={})
+    with pytest.raises(BrickworkError, match="not a linear function"):
+        export(partial, tmp_path / "a", "qwen2_moe", tokenizer)
+    sparse_down = _carved(text_file, tokenizer, down_fraction=0.2)
+    with pytest.raises(BrickworkError, match="down-row sparsity"):
+        export(sparse_down, tmp_path / "a", "qwen2_moe", tokenizer)
+    some_layers = _carved(text_file, tokenizer, layers=[0])
+    with pytest.raises(BrickworkError, match="every layer to be MoE"):
+        export(some_layers, tmp_path / "a.gguf", "gguf", tokenizer)
+    with pytest.raises(BrickworkError, match="mixtral has no shared expert"):
+        export(_carved(text_file, tokenizer), tmp_path / "a", "mixtral", tokenizer)
+    with pytest.raises(BrickworkError, match="supports carved"):
+        export(
+            _carved(text_file, tokenizer, "gpt2", router_options={"intercept": False}),
+            tmp_path / "a",
+            "qwen2_moe",
+            tokenizer,
+        )
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.gguf").exists()
+
+
+def test_export_command(tmp_path, text_file, tokenizer, capsys):
+    model = _carved(text_file, tokenizer, active=1)
+    bw.save(model, tmp_path / "carved", tokenizer)
+    out, report = tmp_path / "stock", tmp_path / "report.json"
+    command = f"export {tmp_path / 'carved'} --format qwen2_moe --out {out} --data {text_file} --tokens 128 --json {report} -q"
+    assert cli(command.split()) == 0
+    assert "top-1 agreement 100.00%" in capsys.readouterr().out
+    assert json.loads(report.read_text())["validation"]["agreement"] == 1.0
+    assert cli(f"export {tmp_path / 'carved'} --format mixtral --out {tmp_path / 'm'} -q".split()) == 2
+    assert "mixtral has no shared expert" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from brickwork.benchmarks.quality import QualityBenchConfig, compare, run_quality_bench, write
+from brickwork.cli.main import main as cli
+from test_tasks import TASK
+
+
+@pytest.fixture
+def task_file(tmp_path):
+    path = tmp_path / "toy.json"
+    path.write_text(json.dumps(TASK))
+    return str(path)
+
+
+def _quick(text_file, task_file, **overrides) -> QualityBenchConfig:
+    options = dict(
+        quick=True,
+        fractions=(0.5, 1.0),
+        methods=("random", "activation"),
+        routers=("oracle", "fitted"),
+        calib=str(text_file),
+        eval=(str(text_file),),
+        tasks=(task_file,),
+    )
+    return QualityBenchConfig(**(options | overrides))
+
+
+def test_quality_bench_rows_metrics_and_files(tmp_path, text_file, task_file):
+    results = run_quality_bench(_quick(text_file, task_file), progress=False)
+    rows = {r["name"]: r for r in results["rows"]}
+    corpus = str(text_file)
+    dense = rows["dense"]
+    assert dense["heldout"][corpus]["ratio"] == 1.0 and dense["tasks"]["toy"]["agreement"] == 1.0
+    # 2 methods x 2 routers + the neuron-level default, and 3 baselines, at each of 2 fractions
+    assert len(rows) == 1 + 2 * (2 * 2 + 1) + 2 * 3
+    # With every neuron kept, carving and the baselines compute the dense model: ratio 1, KL 0.
+    for name, row in rows.items():
+        if "100%" in name or "(1+7 of 8)" in name:
+            metrics = row["heldout"][corpus]
+            assert metrics["ratio"] == pytest.approx(1.0, abs=1e-4), name
+            assert metrics["kl"] == pytest.approx(0.0, abs=1e-7), name
+            assert row["tasks"]["toy"]["agreement"] == 1.0, name
+    half = rows["cats keep 50%"]
+    assert half["heldout"][corpus]["kl"] > 1e-6  # thresholding half the neurons changes the (tiny) model
+    assert 0 < half["active_fraction"] < 1
+    for row in rows.values():
+        assert {"accuracy", "chance", "agreement", "stderr"} <= set(row["tasks"]["toy"])
+    assert results["settings"]["tasks"] == ["toy"] and results["settings"]["task_sources"] == [task_file]
+    assert results["machine"]["commit"] and results["versions"]["torch"]
+    out = write(results, tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "quality.png"}
+    assert "Carved vs baselines" in (out / "results.md").read_text()
+
+
+def test_comparisons_pick_the_best_carved_row_reading_no_more():
+    def row(name, kind, reads, ratio):
+        return {"name": name, "kind": kind, "active_fraction": reads, "heldout": {"c": {"ratio": ratio}}}
+
+    results = {
+        "rows": [
+            row("dense", "dense", 1.0, 1.0),
+            row("b", "baseline", 0.5, 2.0),
+            row("cheap", "carved", 0.3, 3.0),
+            row("good", "carved", 0.5, 1.5),
+            row("better but dearer", "carved", 0.6, 1.1),
+            row("b2", "baseline", 0.2, 9.0),
+        ]
+    }
+    first, second = compare(results)
+    assert first["per_corpus"]["c"]["carved"] == "good" and first["per_corpus"]["c"]["carved_wins"]
+    assert second["per_corpus"]["c"] == {"carved": None, "carved_wins": False}
+
+
+def test_bad_settings_are_refused_clearly(text_file, task_file):
+    with pytest.raises(ValueError, match="fractions"):
+        _quick(text_file, task_file, fractions=(0.0,))
+    with pytest.raises(ValueError, match="unknown router"):
+        _quick(text_file, task_file, routers=("magic",))
+
+
+def test_bench_quality_command(tmp_path, text_file, task_file, capsys):
+    out = tmp_path / "bench"
+    command = (
+        f"bench quality --quick --fractions 0.5 --methods random --routers fitted --baselines cats "
+        f"--calib {text_file} --eval {text_file} --tasks {task_file} --out {out} -q"
+    )
+    assert cli(command.split()) == 0
+    printed = capsys.readouterr().out
+    assert "random+fitted" in printed and "cats keep 50%" in printed
+    assert (out / "quality.png").stat().st_size > 0
+    assert cli(f"bench quality --quick --tasks no_such_task --out {out} -q".split()) == 2
+    assert "Unknown task 'no_such_task'" in capsys.readouterr().err
