@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import brickwork as bw
+from brickwork.bricks.carve import carved_layers
 from brickwork.cli.main import main as cli
 from brickwork.errors import BrickworkError
 from brickwork.io.export import build_stock_model, compare_logits, export, load_exported
@@ -80,17 +81,21 @@ def test_topk_qwen2_moe_export_is_close(tmp_path, text_file, tokenizer, active):
     )
 
 
-def test_without_temperature_the_softmax_weights_would_differ(text_file, tokenizer):
-    """The temperature is what makes top-k > 1 faithful: at T = 1 the stock model computes something else."""
+def test_the_temperature_is_what_makes_topk_faithful(text_file, tokenizer):
+    """At T = 1 the stock softmax weights the experts unequally; the chosen T makes them equal to 1e-3."""
+    from brickwork.io.export import _logit_spreads, _plan, _temperatures
+
     model = _carved(text_file, tokenizer, active=3)
+    with torch.no_grad():  # a router with a realistic logit range (the tiny random one is nearly flat)
+        for brick in carved_layers(model).values():
+            brick.router.weight.mul_(200)
     windows = _windows(text_file, tokenizer)
-    plain = compare_logits(
-        model, build_stock_model(model, "qwen2_moe", dict.fromkeys(range(2), 1.0)), windows
-    )
-    tempered = compare_logits(
-        model, build_stock_model(model, "qwen2_moe", dict.fromkeys(range(2), 2.0**16)), windows
-    )
-    assert tempered["max_logit_diff"] < plain["max_logit_diff"] / 10
+    plan = _plan(model, "qwen2_moe")
+    chosen = _temperatures(plan, "qwen2_moe", _logit_spreads(model, plan.bricks, windows))
+    plain = compare_logits(model, build_stock_model(model, "qwen2_moe", dict.fromkeys(chosen, 1.0)), windows)
+    tempered = compare_logits(model, build_stock_model(model, "qwen2_moe", chosen), windows)
+    assert plain["kl"] > 100 * max(tempered["kl"], 1e-9)
+    assert tempered["agreement"] == 1.0 and tempered["max_logit_diff"] < 1e-2
 
 
 def test_mixtral_export_for_carves_without_shared_neurons(tmp_path, text_file, tokenizer):
@@ -126,6 +131,8 @@ def test_gguf_export_loads_back_with_the_transformers_gguf_reader(tmp_path, text
         "blk.1.ffn_gate_exps.weight",
         "blk.1.ffn_gate_inp_shexp.weight",
     } <= names
+    shexp = next(t for t in reader.tensors if t.name == "blk.0.ffn_gate_inp_shexp.weight").data
+    assert 0 < abs(shexp).max() < 1  # llama.cpp's silu(z)/z sigmoid is NaN at z = 0: never a zero gate
     half = tmp_path / "half.gguf"
     export(
         model,
@@ -161,6 +168,14 @@ def test_exported_configs_satisfy_the_engines_constraints(tmp_path, text_file, t
     assert config["mlp_only_layers"] == [0]  # the uncarved layer stays dense
     assert config["num_experts_per_tok"] == 2 and config["num_experts"] == 7
     assert config["qkv_bias"] is True and config["norm_topk_prob"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:  # vLLM loads per-expert keys
+        keys = set(f.keys())
+    assert (
+        "model.layers.1.mlp.experts.6.gate_proj.weight" in keys
+        and "model.layers.0.mlp.gate_proj.weight" in keys
+    )
     stock = load_exported(tmp_path / "q", "qwen2_moe")
     assert torch.all(stock.model.layers[1].self_attn.q_proj.bias == 0)
     assert torch.all(stock.model.layers[1].mlp.shared_expert_gate.weight == 0)
@@ -197,7 +212,7 @@ def test_export_command(tmp_path, text_file, tokenizer, capsys):
     model = _carved(text_file, tokenizer, active=1)
     bw.save(model, tmp_path / "carved", tokenizer)
     out, report = tmp_path / "stock", tmp_path / "report.json"
-    command = f"export {tmp_path / 'carved'} --format qwen2_moe --out {out} --data {text_file} --tokens 128 --json {report} -q"
+    command = f"export {tmp_path / 'carved'} --format qwen2_moe --out {out} --data {text_file} --tokens 128 --window 64 --json {report} -q"
     assert cli(command.split()) == 0
     assert "top-1 agreement 100.00%" in capsys.readouterr().out
     assert json.loads(report.read_text())["validation"]["agreement"] == 1.0

@@ -23,8 +23,8 @@ class BrickFFN(nn.Module):
     the down projection: the exact activations pick which down rows are worth reading (TEAL's h-sparsity,
     Liu et al. 2024, applied after routing).
 
-    :meth:`forward` is the reference path (it computes every expert and masks); fast kernels are tested
-    against it.
+    :meth:`forward_reference` is the reference path (it computes every expert and masks); :meth:`forward` takes
+    the fastest measured path for the batch shape (:mod:`brickwork.kernels`), tested against it.
     """
 
     def __init__(
@@ -173,7 +173,20 @@ class BrickFFN(nn.Module):
             return torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
         return self.router(x, self).topk(self.active, dim=-1, sorted=False).indices
 
+    use_kernels = True  # class-wide switch: False forces the reference path everywhere
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The fastest measured path for this shape (:mod:`brickwork.kernels`), else :meth:`forward_reference`."""
+        if self.use_kernels and not self.record_selection:
+            from brickwork.kernels import fast_forward
+
+            y = fast_forward(self, x.reshape(-1, self.d_model))
+            if y is not None:
+                return y.view(*x.shape[:-1], self.d_model)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert computed, unselected ones masked: the definition the fast paths are tested against."""
         shape = x.shape
         x = x.reshape(-1, self.d_model)
         s = self.num_shared

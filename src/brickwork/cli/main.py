@@ -121,6 +121,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         tokenizer=tokenizer,
         validate_data=None if args.no_validate else args.data,
         validate_tokens=args.tokens,
+        window=args.window,
         dtype=args.dtype,
     )
     print(f"exported {args.model} as {args.format} to {report.path} in {report.seconds:.1f} s")
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--data", default="botchan", help=f"validation text (default botchan); {data_help}")
     p.add_argument("--tokens", type=int, default=2048, help="validation tokens (default 2048)")
+    p.add_argument("--window", type=int, default=512, help="tokens per validation window (default 512)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (top-1 carves only)")
     p.add_argument("--json", type=Path, help="also write the export report (validation figures) here")
     p.set_defaults(func=_cmd_export)

@@ -6,6 +6,8 @@
   ``mlp_only_layers``; q/k/v biases are zero where the source had none.
 - ``mixtral``: ``MixtralForCausalLM``, for carves without shared neurons that carve every layer.
 - ``gguf``: a GGUF file in llama.cpp's ``qwen2moe`` architecture (f32 or f16 tensors; the router stays f32).
+  llama.cpp evaluates the shared gate as silu(z)/z, NaN at z = 0, so the GGUF shared gate is a tiny vector
+  (|w . x| about 1e-4) rather than zero; the shared expert is then off by about 5e-5 relative.
 
 Routing. brickwork sums the selected experts with weight 1; stock routers weight them by softmax
 probabilities. Top-1 with renormalisation (``norm_topk_prob``; Mixtral always renormalises) gives weight 1
@@ -44,6 +46,9 @@ ExportFormat = Literal["qwen2_moe", "mixtral", "gguf"]
 EXPORT_FORMATS: tuple[str, ...] = ("qwen2_moe", "mixtral", "gguf")
 _SOURCE_TYPES = ("llama", "mistral", "qwen2")
 _WEIGHT_PRECISION = 2.0**-10  # relative spread of the top-k weights the temperature aims for
+_SHARED_GATE_LOGIT = (
+    1e-4  # GGUF only: typical |w . x| of the shared expert's gate (see _shared_gate_directions)
+)
 
 
 @dataclass
@@ -82,8 +87,12 @@ def _plan(model, format: str) -> _Plan:
         raise BrickworkError("the model has no carved layer: carve it first (brickwork carve)")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise BrickworkError(f"stock MoE experts use SiLU; this model's FFN uses '{config.hidden_act}'")
-    if getattr(config, "sliding_window", None) and config.model_type == "mistral":
-        raise BrickworkError("sliding-window attention does not export to these formats")
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings and config.model_type == "mistral":
+        raise BrickworkError(
+            f"sliding-window attention (window {window} < {config.max_position_embeddings} positions) does not "
+            "export to these formats"
+        )
     if getattr(config, "mlp_bias", False) or (
         getattr(config, "attention_bias", False) and config.model_type != "qwen2"
     ):
@@ -169,6 +178,44 @@ def _exact(plan: _Plan, format: str) -> bool:
     return plan.active == 1 and format != "gguf"
 
 
+@torch.no_grad()
+def _shared_gate_directions(
+    model, bricks: dict[int, BrickFFN], windows: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """Per carved layer, a gate vector w with |w . x| about 1e-4 on the FFN inputs x seen (along their mean).
+
+    llama.cpp computes the shared expert's sigmoid gate as silu(z) / z, which is NaN at z = 0, so the GGUF
+    export cannot zero the gate as the safetensors formats do: sigmoid(w . x) = 1/2 + w . x / 4 instead, a
+    relative error of about |w . x| / 2 on the shared expert after the factor 2.
+    """
+    sums: dict[int, torch.Tensor] = {}
+    inputs: dict[int, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(index):
+        def record(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[index] = sums.get(index, 0) + x.sum(0)
+            inputs.setdefault(index, []).append(x[:: max(1, x.shape[0] // 256)])
+
+        return record
+
+    try:
+        for index, brick in bricks.items():
+            handles.append(brick.register_forward_pre_hook(hook(index)))
+        for batch in windows.split(4):
+            model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out = {}
+    for index, total in sums.items():
+        direction = total / total.norm().clamp_min(1e-12)
+        typical = (torch.cat(inputs[index]) @ direction).abs().median().clamp_min(1e-12)
+        out[index] = direction * (_SHARED_GATE_LOGIT / typical)
+    return out
+
+
 def _temperatures(plan: _Plan, format: str, spreads: dict[int, float] | None) -> dict[int, float]:
     if _exact(plan, format):
         return dict.fromkeys(plan.bricks, 1.0)
@@ -249,8 +296,12 @@ def _expert_weights(brick: BrickFFN, plan: _Plan, scale: float) -> dict[str, tor
 
 
 @torch.no_grad()
-def build_stock_model(model, format: str, temperatures: dict[int, float]):
-    """The stock ``transformers`` model (Qwen2-MoE or Mixtral) that computes what the carved model computes."""
+def build_stock_model(
+    model, format: str, temperatures: dict[int, float], shared_gates: dict[int, torch.Tensor] | None = None
+):
+    """The stock ``transformers`` model (Qwen2-MoE or Mixtral) that computes what the carved model computes.
+
+    ``shared_gates`` (GGUF): each carved layer's shared-expert gate vector instead of zeros."""
     import transformers as tf
 
     plan = _plan(model, "qwen2_moe" if format == "gguf" else format)
@@ -291,7 +342,10 @@ def build_stock_model(model, format: str, temperatures: dict[int, float]):
             out[prefix + "shared_expert.gate_proj.weight"] = w["shared_gate"]
             out[prefix + "shared_expert.up_proj.weight"] = w["shared_up"]
             out[prefix + "shared_expert.down_proj.weight"] = w["shared_down"]
-            out[prefix + "shared_expert_gate.weight"] = torch.zeros(1, config.hidden_size, dtype=dtype)
+            gate = torch.zeros(1, config.hidden_size, dtype=dtype)
+            if shared_gates is not None:
+                gate[0] = shared_gates[layer].to(dtype)
+            out[prefix + "shared_expert_gate.weight"] = gate
     missing = set(target) - set(out)
     if missing:
         raise BrickworkError(f"export left weights unset: {sorted(missing)[:5]}")
@@ -326,12 +380,14 @@ def export(
     validate_tokens: int = 2048,
     window: int = 512,
     dtype: Literal["float32", "float16"] = "float32",
+    validate: bool = True,
 ) -> ExportReport:
     """Write ``model`` (carved) in a stock MoE format and check it against the carved model.
 
     The output is written atomically. With ``validate_data``, the result is loaded back with stock
     ``transformers`` (no remote code) and compared on ``validate_tokens`` tokens of it; those windows also set
-    the router temperature of top-k > 1 carves. Without it, only top-1 carves can be exported.
+    the router temperature of top-k > 1 carves (and the GGUF shared gate); ``validate=False`` uses them for that
+    only. Without ``validate_data``, only top-1 carves export to qwen2_moe or mixtral.
     """
     from brickwork.data.sources import token_windows
 
@@ -345,7 +401,12 @@ def export(
     needs_spreads = windows is not None and not _exact(plan, format)
     spreads = _logit_spreads(model, plan.bricks, windows) if needs_spreads else None
     temperatures = _temperatures(plan, format, spreads)
-    stock = build_stock_model(model, format, temperatures)
+    shared_gates = None
+    if format == "gguf":
+        if windows is None:
+            raise BrickworkError("GGUF export needs validation windows (they set the shared-expert gate)")
+        shared_gates = _shared_gate_directions(model, plan.bricks, windows)
+    stock = build_stock_model(model, format, temperatures, shared_gates)
     out = Path(out)
     if format == "gguf":
         from brickwork.io.gguf import write_qwen2moe_gguf
@@ -360,7 +421,7 @@ def export(
                 tokenizer.save_pretrained(tmp)
         path = out
     report = ExportReport(format=format, path=str(path), seconds=0.0, temperatures=temperatures)
-    if windows is not None:
+    if windows is not None and validate:
         report.validation = compare_logits(model, load_exported(path, format), windows)
     report.seconds = time.perf_counter() - started
     return report

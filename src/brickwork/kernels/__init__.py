@@ -1,0 +1,153 @@
+"""Fast paths for carved FFNs, picked at run time by the number of tokens; the reference path is
+:meth:`brickwork.bricks.BrickFFN.forward_reference`, and every fast path is tested against it.
+
+- ``token``: one fused numba call per token (:mod:`brickwork.kernels.cpu`): route, then read only the shared
+  and selected neurons' packed rows. Used for decode (one token) and for a few tokens, one at a time.
+- ``grouped``: tokens grouped by expert, one matmul per expert that has tokens (prefill, larger batches).
+- ``reference``: every expert computed and masked (what the dense FFN costs, plus the router).
+
+:data:`SWITCH_POINTS` holds, per path family, the largest token count for which ``token`` is used and the
+smallest for which ``grouped`` is; they come from ``brickwork bench speed`` on the 2-core CPU
+(bench/results/speed-smollm2) and can be changed with :func:`set_switch_points`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from brickwork.kernels.cpu import HAVE_NUMBA
+
+# tokens <= token_max: per-token kernel; tokens >= grouped_min (expert-level carves only): grouped matmuls;
+# otherwise the reference path. Measured: bench/results/speed-smollm2.
+SWITCH_POINTS = {"token_max": 4, "grouped_min": 8}
+
+
+def set_switch_points(token_max: int | None = None, grouped_min: int | None = None) -> None:
+    if token_max is not None:
+        SWITCH_POINTS["token_max"] = token_max
+    if grouped_min is not None:
+        SWITCH_POINTS["grouped_min"] = grouped_min
+
+
+def _is_silu(module: nn.Module) -> bool:
+    return isinstance(module, nn.SiLU) or type(module).__name__ in ("SiLUActivation", "SiLU")
+
+
+def supports_fast_path(brick) -> bool:
+    """Whether ``brick`` can run the CPU kernels: CPU fp32 SwiGLU without biases, numba installed."""
+    return (
+        HAVE_NUMBA
+        and brick.gate is not None
+        and brick.up_bias is None
+        and brick.gate_bias is None
+        and brick.down_bias is None
+        and brick.up.dtype == torch.float32
+        and brick.up.device.type == "cpu"
+        and _is_silu(brick.act)
+    )
+
+
+class Packed:
+    """The numpy views and packed rows the kernels read, rebuilt when the brick's weights change."""
+
+    def __init__(self, brick):
+        from brickwork.kernels.cpu import pack_rows
+
+        gate, up, down_t = (t.detach().numpy() for t in (brick.gate, brick.up, brick.down_t))
+        self.key = _weights_key(brick)
+        self.rows = pack_rows(gate, up, down_t)
+        partial = brick.router.kind == "partial"
+        self.gate_t = gate.T.copy() if partial else None
+        self.up_t = up.T.copy() if partial else None
+        s, size = brick.num_shared, brick.expert_size
+        self.shared = torch.arange(s, dtype=torch.int64)
+        self.expert_offsets = torch.arange(size, dtype=torch.int64)
+
+
+def _weights_key(brick) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in (brick.gate, brick.up, brick.down_t))
+
+
+def packed(brick) -> Packed:
+    cached = brick.__dict__.get("_packed")
+    if cached is None or cached.key != _weights_key(brick):
+        cached = Packed(brick)
+        brick.__dict__["_packed"] = cached
+    return cached
+
+
+def token_forward(brick, x: torch.Tensor) -> torch.Tensor:
+    """One token ``x [D]`` through ``brick`` with the fused CPU kernel; returns ``y [D]``."""
+    from brickwork.kernels import cpu
+
+    p = packed(brick)
+    s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
+    xn = x.detach().contiguous().numpy()
+    if e == 0 or brick.active == 0:
+        neurons = p.shared
+    else:
+        if brick.active == e:
+            chosen = torch.arange(e)
+        elif brick.router.kind == "partial":
+            keep = max(1, math.ceil(brick.router.input_fraction * x.shape[0]))
+            cols = torch.from_numpy(xn).abs().topk(keep, sorted=False).indices
+            cols_n = cols.numpy()
+            scores = torch.empty(e * size, dtype=torch.float32)
+            cpu.partial_scores(xn[cols_n], cols_n, p.gate_t, p.up_t, s, scores.numpy())
+            chosen = scores.view(e, size).sum(-1).topk(brick.active, sorted=False).indices
+        else:
+            chosen = brick.router(x[None], brick)[0].topk(brick.active, sorted=False).indices
+        routed = (s + chosen[:, None] * size + p.expert_offsets[None]).flatten()
+        neurons = torch.cat([p.shared, routed]) if s else routed
+    neurons_n = neurons.numpy()
+    h = torch.empty(len(neurons_n), dtype=torch.float32)
+    cpu.neurons_h(xn, p.rows, neurons_n, h.numpy())
+    keep = len(neurons_n) if brick.down_keep is None else min(brick.down_keep, len(neurons_n))
+    out = torch.empty(brick.d_model, dtype=torch.float32)
+    cpu.down_sum(p.rows, neurons_n, h.numpy(), keep, out.numpy())
+    return out
+
+
+def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
+    """Tokens ``x [T, D]`` grouped by routed expert: one gate/up/down matmul per expert with tokens."""
+    s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
+    act = brick.act
+    y = torch.zeros(x.shape[0], brick.d_model, dtype=x.dtype)
+    if s:
+        h = act(x @ brick.gate[:s].t()) * (x @ brick.up[:s].t())
+        y = h @ brick.down_t[:s]
+    selection = brick.select(x)  # [T, k]
+    flat = selection.flatten()
+    order = torch.argsort(flat, stable=True)
+    tokens = torch.arange(x.shape[0]).repeat_interleave(selection.shape[1])[order]
+    counts = torch.bincount(flat, minlength=e).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if not count:
+            continue
+        rows = slice(s + expert * size, s + (expert + 1) * size)
+        tok = tokens[start : start + count]
+        xe = x.index_select(0, tok)
+        h = act(xe @ brick.gate[rows].t()) * (xe @ brick.up[rows].t())
+        y.index_add_(0, tok, h @ brick.down_t[rows])
+        start += count
+    return y
+
+
+def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
+    """``brick``'s output for ``x [T, D]`` on the fastest measured path, or None for the reference path."""
+    if torch.is_grad_enabled() and (x.requires_grad or brick.up.requires_grad):
+        return None  # training: the reference path is the differentiable one
+    if not supports_fast_path(brick):
+        return None
+    tokens = x.shape[0]
+    if tokens <= SWITCH_POINTS["token_max"]:
+        with torch.no_grad():
+            return torch.stack([token_forward(brick, x[t]) for t in range(tokens)])
+    if tokens >= SWITCH_POINTS["grouped_min"] and brick.down_keep is None and brick.expert_size > 1:
+        with torch.no_grad():
+            return grouped_forward(brick, x)
+    return None

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import brickwork as bw
+from brickwork import kernels
+from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.module import BrickFFN
+from conftest import tiny
+
+CONFIGS = {
+    "experts+fitted": dict(experts=8, shared=1, active=2, router="fitted"),
+    "experts+centroid, no shared": dict(experts=8, shared=0, active=3, router="centroid"),
+    "experts+representative": dict(experts=16, shared=2, active=5, router="representative"),
+    "experts+oracle": dict(experts=8, shared=2, active=2, router="oracle"),
+    "experts+partial+down rows": dict(experts=16, shared=0, active=4, router="partial", down_fraction=0.2),
+    "neurons+partial+down rows": dict(
+        experts=64,
+        shared=0,
+        active=20,
+        router="partial",
+        router_options={"input_fraction": 0.125},
+        down_fraction=0.1,
+    ),
+    "all active": dict(experts=8, shared=1, active=7, router="fitted"),
+}
+
+
+def _carve(text_file, tokenizer, model_type="llama", **config):
+    model = tiny(model_type).eval()
+    options = dict(method="random", calib_tokens=512, router_samples=256, window=64) | config
+    bw.carve_(model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("tokens", [1, 3, 8, 37])
+def test_fast_paths_match_the_reference(name, tokens, text_file, tokenizer):
+    model = _carve(text_file, tokenizer, **CONFIGS[name])
+    x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(tokens))
+    for brick in carved_layers(model).values():
+        assert kernels.supports_fast_path(brick)
+        with torch.no_grad():
+            reference = brick.forward_reference(x)
+            fast = brick(x)
+        assert (fast - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2"])
+def test_every_architecture_is_either_fast_and_exact_or_left_on_the_reference_path(
+    model_type, text_file, tokenizer
+):
+    model = _carve(text_file, tokenizer, model_type, experts=8, shared=1, active=2, router="fitted")
+    x = torch.randn(1, 1, 32)
+    for brick in carved_layers(model).values():
+        silu_gated = model_type in ("mistral", "qwen2", "qwen3", "phi3")  # gemma: GELU; gpt2: not gated
+        assert kernels.supports_fast_path(brick) == silu_gated
+        with torch.no_grad():
+            assert (brick(x) - brick.forward_reference(x)).abs().max() <= 1e-5
+
+
+def test_paths_are_chosen_by_token_count(text_file, tokenizer, monkeypatch):
+    model = _carve(text_file, tokenizer, experts=8, shared=1, active=2, router="fitted")
+    brick = next(iter(carved_layers(model).values()))
+    used = []
+    monkeypatch.setattr(
+        kernels, "token_forward", lambda b, x: used.append("token") or b.forward_reference(x[None])[0]
+    )
+    monkeypatch.setattr(
+        kernels, "grouped_forward", lambda b, x: used.append("grouped") or b.forward_reference(x)
+    )
+    monkeypatch.setitem(kernels.SWITCH_POINTS, "token_max", 2)
+    monkeypatch.setitem(kernels.SWITCH_POINTS, "grouped_min", 6)
+    with torch.no_grad():
+        for tokens in (1, 2, 4, 6):
+            used.clear()
+            brick(torch.randn(tokens, 32))
+            assert used == {1: ["token"], 2: ["token"] * 2, 4: [], 6: ["grouped"]}[tokens]
+    with torch.enable_grad():  # training takes the differentiable reference path
+        used.clear()
+        brick(torch.randn(1, 32, requires_grad=True)).sum().backward()
+        assert used == [] and brick.up.grad is not None
+
+
+def test_packed_weights_follow_in_place_changes(text_file, tokenizer):
+    model = _carve(text_file, tokenizer, experts=8, shared=1, active=2, router="fitted")
+    brick = next(iter(carved_layers(model).values()))
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        before = brick(x)
+        brick.down_t.mul_(2)
+        assert torch.allclose(brick(x), 2 * before, atol=1e-6)
+
+
+def test_greedy_generation_is_the_same_on_fast_and_reference_paths(text_file, tokenizer, monkeypatch):
+    model = _carve(text_file, tokenizer, experts=16, shared=2, active=3, router="fitted")
+    prompt = torch.tensor([[5, 17, 33, 41, 9, 60, 12, 70, 3 + 4, 21]])
+
+    def generate():
+        return model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, do_sample=False, pad_token_id=0
+        )
+
+    fast = generate()
+    monkeypatch.setattr(BrickFFN, "use_kernels", False)
+    reference = generate()
+    assert torch.equal(fast, reference)
