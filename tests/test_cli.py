@@ -90,3 +90,21 @@ def test_carve_command_rejects_bad_shapes(tmp_path, tiny_dir, text_file, capsys)
     assert cli(command) == 2
     assert "not divisible by experts = 7" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_carve_with_router_options_then_export(tmp_path, tiny_dir, text_file, capsys):
+    carved, stock = tmp_path / "carved", tmp_path / "stock"
+    command = (
+        f"carve {tiny_dir} --experts 8 --shared 1 --active 2 --router fitted --router-option intercept=false "
+        f"--calib {text_file} --calib-tokens 512 --out {carved} -q"
+    )
+    assert cli(command) == 0
+    config = json.loads((carved / "brickwork.json").read_text())["carve_config"]
+    assert config["router_options"] == {"intercept": False}
+    export = (
+        f"export {carved} --format qwen2_moe --out {stock} --data {text_file} --tokens 128 --window 64 -q"
+    )
+    assert cli(export) == 0
+    assert "KL(brickwork||exported)" in capsys.readouterr().out
+    assert cli(f"carve {tiny_dir} --router-option oops --calib {text_file} --out {tmp_path / 'x'} -q") == 2
+    assert "--router-option takes key=value" in capsys.readouterr().err

@@ -94,3 +94,71 @@ def test_bench_quality_command(tmp_path, text_file, task_file, capsys):
     assert (out / "quality.png").stat().st_size > 0
     assert cli(f"bench quality --quick --tasks no_such_task --out {out} -q".split()) == 2
     assert "Unknown task 'no_such_task'" in capsys.readouterr().err
+
+
+def test_recovered_rows_merge_into_the_table_and_plot(tmp_path):
+    from brickwork.benchmarks.quality import merge_recovery
+
+    def heldout(ratio):
+        return {"c": {"perplexity": 10 * ratio, "ratio": ratio, "kl": 0.1, "agreement": 0.9, "tokens": 10}}
+
+    task = {"t": {"accuracy": 0.5, "chance": 0.25, "agreement": 1.0, "stderr": 0.1}}
+    results = {
+        "machine": {"commit": "x", "date": "d", "cpu": "c", "torch_threads": 2, "torch": "t"},
+        "settings": {
+            "model": "m",
+            "eval": ["c"],
+            "tasks": ["t"],
+            "calib": "wiki",
+            "calib_tokens": 1,
+            "calibration_seconds": 1.0,
+            "eval_tokens": 10,
+            "window": 5,
+            "task_examples": 1,
+            "seed": 0,
+        },
+        "rows": [
+            {
+                "name": "dense",
+                "kind": "dense",
+                "config": {},
+                "active_fraction": 1.0,
+                "heldout": heldout(1.0),
+                "tasks": task,
+                "seconds": {},
+            },
+            {
+                "name": "a",
+                "kind": "carved",
+                "config": {"method": "random", "router": "fitted", "experts": 16},
+                "active_fraction": 0.3,
+                "heldout": heldout(3.0),
+                "tasks": task,
+                "seconds": {},
+            },
+        ],
+        "comparisons": [],
+    }
+    recovery = {
+        "machine": {},
+        "settings": {},
+        "rows": [
+            {
+                "name": "a",
+                "config": {"method": "random", "router": "fitted", "experts": 16},
+                "active_fraction": 0.3,
+                "before": heldout(3.0),
+                "local": {"heldout": heldout(2.0), "seconds": 5.0},
+                "e2e": {"heldout": heldout(1.5), "seconds": 50.0},
+            }
+        ],
+    }
+    merged = merge_recovery(results, recovery)
+    names = [r["name"] for r in merged["rows"]]
+    assert names[-2:] == ["a + local recovery", "a + local + e2e recovery"]
+    assert (
+        merge_recovery(merged, recovery)["rows"] == merged["rows"]
+    )  # merging again replaces, not duplicates
+    out = write(merged, tmp_path / "q")
+    table = (out / "results.md").read_text()
+    assert "a + local + e2e recovery | 30.0% | x1.500" in table

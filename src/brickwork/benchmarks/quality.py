@@ -396,7 +396,7 @@ def render_table(results: dict) -> str:
             f"x{r['heldout'][c]['ratio']:.3f} ({r['heldout'][c]['kl']:.3f}, {r['heldout'][c]['agreement']:.0%})"
             for c in corpora
         )
-        accuracy = " | ".join(f"{r['tasks'][t]['accuracy']:.1%}" for t in tasks)
+        accuracy = " | ".join(f"{r['tasks'][t]['accuracy']:.1%}" if t in r["tasks"] else "-" for t in tasks)
         mean = mean_accuracy(r)
         lines.append(
             f"| {r['name']} | {r['active_fraction']:.1%} | {heldout} | {accuracy}"
@@ -425,6 +425,8 @@ def render_table(results: dict) -> str:
 
 
 def _series(row: dict) -> str:
+    if row["kind"] == "recovered":
+        return f"recovered ({row['config']['recovery']})"
     if row["kind"] == "baseline":
         return f"baseline: {row['config']['baseline']}"
     if row["kind"] == "dense":
@@ -459,13 +461,17 @@ def plot(results: dict, path: Path) -> None:
     baseline_colours = {"cats": "#444444", "teal": "#b8860b", "oracle": "#8b0000"}
     for ax, (title, value, lower_better) in zip(axes[0], panels, strict=True):
         for label, members in sorted(series.items()):
-            members = sorted(members, key=lambda r: r["active_fraction"])
+            members = sorted((r for r in members if value(r) is not None), key=lambda r: r["active_fraction"])
+            if not members:
+                continue
             xs, ys = [r["active_fraction"] for r in members], [value(r) for r in members]
             c = members[0]["config"]
             if label == "dense":
                 ax.axhline(ys[0], color="black", linewidth=0.8, label="dense")
                 continue
-            if label.startswith("baseline"):
+            if label.startswith("recovered"):
+                style = dict(marker="*", linestyle="none", color="#2ca02c" if "local" in label else "#17becf")
+            elif label.startswith("baseline"):
                 style = dict(
                     marker="s", linestyle="--", linewidth=2, color=baseline_colours.get(c["baseline"])
                 )
@@ -480,7 +486,9 @@ def plot(results: dict, path: Path) -> None:
                     alpha=0.8,
                 )
             ax.plot(xs, ys, markersize=5, label=label, **style)
-        front = _pareto([r for r in rows if r["kind"] != "dense"], value, lower_better)
+        front = _pareto(
+            [r for r in rows if r["kind"] != "dense" and value(r) is not None], value, lower_better
+        )
         ax.plot(
             [r["active_fraction"] for r in front],
             [value(r) for r in front],
@@ -521,6 +529,28 @@ def _pareto(rows: list[dict], value, lower_better: bool) -> list[dict]:
             front.append(r)
             best = score
     return front
+
+
+def merge_recovery(results: dict, recovery: dict) -> dict:
+    """``results`` with the rows of a recovery run (bench/recovery.py) added as kind ``recovered``: the same
+    configurations after local (and e2e) recovery, scored on the same held-out windows (no task accuracy)."""
+    merged = dict(results, rows=[r for r in results["rows"] if r["kind"] != "recovered"])
+    for row in recovery["rows"]:
+        stages = [("local", row["local"])] + ([("local + e2e", row["e2e"])] if "e2e" in row else [])
+        for stage, data in stages:
+            merged["rows"].append(
+                {
+                    "name": f"{row['name']} + {stage} recovery",
+                    "kind": "recovered",
+                    "config": dict(row["config"], recovery=stage),
+                    "active_fraction": row["active_fraction"],
+                    "heldout": data["heldout"],
+                    "tasks": {},
+                    "seconds": {"recover": data["seconds"]},
+                }
+            )
+    merged["recovery_source"] = {"machine": recovery["machine"], "settings": recovery["settings"]}
+    return merged
 
 
 def write(results: dict, out: Path) -> Path:

@@ -188,7 +188,14 @@ class BrickFFN(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert computed, unselected ones masked: the definition the fast paths are tested against."""
         shape = x.shape
-        x = x.reshape(-1, self.d_model)
+        y = self.masked_hidden(x.reshape(-1, self.d_model)) @ self.down_t
+        if self.down_bias is not None:
+            y = y + self.down_bias
+        return y.view(*shape[:-1], self.d_model)
+
+    def masked_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, F]`` h of each token in stored order, zero where the token does not read the down row (neurons
+        of unselected experts, and those ``down_keep`` drops)."""
         s = self.num_shared
         parts = [self.hidden(x, 0, s)] if s else []
         if self.num_experts:
@@ -206,10 +213,7 @@ class BrickFFN(nn.Module):
         if self.down_keep is not None:
             keep = h.abs().topk(self.down_keep, dim=1, sorted=False).indices
             h = torch.zeros_like(h).scatter_(1, keep, h.gather(1, keep))
-        y = h @ self.down_t
-        if self.down_bias is not None:
-            y = y + self.down_bias
-        return y.view(*shape[:-1], self.d_model)
+        return h
 
     def extra_repr(self) -> str:
         return (

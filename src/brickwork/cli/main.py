@@ -138,6 +138,77 @@ def _cmd_export(args: argparse.Namespace) -> None:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
 
 
+def _cmd_bench_speed(args: argparse.Namespace) -> None:
+    from brickwork.benchmarks.common import write_results
+    from brickwork.benchmarks.speed import SpeedBenchConfig, render_table, run_speed_bench
+
+    options = {"fractions": tuple(args.fractions), "repeats": args.repeats, "quick": args.quick}
+    if args.model:
+        options["model"] = args.model
+    results = run_speed_bench(SpeedBenchConfig(**options), progress=not args.quiet)
+    table = render_table(results)
+    write_results(args.out, results, table)
+    print(table)
+    print(f"\nwrote {args.out}/results.json, results.md")
+
+
+def _cmd_recover(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.recovery import LocalRecoveryConfig, recover_local_
+
+    model, tokenizer = bw.load_model(args.model)
+    if args.mode == "local":
+        config = LocalRecoveryConfig(tokens=args.tokens or 8192)
+        report = recover_local_(model, tokenizer, args.calib, config, progress=not args.quiet)
+        errors = [(layer.error_before, layer.error_after) for layer in report.layers]
+        summary = {
+            "mode": "local",
+            "seconds": report.seconds,
+            "layers": [vars(layer) for layer in report.layers],
+        }
+        print(
+            f"recovered {len(errors)} layers in {report.seconds:.1f} s; mean held-out relative layer error "
+            f"{sum(b for b, _ in errors) / len(errors):.4f} -> {sum(a for _, a in errors) / len(errors):.4f}"
+        )
+        main_process = True
+    else:
+        from accelerate import PartialState
+
+        from brickwork.recovery.e2e import E2EConfig, recover_e2e_
+
+        parent_name = (
+            args.parent or json.loads((Path(args.model) / "brickwork.json").read_text())["base_model"]
+        )
+        parent = bw.load_model(parent_name)[0]
+        config = E2EConfig(tokens=args.tokens or 32768, lr=args.lr, checkpoint_every=args.checkpoint_every)
+        summary = recover_e2e_(
+            model,
+            parent,
+            tokenizer,
+            args.calib,
+            config,
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+            progress=not args.quiet,
+        )
+        main_process = PartialState().is_main_process
+        if main_process:
+            losses = summary["losses"]
+            print(
+                f"distilled {summary['steps']} steps ({summary['tokens_per_step']} tokens each, "
+                f"{summary['processes']} process(es)) in {summary['seconds']:.1f} s; KL {losses[0]:.4f} -> "
+                f"{losses[-1]:.4f}"
+                if losses
+                else "nothing left to train"
+            )
+    if main_process:
+        out = bw.save(model, args.out, tokenizer)
+        from brickwork.io_utils import atomic_write_text
+
+        atomic_write_text(out / "recovery.json", json.dumps(summary, indent=2))
+        print(f"saved to {out}/")
+
+
 DEMO_PROMPTS = (
     "The capital of France is",
     "Once upon a time, a little fox",
@@ -370,7 +441,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the export report (validation figures) here")
     p.set_defaults(func=_cmd_export)
 
-    bench = sub.add_parser("bench", help="benchmarks: quality vs FFN weights read")
+    p = sub.add_parser(
+        "recover",
+        help="win back quality after carving: layer-local closed-form refits (local) or distillation from the "
+        "dense parent with accelerate (e2e; run under `accelerate launch` for many processes)",
+    )
+    p.add_argument("model", help="a carved model directory")
+    p.add_argument("--mode", choices=("local", "e2e"), default="local")
+    p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
+    p.add_argument("--tokens", type=int, help="calibration tokens (local default 8192; e2e budget 32768)")
+    p.add_argument("--parent", help="e2e: the dense parent (default: the base model recorded when carving)")
+    p.add_argument("--lr", type=float, default=5e-5, help="e2e learning rate (default 5e-5)")
+    p.add_argument("--checkpoint-dir", type=Path, help="e2e: where to save accelerate checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="e2e: steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="e2e: continue from the latest checkpoint")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the recovered model")
+    p.set_defaults(func=_cmd_recover)
+
+    bench = sub.add_parser("bench", help="benchmarks: quality vs FFN weights read; speed against dense")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     p = bench_sub.add_parser(
         "quality",
@@ -409,7 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench_quality)
     quality = p
 
-    for p in [*sub.choices.values(), quality]:
+    p = bench_sub.add_parser(
+        "speed", help="dense vs carved, interleaved medians: FFN-only and end-to-end decode and prefill"
+    )
+    p.add_argument("model", nargs="?", help=f"{model_help} (default {DEFAULT_MODEL})")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--repeats", type=int, default=7, help="interleaved repeats per measurement (default 7)")
+    p.add_argument("--quick", action="store_true", help="smoke run on a tiny random model")
+    p.add_argument("--out", type=Path, default=Path("bench/results/speed"), help="output directory")
+    p.set_defaults(func=_cmd_bench_speed)
+    speed = p
+
+    for p in [*sub.choices.values(), quality, speed]:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
     return parser
 

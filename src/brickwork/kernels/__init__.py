@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,13 +63,19 @@ class Packed:
         partial = brick.router.kind == "partial"
         self.gate_t = gate.T.copy() if partial else None
         self.up_t = up.T.copy() if partial else None
-        s, size = brick.num_shared, brick.expert_size
-        self.shared = torch.arange(s, dtype=torch.int64)
-        self.expert_offsets = torch.arange(size, dtype=torch.int64)
+        form = brick.router.linear_form() if brick.num_experts else None
+        self.router_w = self.router_b = None
+        if form is not None:
+            weight, bias = form
+            self.router_w = weight.detach().float().contiguous().numpy()
+            self.router_b = (
+                np.zeros(weight.shape[0], dtype=np.float32) if bias is None else bias.detach().float().numpy()
+            )
 
 
 def _weights_key(brick) -> tuple:
-    return tuple((t.data_ptr(), t._version) for t in (brick.gate, brick.up, brick.down_t))
+    tensors = [brick.gate, brick.up, brick.down_t, *brick.router.parameters()]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def packed(brick) -> Packed:
@@ -80,34 +87,32 @@ def packed(brick) -> Packed:
 
 
 def token_forward(brick, x: torch.Tensor) -> torch.Tensor:
-    """One token ``x [D]`` through ``brick`` with the fused CPU kernel; returns ``y [D]``."""
+    """One token ``x [D]`` through ``brick`` with the fused CPU kernel; returns ``y [D]``.
+
+    Linear routers (``fitted``, ``centroid``) and the ``partial`` router run inside the one compiled call;
+    other routers score in torch first.
+    """
     from brickwork.kernels import cpu
 
     p = packed(brick)
     s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
     xn = x.detach().contiguous().numpy()
-    if e == 0 or brick.active == 0:
-        neurons = p.shared
-    else:
-        if brick.active == e:
-            chosen = torch.arange(e)
-        elif brick.router.kind == "partial":
-            keep = max(1, math.ceil(brick.router.input_fraction * x.shape[0]))
-            cols = torch.from_numpy(xn).abs().topk(keep, sorted=False).indices
-            cols_n = cols.numpy()
-            scores = torch.empty(e * size, dtype=torch.float32)
-            cpu.partial_scores(xn[cols_n], cols_n, p.gate_t, p.up_t, s, scores.numpy())
-            chosen = scores.view(e, size).sum(-1).topk(brick.active, sorted=False).indices
-        else:
-            chosen = brick.router(x[None], brick)[0].topk(brick.active, sorted=False).indices
-        routed = (s + chosen[:, None] * size + p.expert_offsets[None]).flatten()
-        neurons = torch.cat([p.shared, routed]) if s else routed
-    neurons_n = neurons.numpy()
-    h = torch.empty(len(neurons_n), dtype=torch.float32)
-    cpu.neurons_h(xn, p.rows, neurons_n, h.numpy())
-    keep = len(neurons_n) if brick.down_keep is None else min(brick.down_keep, len(neurons_n))
     out = torch.empty(brick.d_model, dtype=torch.float32)
-    cpu.down_sum(p.rows, neurons_n, h.numpy(), keep, out.numpy())
+    on = out.numpy()
+    computed = s + brick.active * size
+    keep = computed if brick.down_keep is None else min(brick.down_keep, computed)
+    if e == 0 or brick.active == e:
+        chosen = np.arange(e, dtype=np.int64)
+    elif p.router_w is not None:
+        cpu.linear_router_token(xn, p.router_w, p.router_b, brick.active, p.rows, s, size, keep, on)
+        return out
+    elif p.gate_t is not None:
+        input_keep = max(1, math.ceil(brick.router.input_fraction * x.shape[0]))
+        cpu.partial_router_token(xn, input_keep, p.gate_t, p.up_t, brick.active, p.rows, s, size, keep, on)
+        return out
+    else:
+        chosen = brick.router(x[None], brick)[0].topk(brick.active, sorted=False).indices.numpy()
+    cpu._experts_token(xn, p.rows, chosen.astype(np.int64), s, size, keep, on)
     return out
 
 

@@ -34,42 +34,6 @@ if HAVE_NUMBA:
         return v / (1.0 + math.exp(-v))
 
     @njit(cache=True, parallel=True, fastmath=True)
-    def neurons_h(x, rows, neurons, h):
-        """h_i = silu(gate_n . x) * (up_n . x) for each stored neuron n = neurons[i]."""
-        d = x.shape[0]
-        for i in prange(neurons.shape[0]):
-            n = neurons[i]
-            g = np.float32(0.0)
-            u = np.float32(0.0)
-            for j in range(d):
-                g += rows[n, 0, j] * x[j]
-                u += rows[n, 1, j] * x[j]
-            h[i] = _silu(g) * u
-
-    @njit(cache=True, parallel=True, fastmath=True)
-    def down_sum(rows, neurons, h, keep, out):
-        """out = sum over the ``keep`` largest |h| (all when keep >= len(h)) of h_i * (down row of neurons[i])."""
-        d = out.shape[0]
-        m = h.shape[0]
-        use = neurons
-        weights = h
-        if keep < m:
-            order = np.argsort(-np.abs(h))[:keep]
-            use = neurons[order]
-            weights = h[order]
-        chunk = 64
-        for c in prange((d + chunk - 1) // chunk):
-            lo = c * chunk
-            hi = min(d, lo + chunk)
-            acc = np.zeros(hi - lo, dtype=np.float32)
-            for i in range(use.shape[0]):
-                w = weights[i]
-                n = use[i]
-                for j in range(lo, hi):
-                    acc[j - lo] += w * rows[n, 2, j]
-            out[lo:hi] = acc
-
-    @njit(cache=True, parallel=True, fastmath=True)
     def partial_scores(xs, cols, gate_t, up_t, first, scores):
         """scores[n - first] = |silu(g~) u~| with g~, u~ from input columns ``cols`` (values ``xs``) only."""
         f = gate_t.shape[1]
@@ -87,6 +51,95 @@ if HAVE_NUMBA:
                     u[n - lo] += up_t[j, n] * v
             for n in range(lo, hi):
                 scores[n - first] = abs(_silu(g[n - lo]) * u[n - lo])
+
+    @njit(cache=True)
+    def _topk_indices(values, k):
+        """Indices of the k largest values (any order; ties broken by position)."""
+        n = values.shape[0]
+        if k >= n:
+            return np.arange(n)
+        threshold = np.partition(values.copy(), n - k)[n - k]
+        out = np.empty(k, dtype=np.int64)
+        c = 0
+        for i in range(n):
+            if values[i] > threshold:
+                out[c] = i
+                c += 1
+        for i in range(n):
+            if c >= k:
+                break
+            if values[i] == threshold:
+                out[c] = i
+                c += 1
+        return out
+
+    @njit(cache=True, parallel=True, fastmath=True)
+    def _experts_token(x, rows, chosen, shared, size, keep, out):
+        """h of the shared neurons and the chosen experts' neurons, then the down sum over the ``keep`` largest."""
+        d = x.shape[0]
+        m = shared + chosen.shape[0] * size
+        neurons = np.empty(m, dtype=np.int64)
+        for i in range(shared):
+            neurons[i] = i
+        for c in range(chosen.shape[0]):
+            for i in range(size):
+                neurons[shared + c * size + i] = shared + chosen[c] * size + i
+        h = np.empty(m, dtype=np.float32)
+        for i in prange(m):
+            n = neurons[i]
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for j in range(d):
+                g += rows[n, 0, j] * x[j]
+                u += rows[n, 1, j] * x[j]
+            h[i] = _silu(g) * u
+        use = neurons
+        weights = h
+        if keep < m:
+            top = _topk_indices(np.abs(h), keep)
+            use = neurons[top]
+            weights = h[top]
+        chunk = 64
+        for c in prange((d + chunk - 1) // chunk):
+            lo = c * chunk
+            hi = min(d, lo + chunk)
+            acc = np.zeros(hi - lo, dtype=np.float32)
+            for i in range(use.shape[0]):
+                w = weights[i]
+                n = use[i]
+                for j in range(lo, hi):
+                    acc[j - lo] += w * rows[n, 2, j]
+            out[lo:hi] = acc
+
+    @njit(cache=True, fastmath=True)
+    def linear_router_token(x, router_w, router_b, active, rows, shared, size, keep, out):
+        """One token through a carved FFN routed by ``scores = W x + b``: route, compute, sum; one call."""
+        e = router_w.shape[0]
+        d = x.shape[0]
+        scores = np.empty(e, dtype=np.float32)
+        for i in range(e):
+            acc = router_b[i]
+            for j in range(d):
+                acc += router_w[i, j] * x[j]
+            scores[i] = acc
+        _experts_token(x, rows, _topk_indices(scores, active), shared, size, keep, out)
+
+    @njit(cache=True, fastmath=True)
+    def partial_router_token(x, input_keep, gate_t, up_t, active, rows, shared, size, keep, out):
+        """One token through a carved FFN routed by the partial-input estimate (TEAL-style); one call."""
+        cols = _topk_indices(np.abs(x), input_keep)
+        f = gate_t.shape[1]
+        scores = np.empty(f - shared, dtype=np.float32)
+        partial_scores(x[cols], cols, gate_t, up_t, shared, scores)
+        e = (f - shared) // size
+        if size > 1:
+            expert_scores = np.zeros(e, dtype=np.float32)
+            for i in range(e):
+                for j in range(size):
+                    expert_scores[i] += scores[i * size + j]
+        else:
+            expert_scores = scores
+        _experts_token(x, rows, _topk_indices(expert_scores, active), shared, size, keep, out)
 
 
 def pack_rows(gate, up, down_t) -> np.ndarray:

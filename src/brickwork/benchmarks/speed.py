@@ -1,0 +1,327 @@
+"""Speed of carved models against their dense parent, measured as ratios in one run.
+
+``brickwork bench speed`` keeps the dense model and a carved copy in memory and, for each measurement,
+alternates dense and carved runs (``repeats`` of each, interleaved) and reports the ratio of the medians
+(dense time / carved time: above 1 is faster). Measurements:
+
+- FFN only: the model's FFN modules alone, on the inputs they see in a real forward pass (captured once), for
+  batch-1 decode (one token), batch 4/16 decode (one token per sequence) and prefill of 128/512 tokens;
+- end to end: batch-1 and batch-B decode steps with a KV cache (tokens/s) and prefill forwards;
+- the FFN's share of dense batch-1 decode time;
+- switch points: per carved configuration and token count, which of the kernel paths (per-token, grouped,
+  reference) is fastest, from FFN-only times; :data:`brickwork.kernels.SWITCH_POINTS` is set from these.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SpeedBenchConfig:
+    model: str = "smollm2-135m"
+    fractions: tuple[float, ...] = (0.25, 0.5)
+    repeats: int = 7
+    decode_steps: int = 16
+    prefill: tuple[int, ...] = (128, 512)
+    batches: tuple[int, ...] = (4, 16)
+    switch_tokens: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 16, 32)
+    calib: str = "wiki"
+    calib_tokens: int = 8192
+    seed: int = 0
+    quick: bool = False
+
+    def __post_init__(self):
+        if self.quick:
+            self.model, self.calib_tokens, self.repeats, self.decode_steps = "tiny-llama", 1024, 3, 4
+            self.prefill, self.batches, self.switch_tokens = (32,), (4,), (1, 4, 16)
+        if self.repeats < 1 or self.decode_steps < 1:
+            raise ValueError("repeats and decode_steps must be at least 1")
+        if not all(0 < f < 1 for f in self.fractions):
+            raise ValueError(f"fractions must be in (0, 1), got {self.fractions}")
+
+
+def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each callable, run in turn ``repeats`` times (after one warm-up each)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _ffn_inputs(model, ids: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Tensor]]:
+    """Each FFN module and the input it receives for ``ids`` (captured from one forward)."""
+    from brickwork.models.specs import find_ffns
+
+    captured = []
+    handles = []
+    for ffn in find_ffns(model):
+        module = ffn.module
+
+        def hook(mod, args, module=module):
+            captured.append((module, args[0].detach().clone()))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _run_ffns(pairs) -> None:
+    with torch.no_grad():
+        for module, x in pairs:
+            module(x)
+
+
+def _carved_pairs(dense, carved, dense_pairs):
+    """The carved model's modules at the dense FFNs' places, with the same inputs."""
+    names = {module: name for name, module in dense.named_modules()}
+    return [(carved.get_submodule(names[m]), x) for m, x in dense_pairs]
+
+
+def _decode_steps(model, prompt: torch.Tensor, steps: int):
+    """A callable timing ``steps`` single-token forwards with a KV cache (the prompt's prefill is untimed)."""
+
+    def run():
+        with torch.no_grad():
+            out = model(input_ids=prompt, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            started = time.perf_counter()
+            for _ in range(steps):
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            run.seconds = time.perf_counter() - started
+
+    return run
+
+
+def _timed_decode(models: dict, prompt: torch.Tensor, steps: int, repeats: int) -> dict[str, float]:
+    runs = {name: _decode_steps(m, prompt, steps) for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(repeats):
+        for name, run in runs.items():
+            run()
+            times[name].append(run.seconds / steps)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _switch_points(brick_pairs, tokens_list, repeats) -> dict:
+    """FFN-only time of each kernel path per token count; the fastest path per count."""
+    from brickwork import kernels
+
+    table = {}
+    for tokens in tokens_list:
+        inputs = [(b, torch.randn(tokens, b.d_model)) for b, _ in brick_pairs]
+
+        def token_path(inputs=inputs):
+            with torch.no_grad():
+                for b, x in inputs:
+                    torch.stack([kernels.token_forward(b, x[t]) for t in range(x.shape[0])])
+
+        def grouped_path(inputs=inputs):
+            with torch.no_grad():
+                for b, x in inputs:
+                    kernels.grouped_forward(b, x)
+
+        def reference_path(inputs=inputs):
+            with torch.no_grad():
+                for b, x in inputs:
+                    b.forward_reference(x)
+
+        paths = {"token": token_path, "reference": reference_path}
+        first = brick_pairs[0][0]
+        if first.down_keep is None and first.expert_size > 1:
+            paths["grouped"] = grouped_path
+        times = _interleaved(paths, repeats)
+        table[tokens] = {"seconds": times, "fastest": min(times, key=times.get)}
+    return table
+
+
+def _configs(config: SpeedBenchConfig, d_ff: int, d_model: int, gated: bool) -> dict[str, dict]:
+    from brickwork.bricks.presets import recommended
+
+    out = {}
+    for fraction in config.fractions:
+        experts = 16 if d_ff % 16 == 0 else 8
+        active = max(1, round(fraction * experts) - 2)
+        out[f"experts {fraction:.0%}"] = dict(
+            experts=experts, shared=2, active=active, method="activation", router="fitted"
+        )
+        c = recommended(fraction, d_ff=d_ff, d_model=d_model, gated=gated)
+        out[f"neurons {fraction:.0%}"] = {
+            k: v
+            for k, v in c.to_dict().items()
+            if k in ("experts", "shared", "active", "method", "router", "router_options", "down_fraction")
+        }
+    return out
+
+
+def run_speed_bench(config: SpeedBenchConfig, progress: bool = True) -> dict:
+    import brickwork as bw
+    from brickwork.benchmarks.common import machine_info
+    from brickwork.benchmarks.quality import _load
+    from brickwork.bricks import calibrate
+    from brickwork.bricks.carve import carved_layers
+
+    machine = machine_info()
+    torch.manual_seed(config.seed)
+    dense, tokenizer = _load(config)
+    dense.eval()
+    first = bw.find_ffns(dense)[0]
+    base = bw.CarveConfig(calib_tokens=config.calib_tokens, seed=config.seed)
+    calibration = calibrate(dense, tokenizer, config.calib, base, progress=progress)
+    vocab = dense.config.vocab_size
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def ids(batch, length):
+        return torch.randint(3, vocab, (batch, length), generator=generator)
+
+    # Inputs of the FFNs as they are in a real forward (the dense model's), for each shape measured.
+    shapes = {"decode b1": ids(1, 1), **{f"decode b{b}": ids(b, 1) for b in config.batches}}
+    shapes.update({f"prefill {t}": ids(1, t) for t in config.prefill})
+    dense_pairs = {name: _ffn_inputs(dense, x) for name, x in shapes.items()}
+    prompt = ids(1, 16)
+    results_rows = []
+    dense_decode = None
+    for name, kwargs in _configs(config, first.d_ff, first.read().d_model, first.is_gated).items():
+        carved = copy.deepcopy(dense)
+        carve = bw.CarveConfig(calib_tokens=config.calib_tokens, seed=config.seed, **kwargs)
+        report = bw.carve_(carved, carve, calibration=calibration, progress=False)
+        carved.eval()
+        row = {
+            "name": name,
+            "config": kwargs,
+            "active_fraction": report.active_fraction,
+            "ffn": {},
+            "e2e": {},
+        }
+        for shape, pairs in dense_pairs.items():
+            carved_pairs = _carved_pairs(dense, carved, pairs)
+            t = _interleaved(
+                {"dense": lambda p=pairs: _run_ffns(p), "carved": lambda p=carved_pairs: _run_ffns(p)},
+                config.repeats,
+            )
+            row["ffn"][shape] = {
+                "dense_s": t["dense"],
+                "carved_s": t["carved"],
+                "speedup": t["dense"] / t["carved"],
+            }
+        for batch in (1, *config.batches):
+            t = _timed_decode(
+                {"dense": dense, "carved": carved},
+                prompt.expand(batch, -1).contiguous(),
+                config.decode_steps,
+                config.repeats,
+            )
+            row["e2e"][f"decode b{batch}"] = {
+                "dense_s": t["dense"],
+                "carved_s": t["carved"],
+                "speedup": t["dense"] / t["carved"],
+                "dense_tokens_per_s": batch / t["dense"],
+                "carved_tokens_per_s": batch / t["carved"],
+            }
+            if batch == 1:
+                dense_decode = t["dense"]
+        for length in config.prefill:
+            x = shapes[f"prefill {length}"]
+
+            def fwd(model, x=x):
+                with torch.no_grad():
+                    model(input_ids=x)
+
+            t = _interleaved({"dense": lambda: fwd(dense), "carved": lambda c=carved: fwd(c)}, config.repeats)
+            row["e2e"][f"prefill {length}"] = {
+                "dense_s": t["dense"],
+                "carved_s": t["carved"],
+                "speedup": t["dense"] / t["carved"],
+            }
+        bricks = [(b, None) for b in carved_layers(carved).values()]
+        row["switch"] = _switch_points(bricks, config.switch_tokens, max(3, config.repeats // 2))
+        results_rows.append(row)
+        logger.info(
+            "%s: FFN decode x%.2f, e2e decode x%.2f",
+            name,
+            row["ffn"]["decode b1"]["speedup"],
+            row["e2e"]["decode b1"]["speedup"],
+        )
+        carved = None  # free it before the next configuration is built
+    ffn_share = (
+        statistics.median(r["ffn"]["decode b1"]["dense_s"] / dense_decode for r in results_rows)
+        if dense_decode
+        else None
+    )
+    return {
+        "machine": machine,
+        "settings": dict(asdict(config), calibration_tokens=config.calib_tokens),
+        "ffn_share_of_dense_decode": ffn_share,
+        "rows": results_rows,
+    }
+
+
+def render_table(results: dict) -> str:
+    m, s = results["machine"], results["settings"]
+    rows = results["rows"]
+    shapes = list(rows[0]["ffn"])
+    e2e = list(rows[0]["e2e"])
+    lines = [
+        f"# Speed: carved vs dense ({s['model']})",
+        "",
+        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, fp32; "
+        f"medians of {s['repeats']} interleaved repeats; decode: {s['decode_steps']} steps with a KV cache after a "
+        "16-token prompt. Speed-up = dense time / carved time.",
+        "",
+        f"FFN share of dense batch-1 decode time: {results['ffn_share_of_dense_decode']:.0%}",
+        "",
+        "| configuration | FFN reads | "
+        + " | ".join(f"FFN {x}" for x in shapes)
+        + " | "
+        + " | ".join(f"e2e {x}" for x in e2e)
+        + " |",
+        "|---|---:|" + "---:|" * (len(shapes) + len(e2e)),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['active_fraction']:.1%} | "
+            + " | ".join(f"x{r['ffn'][x]['speedup']:.2f}" for x in shapes)
+            + " | "
+            + " | ".join(f"x{r['e2e'][x]['speedup']:.2f}" for x in e2e)
+            + " |"
+        )
+    lines += ["", "Batch-1 decode tokens/s (dense / carved):", ""]
+    for r in rows:
+        d = r["e2e"]["decode b1"]
+        lines.append(f"- {r['name']}: {d['dense_tokens_per_s']:.1f} / {d['carved_tokens_per_s']:.1f}")
+    lines += ["", "## Kernel paths: FFN-only ms per call (all layers) by token count; fastest in bold", ""]
+    for r in rows:
+        lines.append(
+            f"**{r['name']}**: "
+            + "; ".join(
+                f"{t} tok: "
+                + ", ".join(
+                    (f"**{p} {v * 1e3:.1f}**" if p == e["fastest"] else f"{p} {v * 1e3:.1f}")
+                    for p, v in e["seconds"].items()
+                )
+                for t, e in r["switch"].items()
+            )
+        )
+        lines.append("")
+    return "\n".join(lines)

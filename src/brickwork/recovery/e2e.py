@@ -1,0 +1,178 @@
+"""End-to-end recovery: distil the dense parent into the carved model, with ``accelerate``.
+
+The carved model's experts (gate, up and down rows of every carved layer, shared neurons included) are
+trained to match the parent's next-token distribution, ``KL(parent || carved)`` at temperature ``T`` (Hinton
+et al. 2015), plus optionally the language-modelling loss. Routing stays as carved: brickwork sums the
+selected experts unweighted, so the top-k choice passes no gradient to the router (the local mode refits it).
+
+Built on ``accelerate``: the same code runs on one CPU, one GPU, or many processes (``accelerate launch``,
+DDP; FSDP through an accelerate config). Batches come in a fixed order drawn from ``seed``, so a run resumed
+from a checkpoint (``accelerator.save_state`` every ``checkpoint_every`` steps) continues exactly where the
+uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from brickwork.bricks.carve import carved_layers
+from brickwork.errors import BrickworkError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class E2EConfig:
+    tokens: int = 32768  # token budget: training stops after this many tokens
+    window: int = 256
+    batch_size: int = 4  # windows per optimiser step, over all processes
+    lr: float = 5e-5
+    temperature: float = 1.0
+    lm_weight: float = 0.0  # weight of the next-token cross-entropy added to the KL
+    checkpoint_every: int = 0  # steps; 0: no checkpoints
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.tokens < self.window * self.batch_size:
+            raise ValueError("tokens must cover at least one batch (window x batch_size)")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("lr and temperature must be positive")
+
+
+def _trainable(model) -> list[torch.nn.Parameter]:
+    params = []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for brick in carved_layers(model).values():
+        for name, p in brick.named_parameters():
+            if not name.startswith("router."):
+                p.requires_grad_(True)
+                params.append(p)
+    return params
+
+
+def _batches(windows: torch.Tensor, config: E2EConfig, world: int) -> list[torch.Tensor]:
+    """Every step's batch, in an order fixed by the seed; each step's windows are split across processes."""
+    per_step = config.batch_size
+    steps = min(config.tokens // (config.window * per_step), 10**9)
+    generator = torch.Generator().manual_seed(config.seed)
+    order = torch.cat(
+        [
+            torch.randperm(len(windows), generator=generator)
+            for _ in range(steps * per_step // len(windows) + 1)
+        ]
+    )
+    if per_step % world:
+        raise BrickworkError(f"batch_size {per_step} must be a multiple of the number of processes ({world})")
+    return [windows[order[s * per_step : (s + 1) * per_step]] for s in range(steps)]
+
+
+def recover_e2e_(
+    model,
+    parent,
+    tokenizer,
+    calib,
+    config: E2EConfig | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = True,
+    accelerator=None,
+):
+    """Train ``model``'s carved experts in place to match ``parent``; returns a report dict.
+
+    ``stop_after`` ends the run after that many steps (to test resumption); ``resume`` continues from the
+    latest checkpoint in ``checkpoint_dir``.
+    """
+    from accelerate import Accelerator
+
+    from brickwork.data.sources import token_windows
+
+    config = config or E2EConfig()
+    if not carved_layers(model):
+        raise BrickworkError("the model has no carved layer to recover: carve it first")
+    if resume and checkpoint_dir is None:
+        raise BrickworkError("resume needs the checkpoint directory")
+    accelerator = accelerator or Accelerator()
+    started = time.perf_counter()
+    windows = token_windows(tokenizer, calib, config.window, config.tokens)
+    steps = _batches(windows, config, accelerator.num_processes)
+    params = _trainable(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    model.train()
+    parent.eval()
+    for p in parent.parameters():
+        p.requires_grad_(False)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    parent = parent.to(accelerator.device)
+    start_step = 0
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume:
+        latest = _latest(checkpoint_dir)
+        if latest is None:
+            raise BrickworkError(f"no checkpoint in {checkpoint_dir} to resume from")
+        accelerator.load_state(str(latest))
+        start_step = json.loads((latest / "brickwork-step.json").read_text())["step"]
+    losses = []
+    rank, world = accelerator.process_index, accelerator.num_processes
+    t = config.temperature
+    bar = tqdm(
+        range(start_step, len(steps)),
+        desc="distilling",
+        unit="step",
+        disable=not progress or not accelerator.is_main_process,
+    )
+    for step in bar:
+        if stop_after is not None and step >= stop_after:
+            break
+        batch = steps[step].chunk(world)[rank].to(accelerator.device)
+        with torch.no_grad():
+            teacher = torch.log_softmax(parent(input_ids=batch).logits[:, :-1].float() / t, dim=-1)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        student = torch.log_softmax(logits / t, dim=-1)
+        loss = (teacher.exp() * (teacher - student)).sum(-1).mean() * t * t
+        if config.lm_weight:
+            loss = loss + config.lm_weight * torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+            )
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if checkpoint_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            target = checkpoint_dir / f"step-{done:07d}"
+            accelerator.save_state(str(target))
+            if accelerator.is_main_process:
+                (target / "brickwork-step.json").write_text(
+                    json.dumps({"step": done, "config": asdict(config)})
+                )
+            accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {
+        "mode": "e2e",
+        "steps": len(losses),
+        "start_step": start_step,
+        "tokens_per_step": config.window * config.batch_size,
+        "losses": losses,
+        "seconds": time.perf_counter() - started,
+        "processes": world,
+    }
+
+
+def _latest(directory: Path | None) -> Path | None:
+    if directory is None or not directory.is_dir():
+        return None
+    done = sorted(p for p in directory.glob("step-*") if (p / "brickwork-step.json").is_file())
+    return done[-1] if done else None

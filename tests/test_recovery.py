@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import brickwork as bw
+from brickwork.errors import BrickworkError
+from brickwork.recovery import LocalRecoveryConfig, recover_local_
+from brickwork.recovery.e2e import E2EConfig, recover_e2e_
+from conftest import tiny
+
+CONFIGS = {
+    "experts+fitted": dict(experts=8, shared=1, active=2, router="fitted"),
+    "experts+centroid": dict(experts=8, shared=0, active=3, router="centroid"),
+    "neurons+partial+down rows": dict(experts=64, shared=0, active=16, router="partial", down_fraction=0.15),
+}
+
+
+def _carve(text_file, tokenizer, model_type="llama", **config):
+    model = tiny(model_type).eval()
+    options = dict(method="random", calib_tokens=512, router_samples=256, window=64) | config
+    bw.carve_(model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_local_recovery_lowers_every_layers_held_out_error(name, text_file, tokenizer):
+    model = _carve(text_file, tokenizer, **CONFIGS[name])
+    report = recover_local_(
+        model, tokenizer, str(text_file), LocalRecoveryConfig(tokens=1024, window=64), progress=False
+    )
+    assert len(report.layers) == 2
+    for layer in report.layers:
+        assert layer.error_after < layer.error_before
+
+
+def test_local_recovery_is_deterministic_and_saves(tmp_path, text_file, tokenizer):
+    config = LocalRecoveryConfig(tokens=512, window=64)
+    a, b = (_carve(text_file, tokenizer, **CONFIGS["experts+fitted"]) for _ in range(2))
+    recover_local_(a, tokenizer, str(text_file), config, progress=False)
+    recover_local_(b, tokenizer, str(text_file), config, progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    bw.save(a, tmp_path / "rec", tokenizer)
+    again = bw.load(tmp_path / "rec")
+    ids = torch.randint(3, 100, (1, 20))
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, a(input_ids=ids).logits, atol=1e-5)
+
+
+def test_recovery_needs_a_carved_model(text_file, tokenizer):
+    with pytest.raises(BrickworkError, match="no carved layer"):
+        recover_local_(tiny(), tokenizer, str(text_file), LocalRecoveryConfig(tokens=512, window=64))
+    with pytest.raises(ValueError, match="holdout"):
+        LocalRecoveryConfig(holdout=0.7)
+
+
+E2E = dict(tokens=64 * 4 * 6, window=64, batch_size=4, lr=1e-3)
+
+
+def test_e2e_distillation_lowers_kl_to_the_parent(text_file, tokenizer):
+    parent = tiny().eval()
+    model = _carve(text_file, tokenizer, **CONFIGS["experts+fitted"])
+    report = recover_e2e_(model, parent, tokenizer, str(text_file), E2EConfig(**E2E), progress=False)
+    assert report["steps"] == 6
+    assert report["losses"][-1] < report["losses"][0]
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_e2e_resume_matches_an_uninterrupted_run(tmp_path, text_file, tokenizer):
+    parent = tiny().eval()
+    carved = _carve(text_file, tokenizer, **CONFIGS["experts+fitted"])
+    whole, split = copy.deepcopy(carved), copy.deepcopy(carved)
+    config = E2EConfig(**E2E, checkpoint_every=3)
+    recover_e2e_(whole, parent, tokenizer, str(text_file), config, progress=False)
+    recover_e2e_(
+        split,
+        parent,
+        tokenizer,
+        str(text_file),
+        config,
+        checkpoint_dir=tmp_path / "ck",
+        stop_after=3,
+        progress=False,
+    )
+    assert (tmp_path / "ck" / "step-0000003" / "brickwork-step.json").is_file()
+    resumed = copy.deepcopy(carved)  # a fresh process would start from the carved model and the checkpoint
+    report = recover_e2e_(
+        resumed,
+        parent,
+        tokenizer,
+        str(text_file),
+        config,
+        checkpoint_dir=tmp_path / "ck",
+        resume=True,
+        progress=False,
+    )
+    assert report["start_step"] == 3 and report["steps"] == 3
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+SCRIPT = """
+import sys, json, hashlib, torch
+sys.path.insert(0, {tests!r})
+import brickwork as bw
+from accelerate import PartialState
+from brickwork.models.tiny import build_tiny_tokenizer
+from brickwork.recovery.e2e import E2EConfig, recover_e2e_
+from conftest import tiny
+tok = build_tiny_tokenizer()
+parent = tiny().eval()
+model = tiny().eval()
+bw.carve_(model, bw.CarveConfig(experts=8, shared=1, active=2, method="random", router="fitted", calib_tokens=512,
+          router_samples=256, window=64), calib={text!r}, tokenizer=tok, progress=False)
+report = recover_e2e_(model, parent, tok, {text!r}, E2EConfig(tokens=64 * 4 * 4, window=64, batch_size=4, lr=1e-3),
+                      progress=False)
+digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
+rank = PartialState().process_index
+open({out!r} + f"/rank{{rank}}.json", "w").write(json.dumps({{"digest": digest, "processes": report["processes"]}}))
+"""
+
+
+def test_e2e_under_accelerate_launch_with_two_processes(tmp_path, text_file):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), text=str(text_file), out=str(tmp_path)))
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        str(script),
+    ]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["processes"] == ranks[1]["processes"] == 2
+    assert ranks[0]["digest"] == ranks[1]["digest"]
