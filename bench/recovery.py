@@ -39,7 +39,9 @@ def main() -> None:
     parser.add_argument("--e2e-configs", nargs="*", default=["neuron-level default 50%"])
     parser.add_argument("--out", type=Path, default=Path("bench/results/recovery"))
     parser.add_argument(
-        "--merge-into", type=Path, help="a quality benchmark directory to add the recovered rows to (re-rendered)"
+        "--merge-into",
+        type=Path,
+        help="a quality benchmark directory to add the recovered rows to (re-rendered)",
     )
     args = parser.parse_args()
     machine = machine_info()
