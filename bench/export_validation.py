@@ -50,32 +50,50 @@ def main() -> None:
                 model, bw.CarveConfig(**base, **shape), calibration=calibration, progress=False
             )
             formats = ("mixtral",) if shape["shared"] == 0 else ("qwen2_moe", "gguf")
-            for fmt in formats:
-                out = Path(tmp) / (f"{len(rows)}.gguf" if fmt == "gguf" else f"{len(rows)}")
-                started = time.perf_counter()
-                # 512 held-out tokens set the router temperature and GGUF shared gate; validation is timed apart
-                exported = export(
-                    model, out, fmt, tokenizer, validate_data=args.data, validate_tokens=512, validate=False
-                )
-                seconds = time.perf_counter() - started
-                started = time.perf_counter()
-                validation = compare_logits(model, load_exported(out, fmt), windows)
-                row = {
-                    "carve": name,
-                    "config": shape,
-                    "active_fraction": report.active_fraction,
-                    "format": fmt,
-                    "export_seconds": seconds,
-                    "validation_seconds": time.perf_counter() - started,
-                    "temperatures": sorted(set(exported.temperatures.values())),
-                    **validation,
-                }
-                rows.append(row)
-                print(
-                    f"{name:<34} {fmt:<9} KL {row['kl']:.2e}  agreement {row['agreement']:.4%}  max|dlogit| "
-                    f"{row['max_logit_diff']:.3g}  export {row['export_seconds']:.1f} s",
-                    flush=True,
-                )
+            modes = ("temperature",) if shape["active"] == 1 else ("temperature", "stock routing")
+            for mode in modes:
+                for fmt in formats if mode == "temperature" else formats[:1]:
+                    if mode == "temperature" and shape["active"] == 1 and fmt != "gguf":
+                        mode_name = "exact (top-1)"
+                    else:
+                        mode_name = mode
+                    out = Path(tmp) / (f"{len(rows)}.gguf" if fmt == "gguf" else f"{len(rows)}")
+                    started = time.perf_counter()
+                    # 512 held-out tokens choose the router temperature (and the GGUF shared gate); validation
+                    # below is timed apart. Stock routing converts the carve in place, so it comes last
+                    # (for the primary format of the carve only).
+                    exported = export(
+                        model,
+                        out,
+                        fmt,
+                        tokenizer,
+                        validate_data=args.data,
+                        validate_tokens=512,
+                        validate=False,
+                        stock_routing=mode == "stock routing",
+                    )
+                    seconds = time.perf_counter() - started
+                    started = time.perf_counter()
+                    validation = compare_logits(model, load_exported(out, fmt), windows)
+                    row = {
+                        "carve": name,
+                        "config": shape,
+                        "active_fraction": report.active_fraction,
+                        "format": fmt,
+                        "mode": mode_name,
+                        "export_seconds": seconds,
+                        "validation_seconds": time.perf_counter() - started,
+                        "temperatures": sorted(set(exported.temperatures.values())),
+                        "conversion": exported.conversion,
+                        **validation,
+                    }
+                    rows.append(row)
+                    print(
+                        f"{name:<34} {fmt:<9} {mode_name:<14} KL {row['kl']:.2e}  agreement {row['agreement']:.4%}  "
+                        f"max|dlogit| {row['max_logit_diff']:.3g}  export {row['export_seconds']:.1f} s"
+                        + (f"  conversion KL {exported.conversion['kl']:.2e}" if exported.conversion else ""),
+                        flush=True,
+                    )
             bw.uncarve_(model)
     results = {
         "machine": machine,
@@ -89,13 +107,20 @@ def main() -> None:
         f"activation grouping + fitted router without intercept, calibration wiki 16384 tokens; validation: "
         f"{args.tokens} tokens of {args.data}, brickwork forward vs stock transformers reload (fp32)",
         "",
-        "| carve | FFN reads | format | KL(brickwork‖exported) | top-1 agreement | max abs logit diff | export s |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| carve | FFN reads | format | routing | KL(brickwork‖exported) | top-1 agreement | max abs logit diff "
+        "| export s | conversion KL (agreement) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['carve']} | {r['active_fraction']:.1%} | {r['format']} | {r['kl']:.2e} | {r['agreement']:.3%} | "
-            f"{r['max_logit_diff']:.3g} | {r['export_seconds']:.1f} |"
+            f"| {r['carve']} | {r['active_fraction']:.1%} | {r['format']} | {r['mode']} | {r['kl']:.2e} | "
+            f"{r['agreement']:.3%} | {r['max_logit_diff']:.3g} | {r['export_seconds']:.1f} | "
+            + (
+                f"{r['conversion']['kl']:.2e} ({r['conversion']['agreement']:.1%})"
+                if r["conversion"]
+                else "-"
+            )
+            + " |"
         )
     write_results(args.out, results, "\n".join(lines))
     print("\n".join(lines))

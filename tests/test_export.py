@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import brickwork as bw
+from brickwork import kernels
 from brickwork.bricks.carve import carved_layers
 from brickwork.cli.main import main as cli
 from brickwork.errors import BrickworkError
@@ -218,3 +219,34 @@ def test_export_command(tmp_path, text_file, tokenizer, capsys):
     assert json.loads(report.read_text())["validation"]["agreement"] == 1.0
     assert cli(f"export {tmp_path / 'carved'} --format mixtral --out {tmp_path / 'm'} -q".split()) == 2
     assert "mixtral has no shared expert" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("format", ["qwen2_moe", "gguf"])
+def test_stock_routing_conversion_makes_topk_exports_exact(tmp_path, text_file, tokenizer, format):
+    model = _carved(text_file, tokenizer, active=3)
+    with torch.no_grad():  # a realistic logit range, so that the conversion does change the carve a little
+        for brick in carved_layers(model).values():
+            brick.router.weight.mul_(200)
+    out = tmp_path / ("c.gguf" if format == "gguf" else "c")
+    report = export(
+        model,
+        out,
+        format,
+        tokenizer,
+        validate_data=str(text_file),
+        validate_tokens=256,
+        window=64,
+        stock_routing=True,
+    )
+    assert report.conversion is not None and report.conversion["kl"] > 0
+    v = report.validation
+    assert v["agreement"] == 1.0 and abs(v["kl"]) < 1e-6 and v["max_logit_diff"] < 1e-3
+    brick = next(iter(carved_layers(model).values()))
+    assert brick.stock_routing["renormalise"] == (format != "gguf")
+    assert not kernels.supports_fast_path(brick)  # weighted experts run on the reference path
+    bw.save(model, tmp_path / "saved", tokenizer)
+    again = bw.load(tmp_path / "saved")
+    assert next(iter(carved_layers(again).values())).stock_routing == brick.stock_routing
+    ids = torch.randint(3, 100, (1, 30))
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)

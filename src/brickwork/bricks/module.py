@@ -68,6 +68,9 @@ class BrickFFN(nn.Module):
         self.down_bias = param(d_model) if down_bias else None
         self.register_buffer("neuron_order", torch.arange(d_ff))
         self.record_selection = False  # when True, keep the latest forward's [T, active] selection
+        # None: selected experts are summed with weight 1. Else {"temperature", "renormalise", "scale"}: they are
+        # weighted as a stock MoE router weights them (see stock_weights; brickwork.io.export sets it).
+        self.stock_routing: dict | None = None
         self.last_selection: torch.Tensor | None = None
 
     @classmethod
@@ -165,6 +168,16 @@ class BrickFFN(nn.Module):
         )
         return self.act(gate) * up
 
+    def stock_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selection and expert weights as stock MoE routers compute them (``stock_routing`` set): softmax of
+        the router's logits / temperature in fp32, top-k of the probabilities, renormalised or not, times
+        ``scale`` (so that equal probabilities give weight 1)."""
+        r = self.stock_routing
+        probs = torch.softmax(self.router(x, self) / r["temperature"], dim=-1, dtype=torch.float32)
+        top = probs.topk(self.active, dim=-1)
+        weights = top.values / top.values.sum(-1, keepdim=True) if r["renormalise"] else top.values
+        return top.indices, weights * r["scale"]
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """[T, active] indices of the routed experts each token runs."""
         if (
@@ -199,11 +212,15 @@ class BrickFFN(nn.Module):
         s = self.num_shared
         parts = [self.hidden(x, 0, s)] if s else []
         if self.num_experts:
-            selection = self.select(x)
+            mask = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+            if self.stock_routing is None:
+                selection = self.select(x)
+                mask.scatter_(1, selection, 1.0)
+            else:
+                selection, weights = self.stock_weights(x)
+                mask.scatter_(1, selection, weights.to(x.dtype))
             if self.record_selection:
                 self.last_selection = selection
-            mask = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-            mask.scatter_(1, selection, 1.0)
             h = (
                 self.hidden(x, s, self.d_ff).view(x.shape[0], self.num_experts, self.expert_size)
                 * mask[..., None]

@@ -123,8 +123,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
         validate_tokens=args.tokens,
         window=args.window,
         dtype=args.dtype,
+        stock_routing=args.stock_routing,
     )
     print(f"exported {args.model} as {args.format} to {report.path} in {report.seconds:.1f} s")
+    if report.conversion:
+        c = report.conversion
+        print(
+            f"stock routing: the converted carve differs from the original by KL {c['kl']:.2e} nats/token, "
+            f"top-1 agreement {c['agreement']:.2%}"
+        )
     if report.validation:
         v = report.validation
         print(
@@ -438,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=2048, help="validation tokens (default 2048)")
     p.add_argument("--window", type=int, default=512, help="tokens per validation window (default 512)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (top-1 carves only)")
+    p.add_argument(
+        "--stock-routing",
+        action="store_true",
+        help="top-k > 1: first convert the carve to weight its experts as the stock router does, so the export "
+        "is exact (the change this makes to the carve is measured and printed)",
+    )
     p.add_argument("--json", type=Path, help="also write the export report (validation figures) here")
     p.set_defaults(func=_cmd_export)
 

@@ -59,6 +59,7 @@ class ExportReport:
     seconds: float
     temperatures: dict[int, float] = field(default_factory=dict)  # carved layer -> router logit divisor
     validation: dict | None = None  # kl, agreement, max_logit_diff, tokens
+    conversion: dict | None = None  # stock_routing: how far the converted carve is from the original
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -423,6 +424,7 @@ def export(
     window: int = 512,
     dtype: Literal["float32", "float16"] = "float32",
     validate: bool = True,
+    stock_routing: bool = False,
 ) -> ExportReport:
     """Write ``model`` (carved) in a stock MoE format and check it against the carved model.
 
@@ -430,6 +432,10 @@ def export(
     ``transformers`` (no remote code) and compared on ``validate_tokens`` tokens of it; those windows also set
     the router temperature of top-k > 1 carves (and the GGUF shared gate); ``validate=False`` uses them for that
     only. Without ``validate_data``, only top-1 carves export to qwen2_moe or mixtral.
+
+    ``stock_routing=True`` first converts ``model`` itself (in place) to the stock routing form, weighting its
+    selected experts as the exported router will (:meth:`BrickFFN.stock_weights`), so that the export computes
+    what the converted carve computes; ``report.conversion`` says how far the conversion moved the carve.
     """
     from brickwork.data.sources import token_windows
 
@@ -448,6 +454,20 @@ def export(
         if windows is None:
             raise BrickworkError("GGUF export needs validation windows (they set the shared-expert gate)")
         shared_gates = _shared_gate_directions(model, plan.bricks, windows)
+    report_conversion = None
+    if stock_routing and not _exact(plan, format):
+        import copy
+
+        before = copy.deepcopy(model)
+        share = plan.num_experts if format == "gguf" else plan.active
+        for index, brick in plan.bricks.items():
+            brick.stock_routing = {
+                "temperature": temperatures[index],
+                "renormalise": format != "gguf",
+                "scale": float(share),
+            }
+        report_conversion = compare_logits(before, model, windows)
+        del before
     stock = build_stock_model(model, format, temperatures, shared_gates)
     out = Path(out)
     if format == "gguf":
@@ -462,7 +482,9 @@ def export(
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         path = out
-    report = ExportReport(format=format, path=str(path), seconds=0.0, temperatures=temperatures)
+    report = ExportReport(
+        format=format, path=str(path), seconds=0.0, temperatures=temperatures, conversion=report_conversion
+    )
     if windows is not None and validate:
         report.validation = compare_logits(model, load_exported(path, format), windows)
     report.seconds = time.perf_counter() - started

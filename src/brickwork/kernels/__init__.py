@@ -41,6 +41,7 @@ def supports_fast_path(brick) -> bool:
     """Whether ``brick`` can run the CPU kernels: CPU fp32 SwiGLU without biases, numba installed."""
     return (
         HAVE_NUMBA
+        and brick.stock_routing is None
         and brick.gate is not None
         and brick.up_bias is None
         and brick.gate_bias is None
