@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-export bench-recovery
 
 setup:
 	bash scripts/setup.sh
@@ -37,3 +37,12 @@ bench-carving: setup
 
 bench-quality: setup
 	$(BIN)/brickwork bench quality smollm2-135m --fractions 0.25 0.5 0.75 --out bench/results/quality-smollm2
+
+bench-speed: setup
+	$(BIN)/brickwork bench speed smollm2-135m --out bench/results/speed-smollm2
+
+bench-export: setup
+	$(BIN)/python bench/export_validation.py --out bench/results/export-validation
+
+bench-recovery: setup
+	$(BIN)/python bench/recovery.py --e2e-tokens 8192 --merge-into bench/results/quality-smollm2

@@ -100,7 +100,8 @@ def main() -> None:
         rows.append(row)
         bw.uncarve_(model)
         model.load_state_dict(parent.state_dict())  # recovery changed the weights uncarve_ restores
-    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    results = {"machine": machine, "settings": settings, "rows": rows}
     corpora = args.eval
     lines = [
         f"# Recovery ({args.model})",
