@@ -238,7 +238,7 @@ def test_stock_routing_conversion_makes_topk_exports_exact(tmp_path, text_file, 
         window=64,
         stock_routing=True,
     )
-    assert report.conversion is not None and report.conversion["kl"] > 0
+    assert report.conversion is not None and report.conversion["max_logit_diff"] > 0  # the carve did change
     v = report.validation
     assert v["agreement"] == 1.0 and abs(v["kl"]) < 1e-6 and v["max_logit_diff"] < 1e-3
     brick = next(iter(carved_layers(model).values()))

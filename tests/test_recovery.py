@@ -127,19 +127,16 @@ open({out!r} + f"/rank{{rank}}.json", "w").write(json.dumps({{"digest": digest, 
 """
 
 
-def test_e2e_under_accelerate_launch_with_two_processes(tmp_path, text_file):
+def test_e2e_with_two_cpu_processes(tmp_path, text_file):
+    """Two processes (torchrun + accelerate's multi-CPU state; `accelerate launch --cpu` starts only one in
+    accelerate 1.x) end with identical weights."""
+    import os
+
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), text=str(text_file), out=str(tmp_path)))
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        str(script),
-    ]
-    result = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0]["processes"] == ranks[1]["processes"] == 2
