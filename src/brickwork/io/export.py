@@ -214,39 +214,18 @@ def _choose_temperature(brick: BrickFFN, x: torch.Tensor, renormalise: bool) -> 
 
 
 @torch.no_grad()
-def _shared_gate_directions(
-    model, bricks: dict[int, BrickFFN], windows: torch.Tensor
-) -> dict[int, torch.Tensor]:
-    """Per carved layer, a gate vector w with |w . x| about 1e-4 on the FFN inputs x seen (along their mean).
+def _shared_gate_directions(inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per carved layer, a gate vector w with |w . x| about 1e-4 on its captured FFN inputs x (along their mean).
 
     llama.cpp computes the shared expert's sigmoid gate as silu(z) / z, which is NaN at z = 0, so the GGUF
     export cannot zero the gate as the safetensors formats do: sigmoid(w . x) = 1/2 + w . x / 4 instead, a
     relative error of about |w . x| / 2 on the shared expert after the factor 2.
     """
-    sums: dict[int, torch.Tensor] = {}
-    inputs: dict[int, list[torch.Tensor]] = {}
-    handles = []
-
-    def hook(index):
-        def record(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[index] = sums.get(index, 0) + x.sum(0)
-            inputs.setdefault(index, []).append(x[:: max(1, x.shape[0] // 256)])
-
-        return record
-
-    try:
-        for index, brick in bricks.items():
-            handles.append(brick.register_forward_pre_hook(hook(index)))
-        for batch in windows.split(4):
-            model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
     out = {}
-    for index, total in sums.items():
+    for index, x in inputs.items():
+        total = x.sum(0)
         direction = total / total.norm().clamp_min(1e-12)
-        typical = (torch.cat(inputs[index]) @ direction).abs().median().clamp_min(1e-12)
+        typical = (x @ direction).abs().median().clamp_min(1e-12)
         out[index] = direction * (_SHARED_GATE_LOGIT / typical)
     return out
 
@@ -449,11 +428,8 @@ def export(
     needs_inputs = windows is not None and not _exact(plan, format)
     inputs = _capture_inputs(model, plan.bricks, windows) if needs_inputs else None
     temperatures = _temperatures(plan, format, inputs)
-    shared_gates = None
-    if format == "gguf":
-        if windows is None:
-            raise BrickworkError("GGUF export needs validation windows (they set the shared-expert gate)")
-        shared_gates = _shared_gate_directions(model, plan.bricks, windows)
+    # GGUF is never exact (no renormalisation), so _temperatures has already required the captured inputs
+    shared_gates = _shared_gate_directions(inputs) if format == "gguf" else None
     report_conversion = None
     if stock_routing and not _exact(plan, format):
         import copy
