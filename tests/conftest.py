@@ -77,3 +77,13 @@ def isolated_home(tmp_path, monkeypatch):
 
 def tiny(model_type: str = "llama", seed: int = 0):
     return build_tiny_model(model_type, seed)
+
+
+def carved_tiny(text_file, tokenizer, model_type: str = "llama", **config):
+    """A tiny model carved as ``config`` says (random grouping and small calibration unless overridden)."""
+    import brickwork as bw
+
+    model = tiny(model_type).eval()
+    options = dict(method="random", calib_tokens=512, router_samples=256, window=64) | config
+    bw.carve_(model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False)
+    return model

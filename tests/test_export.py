@@ -11,30 +11,13 @@ from brickwork.bricks.carve import carved_layers
 from brickwork.cli.main import main as cli
 from brickwork.errors import BrickworkError
 from brickwork.io.export import build_stock_model, compare_logits, export, load_exported
-from conftest import tiny
+from conftest import carved_tiny, tiny
 
 
 def _carved(text_file, tokenizer, model_type="llama", **overrides):
-    options = dict(
-        experts=8,
-        shared=1,
-        active=2,
-        method="random",
-        router="fitted",
-        router_options={"intercept": False},
-        calib_tokens=512,
-        router_samples=256,
-        window=64,
-    )
-    model = tiny(model_type).eval()
-    bw.carve_(
-        model,
-        bw.CarveConfig(**(options | overrides)),
-        calib=str(text_file),
-        tokenizer=tokenizer,
-        progress=False,
-    )
-    return model
+    """Defaults that export: a bias-free fitted router, shared neurons, top-2."""
+    options = dict(experts=8, shared=1, active=2, router="fitted", router_options={"intercept": False})
+    return carved_tiny(text_file, tokenizer, model_type, **(options | overrides))
 
 
 def _windows(text_file, tokenizer):

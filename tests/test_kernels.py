@@ -3,11 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import brickwork as bw
 from brickwork import kernels
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
-from conftest import tiny
+from conftest import carved_tiny
 
 CONFIGS = {
     "experts+fitted": dict(experts=8, shared=1, active=2, router="fitted"),
@@ -27,17 +26,10 @@ CONFIGS = {
 }
 
 
-def _carve(text_file, tokenizer, model_type="llama", **config):
-    model = tiny(model_type).eval()
-    options = dict(method="random", calib_tokens=512, router_samples=256, window=64) | config
-    bw.carve_(model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False)
-    return model
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("tokens", [1, 3, 8, 37])
 def test_fast_paths_match_the_reference(name, tokens, text_file, tokenizer):
-    model = _carve(text_file, tokenizer, **CONFIGS[name])
+    model = carved_tiny(text_file, tokenizer, **CONFIGS[name])
     x = torch.randn(2, tokens, 32, generator=torch.Generator().manual_seed(tokens))
     for brick in carved_layers(model).values():
         assert kernels.supports_fast_path(brick)
@@ -51,7 +43,7 @@ def test_fast_paths_match_the_reference(name, tokens, text_file, tokenizer):
 def test_every_architecture_is_either_fast_and_exact_or_left_on_the_reference_path(
     model_type, text_file, tokenizer
 ):
-    model = _carve(text_file, tokenizer, model_type, experts=8, shared=1, active=2, router="fitted")
+    model = carved_tiny(text_file, tokenizer, model_type, experts=8, shared=1, active=2, router="fitted")
     x = torch.randn(1, 1, 32)
     for brick in carved_layers(model).values():
         silu_gated = model_type in ("mistral", "qwen2", "qwen3", "phi3")  # gemma: GELU; gpt2: not gated
@@ -61,7 +53,7 @@ def test_every_architecture_is_either_fast_and_exact_or_left_on_the_reference_pa
 
 
 def test_paths_are_chosen_by_token_count(text_file, tokenizer, monkeypatch):
-    model = _carve(text_file, tokenizer, experts=8, shared=1, active=2, router="fitted")
+    model = carved_tiny(text_file, tokenizer, experts=8, shared=1, active=2, router="fitted")
     brick = next(iter(carved_layers(model).values()))
     used = []
     monkeypatch.setattr(
@@ -84,7 +76,7 @@ def test_paths_are_chosen_by_token_count(text_file, tokenizer, monkeypatch):
 
 
 def test_packed_weights_follow_in_place_changes(text_file, tokenizer):
-    model = _carve(text_file, tokenizer, experts=8, shared=1, active=2, router="fitted")
+    model = carved_tiny(text_file, tokenizer, experts=8, shared=1, active=2, router="fitted")
     brick = next(iter(carved_layers(model).values()))
     x = torch.randn(1, 32)
     with torch.no_grad():
@@ -94,7 +86,7 @@ def test_packed_weights_follow_in_place_changes(text_file, tokenizer):
 
 
 def test_greedy_generation_is_the_same_on_fast_and_reference_paths(text_file, tokenizer, monkeypatch):
-    model = _carve(text_file, tokenizer, experts=16, shared=2, active=3, router="fitted")
+    model = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=3, router="fitted")
     prompt = torch.tensor([[5, 17, 33, 41, 9, 60, 12, 70, 3 + 4, 21]])
 
     def generate():

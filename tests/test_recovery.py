@@ -13,7 +13,7 @@ import brickwork as bw
 from brickwork.errors import BrickworkError
 from brickwork.recovery import LocalRecoveryConfig, recover_local_
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
-from conftest import tiny
+from conftest import carved_tiny, tiny
 
 CONFIGS = {
     "experts+fitted": dict(experts=8, shared=1, active=2, router="fitted"),
@@ -22,16 +22,9 @@ CONFIGS = {
 }
 
 
-def _carve(text_file, tokenizer, model_type="llama", **config):
-    model = tiny(model_type).eval()
-    options = dict(method="random", calib_tokens=512, router_samples=256, window=64) | config
-    bw.carve_(model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False)
-    return model
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_local_recovery_lowers_every_layers_held_out_error(name, text_file, tokenizer):
-    model = _carve(text_file, tokenizer, **CONFIGS[name])
+    model = carved_tiny(text_file, tokenizer, **CONFIGS[name])
     report = recover_local_(
         model, tokenizer, str(text_file), LocalRecoveryConfig(tokens=1024, window=64), progress=False
     )
@@ -42,7 +35,7 @@ def test_local_recovery_lowers_every_layers_held_out_error(name, text_file, toke
 
 def test_local_recovery_is_deterministic_and_saves(tmp_path, text_file, tokenizer):
     config = LocalRecoveryConfig(tokens=512, window=64)
-    a, b = (_carve(text_file, tokenizer, **CONFIGS["experts+fitted"]) for _ in range(2))
+    a, b = (carved_tiny(text_file, tokenizer, **CONFIGS["experts+fitted"]) for _ in range(2))
     recover_local_(a, tokenizer, str(text_file), config, progress=False)
     recover_local_(b, tokenizer, str(text_file), config, progress=False)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
@@ -66,7 +59,7 @@ E2E = dict(tokens=64 * 4 * 6, window=64, batch_size=4, lr=1e-3)
 
 def test_e2e_distillation_lowers_kl_to_the_parent(text_file, tokenizer):
     parent = tiny().eval()
-    model = _carve(text_file, tokenizer, **CONFIGS["experts+fitted"])
+    model = carved_tiny(text_file, tokenizer, **CONFIGS["experts+fitted"])
     report = recover_e2e_(model, parent, tokenizer, str(text_file), E2EConfig(**E2E), progress=False)
     assert report["steps"] == 6
     assert report["losses"][-1] < report["losses"][0]
@@ -75,7 +68,7 @@ def test_e2e_distillation_lowers_kl_to_the_parent(text_file, tokenizer):
 
 def test_e2e_resume_matches_an_uninterrupted_run(tmp_path, text_file, tokenizer):
     parent = tiny().eval()
-    carved = _carve(text_file, tokenizer, **CONFIGS["experts+fitted"])
+    carved = carved_tiny(text_file, tokenizer, **CONFIGS["experts+fitted"])
     whole, split = copy.deepcopy(carved), copy.deepcopy(carved)
     config = E2EConfig(**E2E, checkpoint_every=3)
     recover_e2e_(whole, parent, tokenizer, str(text_file), config, progress=False)
@@ -113,7 +106,7 @@ import brickwork as bw
 from accelerate import PartialState
 from brickwork.models.tiny import build_tiny_tokenizer
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
-from conftest import tiny
+from conftest import carved_tiny, tiny
 tok = build_tiny_tokenizer()
 parent = tiny().eval()
 model = tiny().eval()
