@@ -457,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "recover",
         help="win back quality after carving: layer-local closed-form refits (local) or distillation from the "
-        "dense parent with accelerate (e2e; run under `accelerate launch` for many processes)",
+        "dense parent with accelerate (e2e; for several processes: `accelerate launch` on GPUs, "
+        "`ACCELERATE_USE_CPU=true torchrun --nproc_per_node N` on CPUs)",
     )
     p.add_argument("model", help="a carved model directory")
     p.add_argument("--mode", choices=("local", "e2e"), default="local")
