@@ -9,7 +9,9 @@ budget. Writes results.json / results.md; `bench/results/quality-smollm2` merges
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,85 +31,50 @@ from brickwork.recovery.e2e import E2EConfig, recover_e2e_  # noqa: E402
 KEYS = ("experts", "shared", "active", "method", "router", "router_options", "down_fraction")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
-    parser.add_argument("--eval-tokens", type=int, default=1024)
-    parser.add_argument("--local-tokens", type=int, default=4096)
-    parser.add_argument("--e2e-tokens", type=int, default=0, help="e2e budget after local (0: no e2e)")
-    parser.add_argument("--e2e-configs", nargs="*", default=["neuron-level default 50%"])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/recovery"))
-    parser.add_argument(
-        "--merge-into",
-        type=Path,
-        help="a quality benchmark directory to add the recovered rows to (re-rendered)",
-    )
-    args = parser.parse_args()
-    machine = machine_info()
-    model, tokenizer = bw.load_model(args.model)
-    parent = copy.deepcopy(model)
-    heldout = [HeldOut(tokenizer, d, args.eval_tokens, 512) for d in args.eval]
-    for h in heldout:
-        h.cache_dense(model)
-    calibration = calibrate(model, tokenizer, "wiki", bw.CarveConfig())
-    configs = {}
-    for fraction in (0.25, 0.5):
-        c = recommended(fraction, d_ff=1536, d_model=576)
-        configs[f"neuron-level default {fraction:.0%}"] = {k: v for k, v in c.to_dict().items() if k in KEYS}
-        configs[f"activation+fitted (2+{round(fraction * 16) - 2} of 16)"] = dict(
-            experts=16, shared=2, active=round(fraction * 16) - 2, method="activation", router="fitted"
-        )
-    rows = []
-    for name, kwargs in configs.items():
-        report = bw.carve_(model, bw.CarveConfig(**kwargs), calibration=calibration, progress=False)
-        with torch.no_grad():
-            before = {h.data: h.score(model) for h in heldout}
-        started = time.perf_counter()
-        local = recover_local_(model, tokenizer, "wiki", LocalRecoveryConfig(tokens=args.local_tokens))
-        local_seconds = time.perf_counter() - started
-        with torch.no_grad():
-            after = {h.data: h.score(model) for h in heldout}
-        row = {
-            "name": name,
-            "config": kwargs,
-            "active_fraction": report.active_fraction,
-            "before": before,
-            "local": {"heldout": after, "seconds": local_seconds, "layers": [vars(x) for x in local.layers]},
-        }
-        print(
-            f"{name}: reads {report.active_fraction:.1%}; "
-            + "; ".join(f"{d} x{before[d]['ratio']:.3f} -> x{after[d]['ratio']:.3f}" for d in before)
-            + f" (local {local_seconds:.0f} s)",
-            flush=True,
-        )
-        if args.e2e_tokens and name in args.e2e_configs:
-            e2e = recover_e2e_(model, parent, tokenizer, "wiki", E2EConfig(tokens=args.e2e_tokens))
-            with torch.no_grad():
-                final = {h.data: h.score(model) for h in heldout}
-            row["e2e"] = {
-                "heldout": final,
-                "seconds": e2e["seconds"],
-                "steps": e2e["steps"],
-                "tokens": e2e["steps"] * e2e["tokens_per_step"],
-                "losses": e2e["losses"],
-            }
-            print(
-                f"  + e2e {e2e['seconds']:.0f} s: "
-                + "; ".join(f"{d} x{final[d]['ratio']:.3f}" for d in final),
-                flush=True,
-            )
-        rows.append(row)
-        bw.uncarve_(model)
-        model.load_state_dict(parent.state_dict())  # recovery changed the weights uncarve_ restores
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    results = {"machine": machine, "settings": settings, "rows": rows}
+@contextlib.contextmanager
+def _exact_matmuls(tf32: bool = False):
+    """fp32 matrix products in full precision (scoring), or TF32 on a GPU that has it (``--tf32`` training)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+class _Curve:
+    """An e2e callback scoring the held-out windows at chosen token counts, its own time kept apart."""
+
+    def __init__(self, heldout: list, config: E2EConfig, tokens: list[int]):
+        self.heldout, self.per_step = heldout, config.window * config.batch_size
+        self.marks = {max(1, t // self.per_step) for t in tokens}
+        self.points: list[dict] = []
+        self.scoring = 0.0
+        self.started = time.perf_counter()
+
+    def __call__(self, done: int, model) -> None:
+        if done not in self.marks:
+            return
+        t0 = time.perf_counter()
+        elapsed = t0 - self.started - self.scoring  # training time so far
+        model.eval()
+        with torch.no_grad(), _exact_matmuls():
+            point = {h.data: h.score(model) for h in self.heldout}
+        model.train()
+        self.scoring += time.perf_counter() - t0
+        self.points.append({"tokens": done * self.per_step, "heldout": point, "seconds": elapsed})
+        ratios = "; ".join(f"{d} x{point[d]['ratio']:.3f}" for d in point)
+        print(f"  e2e {done * self.per_step} tokens ({elapsed:.0f} s): {ratios}", flush=True)
+
+
+def _table(args, machine: dict, rows: list[dict]) -> str:
     corpora = args.eval
     lines = [
-        f"# Recovery ({args.model})",
+        f"# Recovery ({Path(str(args.model)).name})",
         "",
-        f"commit `{machine['commit']}`, {machine['date']}, {machine['cpu']}; held-out {args.eval_tokens} tokens per "
-        f"corpus; local recovery on {args.local_tokens} wiki tokens; e2e budget {args.e2e_tokens} tokens",
+        f"commit `{machine['commit']}`, {machine['date']}, {machine.get('device') or machine['cpu']}; held-out "
+        f"{args.eval_tokens} tokens per corpus; local recovery on {args.local_tokens} wiki tokens; e2e budget "
+        f"{max(args.e2e_tokens, default=0)} tokens (lr {args.e2e_lr}, {args.e2e_batch} x {args.e2e_window})",
         "",
         "| configuration | reads | "
         + " | ".join(f"{c} before / local / e2e" for c in corpora)
@@ -124,15 +91,146 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {r['local']['seconds']:.0f} | {r['e2e']['seconds'] if 'e2e' in r else 0:.0f} |"
         )
-    write_results(args.out, results, "\n".join(lines))
-    print("\n".join(lines))
+    curves = [r for r in rows if "e2e" in r and len(r["e2e"]["curve"]) > 1]
+    if curves:
+        lines += ["", "e2e held-out ratio by distillation tokens (training seconds):", ""]
+        lines += [
+            "| configuration | tokens | " + " | ".join(corpora) + " | s |",
+            "|---|---:|" + "---:|" * (len(corpora) + 1),
+        ]
+        for r in curves:
+            for point in r["e2e"]["curve"]:
+                lines.append(
+                    f"| {r['name']} | {point['tokens']} | "
+                    + " | ".join(f"x{point['heldout'][c]['ratio']:.3f}" for c in corpora)
+                    + f" | {point['seconds']:.0f} |"
+                )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m", help="alias, model directory or .gguf file")
+    parser.add_argument(
+        "--device", default="cpu", help="where recovery and scoring run (carving runs on the CPU)"
+    )
+    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
+    parser.add_argument("--eval-tokens", type=int, default=1024)
+    parser.add_argument("--local-tokens", type=int, default=4096)
+    parser.add_argument(
+        "--e2e-tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        help="e2e after local: held-out scores at each of these token counts, the largest is the budget",
+    )
+    parser.add_argument(
+        "--e2e-configs", nargs="*", default=["neuron-level default 50%"], help="'all' for every one"
+    )
+    parser.add_argument("--e2e-lr", type=float, default=E2EConfig.lr)
+    parser.add_argument("--e2e-window", type=int, default=E2EConfig.window)
+    parser.add_argument("--e2e-batch", type=int, default=E2EConfig.batch_size)
+    parser.add_argument("--tf32", action="store_true", help="TF32 matrix products while training on a GPU")
+    parser.add_argument("--configs", nargs="*", help="only these configurations (names as printed)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/recovery"))
+    parser.add_argument(
+        "--merge-into",
+        type=Path,
+        help="a quality benchmark directory to add the recovered rows to (re-rendered)",
+    )
+    parser.add_argument(
+        "--merge-only",
+        type=Path,
+        nargs="+",
+        help="merge these recovery results.json files into --merge-into, running nothing",
+    )
+    args = parser.parse_args()
+    if args.merge_only:
+        if not args.merge_into:
+            parser.error("--merge-only needs --merge-into")
+        _merge(args.merge_into, [json.loads(f.read_text()) for f in args.merge_only])
+        return
+    machine = machine_info()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        machine["device"] = torch.cuda.get_device_name(device)
+    model, tokenizer = bw.load_model(args.model)  # carving (calibration, grouping, router fits) on the CPU
+    parent = copy.deepcopy(model).to(device)
+    heldout = [HeldOut(tokenizer, d, args.eval_tokens, 512) for d in args.eval]
+    for h in heldout:
+        h.cache_dense(parent)
+    calibration = calibrate(model, tokenizer, "wiki", bw.CarveConfig())
+    configs = {}
+    for fraction in (0.25, 0.5):
+        c = recommended(fraction, d_ff=1536, d_model=576)
+        configs[f"neuron-level default {fraction:.0%}"] = {k: v for k, v in c.to_dict().items() if k in KEYS}
+        configs[f"activation+fitted (2+{round(fraction * 16) - 2} of 16)"] = dict(
+            experts=16, shared=2, active=round(fraction * 16) - 2, method="activation", router="fitted"
+        )
+    if args.configs:
+        configs = {k: v for k, v in configs.items() if k in args.configs}
+    rows = []
+    for name, kwargs in configs.items():
+        report = bw.carve_(model, bw.CarveConfig(**kwargs), calibration=calibration, progress=False)
+        work = copy.deepcopy(model).to(device)
+        bw.uncarve_(model)
+        with torch.no_grad():
+            before = {h.data: h.score(work) for h in heldout}
+        started = time.perf_counter()
+        local = recover_local_(work, tokenizer, "wiki", LocalRecoveryConfig(tokens=args.local_tokens))
+        local_seconds = time.perf_counter() - started
+        with torch.no_grad():
+            after = {h.data: h.score(work) for h in heldout}
+        row = {
+            "name": name,
+            "config": kwargs,
+            "active_fraction": report.active_fraction,
+            "before": before,
+            "local": {"heldout": after, "seconds": local_seconds, "layers": [vars(x) for x in local.layers]},
+        }
+        print(
+            f"{name}: reads {report.active_fraction:.1%}; "
+            + "; ".join(f"{d} x{before[d]['ratio']:.3f} -> x{after[d]['ratio']:.3f}" for d in before)
+            + f" (local {local_seconds:.0f} s)",
+            flush=True,
+        )
+        if args.e2e_tokens and ("all" in args.e2e_configs or name in args.e2e_configs):
+            e2e_config = E2EConfig(
+                tokens=max(args.e2e_tokens), lr=args.e2e_lr, window=args.e2e_window, batch_size=args.e2e_batch
+            )
+            curve = _Curve(heldout, e2e_config, args.e2e_tokens)
+            with _exact_matmuls(args.tf32):
+                e2e = recover_e2e_(
+                    work, parent, tokenizer, "wiki", e2e_config, callback=curve, progress=False
+                )
+            row["e2e"] = {
+                "heldout": curve.points[-1]["heldout"],
+                "curve": curve.points,
+                "seconds": e2e["seconds"] - curve.scoring,
+                "steps": e2e["steps"],
+                "tokens": e2e["steps"] * e2e["tokens_per_step"],
+                "lr": args.e2e_lr,
+                "tf32": args.tf32,
+                "losses": e2e["losses"],
+            }
+            print(f"  + e2e {row['e2e']['seconds']:.0f} s training", flush=True)
+        rows.append(row)
+        del work
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        results = {"machine": machine, "settings": settings, "rows": rows}
+        write_results(
+            args.out, results, _table(args, machine, rows)
+        )  # after every row: a cut-off run keeps them
+    print(_table(args, machine, rows))
     if args.merge_into:
-        import json
+        _merge(args.merge_into, [results])
 
-        from brickwork.benchmarks.quality import merge_recovery, write
 
-        quality = json.loads((args.merge_into / "results.json").read_text())
-        write(merge_recovery(quality, results), args.merge_into)
+def _merge(directory: Path, recoveries: list[dict]) -> None:
+    from brickwork.benchmarks.quality import merge_recovery, write
+
+    quality = json.loads((directory / "results.json").read_text())
+    write(merge_recovery(quality, *recoveries), directory)
 
 
 if __name__ == "__main__":

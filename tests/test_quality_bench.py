@@ -149,16 +149,27 @@ def test_recovered_rows_merge_into_the_table_and_plot(tmp_path):
                 "active_fraction": 0.3,
                 "before": heldout(3.0),
                 "local": {"heldout": heldout(2.0), "seconds": 5.0},
-                "e2e": {"heldout": heldout(1.5), "seconds": 50.0},
+                "e2e": {"heldout": heldout(1.5), "seconds": 50.0, "tokens": 2**20},
             }
         ],
     }
     merged = merge_recovery(results, recovery)
     names = [r["name"] for r in merged["rows"]]
-    assert names[-2:] == ["a + local recovery", "a + local + e2e recovery"]
+    assert names[-2:] == ["a + local recovery", "a + local + e2e 1M recovery"]
     assert (
         merge_recovery(merged, recovery)["rows"] == merged["rows"]
     )  # merging again replaces, not duplicates
     out = write(merged, tmp_path / "q")
     table = (out / "results.md").read_text()
-    assert "a + local + e2e recovery | 30.0% | x1.500" in table
+    assert "a + local + e2e 1M recovery | 30.0% | x1.500" in table
+    longer = dict(
+        recovery,
+        rows=[dict(recovery["rows"][0], e2e={"heldout": heldout(1.2), "seconds": 9.0, "tokens": 2**22})],
+    )
+    both = merge_recovery(results, recovery, longer)
+    assert [r["name"] for r in both["rows"]][-3:] == [
+        "a + local recovery",
+        "a + local + e2e 1M recovery",
+        "a + local + e2e 4M recovery",
+    ]  # one local row, one row per e2e budget
+    assert len(both["recovery_sources"]) == 2

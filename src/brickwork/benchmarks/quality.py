@@ -108,7 +108,9 @@ class HeldOut:
 
     @torch.no_grad()
     def _logprobs(self, model):
+        device = next(model.parameters()).device
         for batch in self.windows.split(4):
+            batch = batch.to(device)
             yield batch, torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
 
     def cache_dense(self, model) -> None:
@@ -359,6 +361,20 @@ def compare(results: dict) -> list[dict]:
     return out
 
 
+def _recovery_notes(results: dict) -> list[str]:
+    notes = []
+    for source in results.get("recovery_sources", []):
+        m, s = source["machine"], source["settings"]
+        notes += [
+            f"Recovered rows (bench/recovery.py): commit `{m.get('commit')}`, {m.get('date')}, "
+            f"{m.get('device') or m.get('cpu')}; local recovery on {s.get('local_tokens')} wiki tokens, e2e "
+            f"distillation up to {max(s.get('e2e_tokens') or [0])} wiki tokens (lr {s.get('e2e_lr')}); the same "
+            "held-out windows as the other rows.",
+            "",
+        ]
+    return notes
+
+
 def render_table(results: dict) -> str:
     settings, rows, m = results["settings"], results["rows"], results["machine"]
     corpora, tasks = list(settings["eval"]), list(settings["tasks"])
@@ -380,6 +396,7 @@ def render_table(results: dict) -> str:
             for t in tasks
         ),
         "",
+        *_recovery_notes(results),
         "Perplexity ratio to dense (KL nats/token, top-1 agreement); task accuracy; FFN weights read per token "
         "(router included).",
         "",
@@ -531,25 +548,45 @@ def _pareto(rows: list[dict], value, lower_better: bool) -> list[dict]:
     return front
 
 
-def merge_recovery(results: dict, recovery: dict) -> dict:
-    """``results`` with the rows of a recovery run (bench/recovery.py) added as kind ``recovered``: the same
-    configurations after local (and e2e) recovery, scored on the same held-out windows (no task accuracy)."""
+def _token_label(tokens: int) -> str:
+    return f"{tokens / 2**20:g}M" if tokens >= 2**20 else f"{tokens / 2**10:g}k"
+
+
+def merge_recovery(results: dict, *recoveries: dict) -> dict:
+    """``results`` with the rows of recovery runs (bench/recovery.py) added as kind ``recovered``: the same
+    configurations after local (and e2e) recovery, scored on the same held-out windows (no task accuracy).
+
+    A configuration's local row comes from the first run that has it; every run's e2e result is a row named
+    with its token budget. Merging again replaces earlier recovered rows."""
     merged = dict(results, rows=[r for r in results["rows"] if r["kind"] != "recovered"])
-    for row in recovery["rows"]:
-        stages = [("local", row["local"])] + ([("local + e2e", row["e2e"])] if "e2e" in row else [])
-        for stage, data in stages:
-            merged["rows"].append(
-                {
-                    "name": f"{row['name']} + {stage} recovery",
-                    "kind": "recovered",
-                    "config": dict(row["config"], recovery=stage),
-                    "active_fraction": row["active_fraction"],
-                    "heldout": data["heldout"],
-                    "tasks": {},
-                    "seconds": {"recover": data["seconds"]},
-                }
-            )
-    merged["recovery_source"] = {"machine": recovery["machine"], "settings": recovery["settings"]}
+    names = set()
+    for recovery in recoveries:
+        device = recovery["machine"].get("device") or recovery["machine"].get("cpu", "")
+        for row in recovery["rows"]:
+            stages = [("local", row["local"])]
+            if "e2e" in row:
+                stages.append((f"local + e2e {_token_label(row['e2e'].get('tokens', 0))}", row["e2e"]))
+            for stage, data in stages:
+                name = f"{row['name']} + {stage} recovery"
+                if name in names:
+                    continue
+                names.add(name)
+                merged["rows"].append(
+                    {
+                        "name": name,
+                        "kind": "recovered",
+                        "config": dict(
+                            row["config"], recovery=stage.split(" ")[0] if stage == "local" else "e2e"
+                        ),
+                        "active_fraction": row["active_fraction"],
+                        "heldout": data["heldout"],
+                        "tasks": {},
+                        "seconds": {"recover": data["seconds"]},
+                        "device": device,
+                    }
+                )
+    merged["recovery_sources"] = [{"machine": r["machine"], "settings": r["settings"]} for r in recoveries]
+    merged.pop("recovery_source", None)
     return merged
 
 

@@ -20,7 +20,7 @@ from brickwork.bricks.module import BrickFFN
 from brickwork.data.sources import describe_source
 from brickwork.errors import BrickworkError
 from brickwork.grouping import GROUPING_METHODS, GroupingInputs
-from brickwork.models.specs import FFN, _resolve, find_ffns
+from brickwork.models.specs import FFN, FFNWeights, _resolve, find_ffns
 from brickwork.profiling.profile import Profile, ProfileConfig, TokenSampler, profile
 from brickwork.routing import ROUTERS, RouterInputs
 
@@ -153,7 +153,11 @@ def carve_(
     build_router = ROUTERS[config.router].build
     bricks = []
     for ffn in tqdm(ffns, desc="carving", unit="layer", disable=not progress):
+        # Grouping and router fits run on the CPU whatever the model's device (the calibration statistics and
+        # samples live there too), so a carve does not depend on where the model sits; the brick moves back.
         weights = ffn.read()
+        device = weights.up.device
+        weights = FFNWeights(**{k: None if v is None else v.cpu() for k, v in vars(weights).items()})
         expert_size = ffn.d_ff // config.experts
         stats = prof.layers[ffn.index]
         coactivation = prof.coactivation(ffn.index)
@@ -183,9 +187,8 @@ def carve_(
             **config.router_options,
         )
         down_keep = None if config.down_fraction is None else max(1, round(config.down_fraction * ffn.d_ff))
-        bricks.append(
-            (ffn, BrickFFN.from_dense(weights, grouping, config.active, ffn.activation, router, down_keep))
-        )
+        brick = BrickFFN.from_dense(weights, grouping, config.active, ffn.activation, router, down_keep)
+        bricks.append((ffn, brick.to(device)))
     # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
     dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in find_ffns(model)}
     for ffn, brick in bricks:  # swap only once every layer is planned: a failure leaves the model untouched

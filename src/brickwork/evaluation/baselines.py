@@ -116,8 +116,9 @@ class NeuronSparsity:
                 raise BrickworkError(
                     f"'{calib}' gives no window of {window} tokens to calibrate thresholds on"
                 )
+            device = next(self.model.parameters()).device
             for batch in torch.stack(windows).split(4):
-                self.model(input_ids=batch)
+                self.model(input_ids=batch.to(device))
         finally:
             for handle in handles:
                 handle.remove()

@@ -89,6 +89,13 @@ def _dequantised_copy(model):
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
     fresh.load_state_dict(model.state_dict(), assign=True)
+    # non-persistent buffers (rotary inv_freq) are not in the state dict: take them from the loaded model,
+    # or some transformers versions leave them on the meta device
+    buffers = dict(model.named_buffers())
+    for name, buffer in list(fresh.named_buffers()):
+        if buffer.is_meta and name in buffers:
+            owner, _, leaf = name.rpartition(".")
+            fresh.get_submodule(owner).register_buffer(leaf, buffers[name].clone(), persistent=False)
     fresh.tie_weights()
     fresh.generation_config = model.generation_config
     return fresh.eval()

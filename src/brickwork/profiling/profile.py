@@ -204,12 +204,14 @@ def profile(
         ids = torch.stack(batch).to(device)
         base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
 
+    # statistics and samples live on the CPU whatever device the model runs on
     def on_hidden(layer: int, h: torch.Tensor) -> None:
+        h = h.cpu()
         stats[layer].update(h)
         if sampler is not None:
             sampler.add(sampler.hidden, layer, h)
 
-    on_input = None if sampler is None else (lambda layer, x: sampler.add(sampler.inputs, layer, x))
+    on_input = None if sampler is None else (lambda layer, x: sampler.add(sampler.inputs, layer, x.cpu()))
     with (
         torch.no_grad(),
         FFNCapture(ffns, on_hidden=on_hidden, on_input=on_input),

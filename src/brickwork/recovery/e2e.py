@@ -85,11 +85,14 @@ def recover_e2e_(
     stop_after: int | None = None,
     progress: bool = True,
     accelerator=None,
+    callback=None,
 ):
     """Train ``model``'s carved experts in place to match ``parent``; returns a report dict.
 
     ``stop_after`` ends the run after that many steps (to test resumption); ``resume`` continues from the
-    latest checkpoint in ``checkpoint_dir``.
+    latest checkpoint in ``checkpoint_dir``. ``callback(steps_done, model)``, if given, runs on every process
+    after each optimiser step with the unwrapped model in training mode (a benchmark scores it there, under
+    ``torch.no_grad()`` and ``model.eval()``, and sets ``model.train()`` again).
     """
     from accelerate import Accelerator
 
@@ -148,6 +151,8 @@ def recover_e2e_(
         losses.append(accelerator.gather(loss.detach()[None]).mean().item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
+        if callback is not None:
+            callback(done, accelerator.unwrap_model(model))
         if checkpoint_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             target = checkpoint_dir / f"step-{done:07d}"
             accelerator.save_state(str(target))

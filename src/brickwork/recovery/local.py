@@ -82,10 +82,11 @@ def _capture_inputs(model, brick: BrickFFN, windows: torch.Tensor) -> torch.Tens
         raise _Stop
 
     handle = brick.register_forward_pre_hook(hook)
+    device = next(model.parameters()).device
     try:
         for batch in windows.split(4):
             with contextlib.suppress(_Stop):
-                model(input_ids=batch)
+                model(input_ids=batch.to(device))
     finally:
         handle.remove()
     return torch.cat(seen)
@@ -154,7 +155,7 @@ def recover_local_(
     for index, brick in tqdm(sorted(bricks.items()), desc="recovering", unit="layer", disable=not progress):
         layer_started = time.perf_counter()
         x = _capture_inputs(model, brick, windows).float()
-        order = torch.randperm(x.shape[0], generator=generator)
+        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
         held = max(1, int(config.holdout * x.shape[0]))
         x_fit, x_held = x[order[held:]], x[order[:held]]
         with torch.no_grad():
