@@ -116,7 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
     parser.add_argument("--eval-tokens", type=int, default=1024)
-    parser.add_argument("--local-tokens", type=int, default=4096)
+    parser.add_argument("--local-tokens", type=int, default=LocalRecoveryConfig.tokens)
     parser.add_argument(
         "--e2e-tokens",
         type=int,

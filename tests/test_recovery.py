@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import brickwork as bw
+from brickwork.bricks.carve import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.recovery import LocalRecoveryConfig, recover_local_
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
-from conftest import carved_tiny, tiny
+from conftest import CAUSAL_TYPES, carved_tiny, tiny
 
 CONFIGS = {
     "experts+fitted": dict(experts=8, shared=1, active=2, router="fitted"),
@@ -106,7 +107,8 @@ import brickwork as bw
 from accelerate import PartialState
 from brickwork.models.tiny import build_tiny_tokenizer
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
-from conftest import carved_tiny, tiny
+from brickwork.bricks.carve import carved_layers
+from conftest import CAUSAL_TYPES, carved_tiny, tiny
 tok = build_tiny_tokenizer()
 parent = tiny().eval()
 model = tiny().eval()
@@ -134,3 +136,28 @@ def test_e2e_with_two_cpu_processes(tmp_path, text_file):
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0]["processes"] == ranks[1]["processes"] == 2
     assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_TYPES)
+def test_layer_stream_gives_the_ffn_inputs_the_model_computes(model_type, text_file, tokenizer):
+    from brickwork.data.sources import token_windows
+    from brickwork.models.specs import find_ffns
+    from brickwork.recovery.local import _LayerStream
+
+    model = carved_tiny(text_file, tokenizer, model_type, experts=8, shared=1, active=2, router="fitted")
+    windows = token_windows(tokenizer, str(text_file), 64, 64 * 6)
+    bricks = carved_layers(model)
+    seen = {i: [] for i in bricks}
+    handles = [
+        b.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].reshape(-1, a[0].shape[-1])))
+        for i, b in bricks.items()
+    ]
+    with torch.no_grad():
+        for batch in windows.split(4):
+            model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    stream = _LayerStream(model, [f.block for f in find_ffns(model)], windows)
+    for i in sorted(bricks):
+        torch.testing.assert_close(stream.capture(i, bricks[i]), torch.cat(seen[i]), atol=1e-5, rtol=1e-5)
+        stream.advance(i)

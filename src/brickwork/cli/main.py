@@ -165,7 +165,7 @@ def _cmd_recover(args: argparse.Namespace) -> None:
 
     model, tokenizer = bw.load_model(args.model)
     if args.mode == "local":
-        config = LocalRecoveryConfig(tokens=args.tokens or 8192)
+        config = LocalRecoveryConfig(tokens=args.tokens or LocalRecoveryConfig.tokens)
         report = recover_local_(model, tokenizer, args.calib, config, progress=not args.quiet)
         errors = [(layer.error_before, layer.error_after) for layer in report.layers]
         summary = {
@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a carved model directory")
     p.add_argument("--mode", choices=("local", "e2e"), default="local")
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
-    p.add_argument("--tokens", type=int, help="calibration tokens (local default 8192; e2e budget 32768)")
+    p.add_argument("--tokens", type=int, help="calibration tokens (local default 16384; e2e budget 32768)")
     p.add_argument("--parent", help="e2e: the dense parent (default: the base model recorded when carving)")
     p.add_argument("--lr", type=float, default=5e-5, help="e2e learning rate (default 5e-5)")
     p.add_argument("--checkpoint-dir", type=Path, help="e2e: where to save accelerate checkpoints")

@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
+from brickwork.models.specs import find_ffns
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LocalRecoveryConfig:
-    tokens: int = 8192  # calibration tokens whose FFN inputs each layer is fitted on
+    tokens: int = 16384  # calibration tokens whose FFN inputs each layer is fitted on
     window: int = 512
     ridge: float = 1e-2  # lambda, relative to the mean diagonal of H^T H
     refit_router: bool = True
@@ -72,24 +73,89 @@ class _Stop(Exception):
     pass
 
 
-@torch.no_grad()
-def _capture_inputs(model, brick: BrickFFN, windows: torch.Tensor) -> torch.Tensor:
-    """The FFN inputs of ``brick`` on ``windows``, stopping each forward once they are seen."""
-    seen: list[torch.Tensor] = []
+class _LayerStream:
+    """The calibration windows' hidden states entering one decoder block after another.
 
-    def hook(module, args):
-        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
-        raise _Stop
+    One forward pass records each block's call on every batch (the hidden states entering the first block,
+    and every block's other arguments: attention masks, position embeddings); then :meth:`run` runs a single
+    block on stored states. Fitting layer ``i`` thus costs one block's work, not a forward pass through the
+    ``i`` blocks before it, and the states it sees come from the blocks before it as they are by then
+    (recovered), which is what the model itself would compute.
+    """
 
-    handle = brick.register_forward_pre_hook(hook)
-    device = next(model.parameters()).device
-    try:
-        for batch in windows.split(4):
-            with contextlib.suppress(_Stop):
-                model(input_ids=batch.to(device))
-    finally:
-        handle.remove()
-    return torch.cat(seen)
+    def __init__(self, model, blocks: list[torch.nn.Module], windows: torch.Tensor, batch: int = 4):
+        self.blocks = blocks
+        self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+        self.hidden: list[torch.Tensor] = []
+        device = next(model.parameters()).device
+
+        def record(i):
+            def hook(module, args, kwargs):
+                if i == 0:
+                    self.hidden.append(self._hidden(args, kwargs))
+                # keep the other arguments only: every block's hidden states would hold the whole stream
+                if args:
+                    self.calls[i].append(((None, *args[1:]), kwargs))
+                else:
+                    self.calls[i].append((args, dict(kwargs, hidden_states=None)))
+                if i == len(blocks) - 1:
+                    raise _Stop
+                return None
+
+            return hook
+
+        handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        try:
+            with torch.no_grad():
+                for ids in windows.split(batch):
+                    with contextlib.suppress(_Stop):
+                        model(input_ids=ids.to(device), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(len(c) != len(self.hidden) for c in self.calls):
+            raise BrickworkError("the decoder blocks were not each called once per batch")
+
+    @staticmethod
+    def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+        if args:
+            return args[0]
+        if "hidden_states" in kwargs:
+            return kwargs["hidden_states"]
+        raise BrickworkError("cannot find the hidden states among a decoder block's arguments")
+
+    @torch.no_grad()
+    def run(self, i: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        args, kwargs = self.calls[i][batch]
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs = dict(kwargs, hidden_states=hidden)
+        out = self.blocks[i](*args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def capture(self, i: int, brick: BrickFFN) -> torch.Tensor:
+        """The FFN inputs of ``brick`` (in block ``i``) on every batch, the rest of the block skipped."""
+        seen: list[torch.Tensor] = []
+
+        def hook(module, args):
+            seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+            raise _Stop
+
+        handle = brick.register_forward_pre_hook(hook)
+        try:
+            for b, hidden in enumerate(self.hidden):
+                with contextlib.suppress(_Stop):
+                    self.run(i, b, hidden)
+        finally:
+            handle.remove()
+        return torch.cat(seen)
+
+    def advance(self, i: int) -> None:
+        """Replace the stored states by block ``i``'s outputs (the inputs of block ``i + 1``)."""
+        self.hidden = [self.run(i, b, h) for b, h in enumerate(self.hidden)]
+        self.calls[i] = []  # block i's arguments are not needed again
 
 
 def _dense_output(weights, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,13 +181,15 @@ def _refit_layer(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor, h_dense: tor
         weight, bias = ridge_fit(x, mass, intercept=intercept)
         brick.router.weight.copy_(weight.to(brick.router.weight.dtype))
         brick.router.bias.copy_(bias.to(brick.router.bias.dtype))
-    h = brick.masked_hidden(x).double()
-    target = y.double() - (brick.down_bias.double() if brick.down_bias is not None else 0)
-    gram = h.t() @ h
+    h = brick.masked_hidden(x).float()
+    target = y.float() - (brick.down_bias.float() if brick.down_bias is not None else 0)
+    # The [F, F] and [F, D] products in fp32 (N x F x F is the cost; the relative rounding of the sums is
+    # ~1e-6, far below the ridge term), the solve in fp64.
+    gram = (h.t() @ h).double()
     lam = config.ridge * gram.diagonal().mean().clamp_min(1e-12)
     gram.diagonal().add_(lam)
     w0 = brick.down_t.double()
-    w = torch.linalg.solve(gram, h.t() @ target + lam * w0)
+    w = torch.linalg.solve(gram, (h.t() @ target).double() + lam * w0)
     brick.down_t.copy_(w.to(brick.down_t.dtype))
 
 
@@ -152,21 +220,31 @@ def recover_local_(
         )
     report = RecoveryReport(mode="local")
     generator = torch.Generator().manual_seed(0)
-    for index, brick in tqdm(sorted(bricks.items()), desc="recovering", unit="layer", disable=not progress):
-        layer_started = time.perf_counter()
-        x = _capture_inputs(model, brick, windows).float()
-        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
-        held = max(1, int(config.holdout * x.shape[0]))
-        x_fit, x_held = x[order[held:]], x[order[:held]]
-        with torch.no_grad():
-            y_fit, h_fit = _dense_output(dense[index], x_fit, brick.act)
-            y_held, _ = _dense_output(dense[index], x_held, brick.act)
-            if brick.down_bias is not None:
-                y_fit, y_held = y_fit + brick.down_bias, y_held + brick.down_bias
-            before = _relative_error(brick, x_held, y_held)
-            _refit_layer(brick, x_fit, y_fit, h_fit, config)
-            after = _relative_error(brick, x_held, y_held)
-        report.layers.append(LayerRecovery(index, before, after, time.perf_counter() - layer_started))
-        logger.info("layer %d: held-out relative error %.4f -> %.4f", index, before, after)
+    blocks = [ffn.block for ffn in find_ffns(model)]
+    stream = _LayerStream(model, blocks[: max(bricks) + 1], windows)
+    bar = tqdm(total=len(bricks), desc="recovering", unit="layer", disable=not progress)
+    for index in range(max(bricks) + 1):
+        brick = bricks.get(index)
+        if brick is not None:
+            layer_started = time.perf_counter()
+            x = stream.capture(index, brick).float()
+            order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+            held = max(1, int(config.holdout * x.shape[0]))
+            x_fit, x_held = x[order[held:]], x[order[:held]]
+            with torch.no_grad():
+                y_fit, h_fit = _dense_output(dense[index], x_fit, brick.act)
+                y_held, _ = _dense_output(dense[index], x_held, brick.act)
+                if brick.down_bias is not None:
+                    y_fit, y_held = y_fit + brick.down_bias, y_held + brick.down_bias
+                before = _relative_error(brick, x_held, y_held)
+                _refit_layer(brick, x_fit, y_fit, h_fit, config)
+                after = _relative_error(brick, x_held, y_held)
+            del x, x_fit, x_held, y_fit, h_fit, y_held
+            report.layers.append(LayerRecovery(index, before, after, time.perf_counter() - layer_started))
+            logger.info("layer %d: held-out relative error %.4f -> %.4f", index, before, after)
+            bar.update()
+        if index < max(bricks):
+            stream.advance(index)
+    bar.close()
     report.seconds = time.perf_counter() - started
     return report
