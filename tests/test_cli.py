@@ -108,3 +108,23 @@ def test_carve_with_router_options_then_export(tmp_path, tiny_dir, text_file, ca
     assert "KL(brickwork||exported)" in capsys.readouterr().out
     assert cli(f"carve {tiny_dir} --router-option oops --calib {text_file} --out {tmp_path / 'x'} -q") == 2
     assert "--router-option takes key=value" in capsys.readouterr().err
+
+
+def test_recover_command_local_and_e2e(tmp_path, tiny_dir, text_file):
+    carved = tmp_path / "carved"
+    common = f"--calib {text_file} --calib-tokens 512 -q"
+    assert (
+        cli(f"carve {tiny_dir} --experts 8 --shared 1 --active 2 --router fitted {common} --out {carved}")
+        == 0
+    )
+    local = tmp_path / "local"
+    assert cli(f"recover {carved} --calib {text_file} --tokens 512 --out {local} -q") == 0
+    summary = json.loads((local / "recovery.json").read_text())
+    assert summary["mode"] == "local"
+    assert all(layer["error_after"] < layer["error_before"] for layer in summary["layers"])
+    e2e = tmp_path / "e2e"
+    command = f"recover {local} --mode e2e --parent {tiny_dir} --calib {text_file} --tokens 256 --window 32"
+    assert cli(f"{command} --batch-size 2 --out {e2e} -q") == 0
+    assert json.loads((e2e / "recovery.json").read_text())["steps"] == 4
+    assert cli(f"{command} --device cuda --out {tmp_path / 'x'} -q") == 2
+    assert not (tmp_path / "x").exists()

@@ -57,7 +57,9 @@ def test_paths_are_chosen_by_token_count(text_file, tokenizer, monkeypatch):
     brick = next(iter(carved_layers(model).values()))
     used = []
     monkeypatch.setattr(
-        kernels, "token_forward", lambda b, x: used.append("token") or b.forward_reference(x[None])[0]
+        kernels,
+        "tokens_forward",
+        lambda b, x, p=None: used.extend(["token"] * len(x)) or b.forward_reference(x),
     )
     monkeypatch.setattr(
         kernels, "grouped_forward", lambda b, x: used.append("grouped") or b.forward_reference(x)
@@ -83,6 +85,10 @@ def test_packed_weights_follow_in_place_changes(text_file, tokenizer):
         before = brick(x)
         brick.down_t.mul_(2)
         assert torch.allclose(brick(x), 2 * before, atol=1e-6)
+        brick.down_t.data = brick.down_t.data / 4  # a new tensor, not an in-place change
+        assert torch.allclose(brick(x), before / 2, atol=1e-6)
+        brick.router.weight.mul_(-1)  # routing changes: other experts
+        assert torch.allclose(brick(x), brick.forward_reference(x), atol=1e-5)
 
 
 def test_greedy_generation_is_the_same_on_fast_and_reference_paths(text_file, tokenizer, monkeypatch):

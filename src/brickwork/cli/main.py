@@ -163,7 +163,12 @@ def _cmd_recover(args: argparse.Namespace) -> None:
     import brickwork as bw
     from brickwork.recovery import LocalRecoveryConfig, recover_local_
 
-    model, tokenizer = bw.load_model(args.model)
+    if args.mode == "e2e" and args.device != "cpu":
+        raise BrickworkError(
+            "--device is for local recovery; e2e runs where accelerate puts it (a GPU when there is one, "
+            "ACCELERATE_USE_CPU=true for the CPU)"
+        )
+    model, tokenizer = bw.load_model(args.model, device=args.device)
     if args.mode == "local":
         config = LocalRecoveryConfig(tokens=args.tokens or LocalRecoveryConfig.tokens)
         report = recover_local_(model, tokenizer, args.calib, config, progress=not args.quiet)
@@ -187,7 +192,13 @@ def _cmd_recover(args: argparse.Namespace) -> None:
             args.parent or json.loads((Path(args.model) / "brickwork.json").read_text())["base_model"]
         )
         parent = bw.load_model(parent_name)[0]
-        config = E2EConfig(tokens=args.tokens or 32768, lr=args.lr, checkpoint_every=args.checkpoint_every)
+        config = E2EConfig(
+            tokens=args.tokens or E2EConfig.tokens,
+            lr=args.lr,
+            window=args.window,
+            batch_size=args.batch_size,
+            checkpoint_every=args.checkpoint_every,
+        )
         summary = recover_e2e_(
             model,
             parent,
@@ -466,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, help="calibration tokens (local default 16384; e2e budget 32768)")
     p.add_argument("--parent", help="e2e: the dense parent (default: the base model recorded when carving)")
     p.add_argument("--lr", type=float, default=5e-5, help="e2e learning rate (default 5e-5)")
+    p.add_argument("--window", type=int, default=256, help="e2e: tokens per training sequence (default 256)")
+    p.add_argument("--batch-size", type=int, default=4, help="e2e: sequences per optimiser step (default 4)")
+    p.add_argument("--device", default="cpu", help="local: where to refit (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--checkpoint-dir", type=Path, help="e2e: where to save accelerate checkpoints")
     p.add_argument("--checkpoint-every", type=int, default=0, help="e2e: steps between checkpoints")
     p.add_argument("--resume", action="store_true", help="e2e: continue from the latest checkpoint")

@@ -88,6 +88,68 @@ def packed(brick) -> Packed:
     return cached
 
 
+class Plan:
+    """What one brick's per-token calls need, looked up once: per call, only a cheap staleness check.
+
+    Decode runs the per-token kernel once per layer and token, so the Python around it (module attribute
+    look-ups, re-checking the brick, packing look-up, tensor wrapping) costs as much as the kernel unless it is
+    precomputed. The plan keeps the Parameter objects themselves and compares their storage pointer and
+    version counter on every call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the
+    brick's stock routing makes it stale and it is rebuilt.
+    """
+
+    def __init__(self, brick):
+        self.tensors = [brick.gate, brick.up, brick.down_t, *brick.router.parameters()]
+        self.tensors = [t for t in self.tensors if t is not None]
+        self.key = self._key()
+        self.stock_routing = brick.stock_routing
+        self.supported = supports_fast_path(brick)
+        self.kernel, self.args = None, ()
+        if not self.supported:
+            return
+        from brickwork.kernels import cpu
+
+        p = packed(brick)
+        s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
+        computed = s + brick.active * size
+        keep = computed if brick.down_keep is None else min(brick.down_keep, computed)
+        if e == 0 or brick.active == e:
+            self.kernel, self.args = cpu._experts_token, (p.rows, np.arange(e, dtype=np.int64), s, size, keep)
+        elif p.router_w is not None:
+            self.kernel = cpu.linear_router_token
+            self.args = (p.router_w, p.router_b, brick.active, p.rows, s, size, keep)
+        elif p.gate_t is not None:
+            input_keep = max(1, math.ceil(brick.router.input_fraction * brick.d_model))
+            self.kernel = cpu.partial_router_token
+            self.args = (input_keep, p.gate_t, p.up_t, brick.active, p.rows, s, size, keep)
+
+    def _key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in self.tensors)
+
+    def current(self, brick) -> bool:
+        return brick.stock_routing is self.stock_routing and self._key() == self.key
+
+
+def plan(brick) -> Plan:
+    cached = brick.__dict__.get("_plan")
+    if cached is None or not cached.current(brick):
+        cached = Plan(brick)
+        brick.__dict__["_plan"] = cached
+    return cached
+
+
+def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor:
+    """Tokens ``x [T, D]`` one at a time through the fused per-token kernel (:func:`token_forward`)."""
+    p = p or plan(brick)
+    if p.kernel is None:  # a router scored in torch: the general per-token path
+        return torch.stack([token_forward(brick, x[t]) for t in range(x.shape[0])])
+    xn = np.ascontiguousarray(x.detach().numpy())
+    out = np.empty(xn.shape, dtype=np.float32)
+    for t in range(xn.shape[0]):
+        p.kernel(xn[t], *p.args, out[t])
+    return torch.from_numpy(out)
+
+
 def token_forward(brick, x: torch.Tensor) -> torch.Tensor:
     """One token ``x [D]`` through ``brick`` with the fused CPU kernel; returns ``y [D]``.
 
@@ -148,12 +210,12 @@ def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
     """``brick``'s output for ``x [T, D]`` on the fastest measured path, or None for the reference path."""
     if torch.is_grad_enabled() and (x.requires_grad or brick.up.requires_grad):
         return None  # training: the reference path is the differentiable one
-    if not supports_fast_path(brick):
+    p = plan(brick)
+    if not p.supported:
         return None
     tokens = x.shape[0]
     if tokens <= SWITCH_POINTS["token_max"]:
-        with torch.no_grad():
-            return torch.stack([token_forward(brick, x[t]) for t in range(tokens)])
+        return tokens_forward(brick, x, p)  # numpy in, numpy out: no autograd graph whatever the grad mode
     if tokens >= SWITCH_POINTS["grouped_min"] and brick.down_keep is None and brick.expert_size > 1:
         with torch.no_grad():
             return grouped_forward(brick, x)

@@ -73,9 +73,59 @@ if HAVE_NUMBA:
                 c += 1
         return out
 
+    # Neurons are split into this many fixed slices, each summing its down rows into its own accumulator (the
+    # slices are summed in order at the end): whole contiguous rows are streamed, and the result does not
+    # depend on the number of threads.
+    SLICES = 8
+
+    @njit(cache=True, parallel=True, fastmath=True)
+    def _fused_rows(x, rows, neurons, out):
+        """out = sum over ``neurons`` of silu(gate . x) * (up . x) * down: each neuron's packed (gate, up, down)
+        block read once, in one pass."""
+        m = neurons.shape[0]
+        d = x.shape[0]
+        acc = np.zeros((SLICES, d), dtype=np.float32)
+        per = (m + SLICES - 1) // SLICES
+        for c in prange(SLICES):
+            for i in range(c * per, min(m, (c + 1) * per)):
+                n = neurons[i]
+                g = np.float32(0.0)
+                u = np.float32(0.0)
+                for j in range(d):
+                    g += rows[n, 0, j] * x[j]
+                    u += rows[n, 1, j] * x[j]
+                h = np.float32(_silu(g) * u)
+                for j in range(d):
+                    acc[c, j] += h * rows[n, 2, j]
+        for j in range(d):
+            total = np.float32(0.0)
+            for c in range(SLICES):
+                total += acc[c, j]
+            out[j] = total
+
+    @njit(cache=True, parallel=True, fastmath=True)
+    def _down_rows(rows, neurons, weights, out):
+        """out = sum of weights[i] * down row of neurons[i], in the fixed slices of :func:`_fused_rows`."""
+        m = neurons.shape[0]
+        d = out.shape[0]
+        acc = np.zeros((SLICES, d), dtype=np.float32)
+        per = (m + SLICES - 1) // SLICES
+        for c in prange(SLICES):
+            for i in range(c * per, min(m, (c + 1) * per)):
+                w = weights[i]
+                n = neurons[i]
+                for j in range(d):
+                    acc[c, j] += w * rows[n, 2, j]
+        for j in range(d):
+            total = np.float32(0.0)
+            for c in range(SLICES):
+                total += acc[c, j]
+            out[j] = total
+
     @njit(cache=True, parallel=True, fastmath=True)
     def _experts_token(x, rows, chosen, shared, size, keep, out):
-        """h of the shared neurons and the chosen experts' neurons, then the down sum over the ``keep`` largest."""
+        """The shared neurons and the chosen experts' neurons; with down-row sparsity (``keep`` < their number)
+        h of all of them first, then the down sum over the ``keep`` largest |h|."""
         d = x.shape[0]
         m = shared + chosen.shape[0] * size
         neurons = np.empty(m, dtype=np.int64)
@@ -84,6 +134,9 @@ if HAVE_NUMBA:
         for c in range(chosen.shape[0]):
             for i in range(size):
                 neurons[shared + c * size + i] = shared + chosen[c] * size + i
+        if keep >= m:
+            _fused_rows(x, rows, neurons, out)
+            return
         h = np.empty(m, dtype=np.float32)
         for i in prange(m):
             n = neurons[i]
@@ -93,23 +146,8 @@ if HAVE_NUMBA:
                 g += rows[n, 0, j] * x[j]
                 u += rows[n, 1, j] * x[j]
             h[i] = _silu(g) * u
-        use = neurons
-        weights = h
-        if keep < m:
-            top = _topk_indices(np.abs(h), keep)
-            use = neurons[top]
-            weights = h[top]
-        chunk = 64
-        for c in prange((d + chunk - 1) // chunk):
-            lo = c * chunk
-            hi = min(d, lo + chunk)
-            acc = np.zeros(hi - lo, dtype=np.float32)
-            for i in range(use.shape[0]):
-                w = weights[i]
-                n = use[i]
-                for j in range(lo, hi):
-                    acc[j - lo] += w * rows[n, 2, j]
-            out[lo:hi] = acc
+        top = _topk_indices(np.abs(h), keep)
+        _down_rows(rows, neurons[top], h[top], out)
 
     @njit(cache=True, fastmath=True)
     def linear_router_token(x, router_w, router_b, active, rows, shared, size, keep, out):
