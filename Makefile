@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-export bench-recovery
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-export bench-recovery bench-recovery-gpu
 
 setup:
 	bash scripts/setup.sh
@@ -45,4 +45,12 @@ bench-export: setup
 	$(BIN)/python bench/export_validation.py --out bench/results/export-validation
 
 bench-recovery: setup
-	$(BIN)/python bench/recovery.py --e2e-tokens 8192 --merge-into bench/results/quality-smollm2
+	$(BIN)/python bench/recovery.py --out bench/results/recovery
+
+# on a CUDA machine (bench/results/recovery-gpu/README.md): local on 65536 tokens, e2e curves, merged into quality
+GPU_RECOVERY = $(BIN)/python bench/recovery.py --device cuda --local-tokens 65536 --e2e-window 512 --e2e-batch 16 --tf32 --e2e-configs all
+bench-recovery-gpu: setup
+	$(GPU_RECOVERY) --e2e-tokens 131072 262144 524288 1048576 --e2e-lr 1e-4 --out bench/results/recovery-gpu/1m
+	$(GPU_RECOVERY) --e2e-tokens 524288 1048576 2097152 4194304 --e2e-lr 3e-5 --configs "neuron-level default 25%" "neuron-level default 50%" --out bench/results/recovery-gpu/4m
+	$(GPU_RECOVERY) --e2e-tokens 1048576 2097152 4194304 8388608 --e2e-lr 3e-5 --configs "neuron-level default 50%" --out bench/results/recovery-gpu/8m
+	$(BIN)/python bench/recovery.py --merge-only bench/results/recovery-gpu/1m/results.json bench/results/recovery-gpu/4m/results.json bench/results/recovery-gpu/8m/results.json --merge-into bench/results/quality-smollm2

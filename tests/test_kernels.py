@@ -104,3 +104,13 @@ def test_greedy_generation_is_the_same_on_fast_and_reference_paths(text_file, to
     monkeypatch.setattr(BrickFFN, "use_kernels", False)
     reference = generate()
     assert torch.equal(fast, reference)
+
+
+def test_token_path_limit_depends_on_router_family_and_reads(monkeypatch):
+    table = {"linear": ((0.3, 16), (1.0, 8)), "partial": ((0.3, 4), (1.0, 1))}
+    monkeypatch.setitem(kernels.SWITCH_POINTS, "token_max", table)
+    assert kernels.token_max("linear", 0.25) == 16 and kernels.token_max("linear", 0.5) == 8
+    assert kernels.token_max("partial", 0.25) == 4 and kernels.token_max("partial", 0.5) == 1
+    assert kernels.token_max("other", 0.25) == 16  # unknown families use the linear table
+    kernels.set_switch_points(token_max=3)
+    assert kernels.token_max("partial", 0.9) == 3

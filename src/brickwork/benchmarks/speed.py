@@ -33,7 +33,7 @@ class SpeedBenchConfig:
     decode_steps: int = 16
     prefill: tuple[int, ...] = (128, 512)
     batches: tuple[int, ...] = (4, 16)
-    switch_tokens: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 16, 32)
+    switch_tokens: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 16, 32, 64)
     calib: str = "wiki"
     calib_tokens: int = 8192
     seed: int = 0

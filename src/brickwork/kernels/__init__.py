@@ -21,17 +21,34 @@ from torch import nn
 
 from brickwork.kernels.cpu import HAVE_NUMBA
 
-# tokens <= token_max: per-token kernel; tokens >= grouped_min (expert-level carves only): grouped matmuls;
-# otherwise the reference path. bench/results/speed-smollm2 (its per-token-count table) has the per-token path
-# fastest up to 3 tokens for 3 of the 4 SmolLM2 carves and grouped matmuls ahead for long prefills.
-SWITCH_POINTS = {"token_max": 4, "grouped_min": 8}
+# Per-token kernel for up to token_max tokens, by router family (``linear``: fitted/centroid and routers scored
+# in torch; ``partial``: the neuron-level estimate) and FFN read fraction: the first (fraction, tokens) pair
+# whose fraction is at least the brick's. Grouped matmuls from grouped_min tokens (expert-level carves only);
+# the reference path between. From the per-token-count table of bench/results/speed-smollm2 (commit 59d4aad):
+# the per-token path is fastest up to 32 tokens for the 25% expert carve, 8 for the 50% one, 6 and 1 for the
+# neuron-level carves at 25% and 50%; grouped matmuls overtake the reference beyond 32 tokens.
+SWITCH_POINTS = {
+    "token_max": {"linear": ((0.3, 16), (1.0, 8)), "partial": ((0.3, 4), (1.0, 1))},
+    "grouped_min": 32,
+}
 
 
-def set_switch_points(token_max: int | None = None, grouped_min: int | None = None) -> None:
+def set_switch_points(token_max: int | dict | None = None, grouped_min: int | None = None) -> None:
+    """Override the switch points: ``token_max`` an int for every brick, or a table like the default's."""
     if token_max is not None:
         SWITCH_POINTS["token_max"] = token_max
     if grouped_min is not None:
         SWITCH_POINTS["grouped_min"] = grouped_min
+
+
+def token_max(family: str, fraction: float) -> int:
+    table = SWITCH_POINTS["token_max"]
+    if isinstance(table, int):
+        return table
+    for bound, tokens in table.get(family, table["linear"]):
+        if fraction <= bound:
+            return tokens
+    return 1
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -105,6 +122,8 @@ class Plan:
         self.stock_routing = brick.stock_routing
         self.supported = supports_fast_path(brick)
         self.kernel, self.args = None, ()
+        self.family = "partial" if brick.router.kind == "partial" else "linear"
+        self.fraction = brick.active_fraction()
         if not self.supported:
             return
         from brickwork.kernels import cpu
@@ -214,7 +233,7 @@ def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
     if not p.supported:
         return None
     tokens = x.shape[0]
-    if tokens <= SWITCH_POINTS["token_max"]:
+    if tokens <= token_max(p.family, p.fraction):
         return tokens_forward(brick, x, p)  # numpy in, numpy out: no autograd graph whatever the grad mode
     if tokens >= SWITCH_POINTS["grouped_min"] and brick.down_keep is None and brick.expert_size > 1:
         with torch.no_grad():
