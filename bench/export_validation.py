@@ -50,9 +50,19 @@ def main() -> None:
                 model, bw.CarveConfig(**base, **shape), calibration=calibration, progress=False
             )
             formats = ("mixtral",) if shape["shared"] == 0 else ("qwen2_moe", "gguf")
-            modes = ("temperature",) if shape["active"] == 1 else ("temperature", "stock routing")
-            for mode in modes:
-                for fmt in formats if mode == "temperature" else formats[:1]:
+            converted = False
+            for mode in ("temperature", "stock routing"):
+                for fmt in formats:
+                    if mode == "stock routing" and shape["active"] == 1 and fmt != "gguf":
+                        continue  # top-1 with renormalisation is already exact
+                    if (
+                        mode == "stock routing" and converted
+                    ):  # each format's stock routing from the plain carve
+                        bw.uncarve_(model)
+                        bw.carve_(
+                            model, bw.CarveConfig(**base, **shape), calibration=calibration, progress=False
+                        )
+                    converted = converted or mode == "stock routing"
                     if mode == "temperature" and shape["active"] == 1 and fmt != "gguf":
                         mode_name = "exact (top-1)"
                     else:
@@ -60,8 +70,8 @@ def main() -> None:
                     out = Path(tmp) / (f"{len(rows)}.gguf" if fmt == "gguf" else f"{len(rows)}")
                     started = time.perf_counter()
                     # 512 held-out tokens choose the router temperature (and the GGUF shared gate); validation
-                    # below is timed apart. Stock routing converts the carve in place, so it comes last
-                    # (for the primary format of the carve only).
+                    # below is timed apart. Stock routing converts the carve in place, so it comes last and
+                    # each format after the first starts from a fresh carve (the same, deterministically).
                     exported = export(
                         model,
                         out,

@@ -28,6 +28,10 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps an i
 HAVE_NUMBA = numba is not None
 
 if HAVE_NUMBA:
+    # Neurons are split into this many fixed slices (the units of parallel work): for the down sums each slice
+    # has its own accumulator and the slices are summed in order at the end, so whole contiguous rows are
+    # streamed and the result does not depend on the number of threads.
+    SLICES = 8
 
     @njit(cache=True, fastmath=False, inline="always")
     def _silu(v):
@@ -35,20 +39,36 @@ if HAVE_NUMBA:
 
     @njit(cache=True, parallel=True, fastmath=True)
     def partial_scores(xs, cols, gate_t, up_t, first, scores):
-        """scores[n - first] = |silu(g~) u~| with g~, u~ from input columns ``cols`` (values ``xs``) only."""
+        """scores[n - first] = |silu(g~) u~| with g~, u~ from input columns ``cols`` (values ``xs``) only.
+
+        The neurons are split into fixed slices (threads); each slice streams the rows of ``gate_t``/``up_t``
+        [D, F] of four columns at a time, so its partial sums are loaded and stored once per four columns."""
         f = gate_t.shape[1]
-        chunk = 64
-        for c in prange((f - first + chunk - 1) // chunk):
-            lo = first + c * chunk
-            hi = min(f, lo + chunk)
+        per = (f - first + SLICES - 1) // SLICES
+        kk = len(cols)
+        for c in prange(SLICES):
+            lo = first + c * per
+            hi = min(f, lo + per)
+            if lo >= hi:
+                continue
             g = np.zeros(hi - lo, dtype=np.float32)
             u = np.zeros(hi - lo, dtype=np.float32)
-            for k in range(len(cols)):
-                j = cols[k]
-                v = xs[k]
+            k = 0
+            while k + 4 <= kk:
+                j0, j1, j2, j3 = cols[k], cols[k + 1], cols[k + 2], cols[k + 3]
+                v0, v1, v2, v3 = xs[k], xs[k + 1], xs[k + 2], xs[k + 3]
+                for n in range(lo, hi):
+                    g[n - lo] += (
+                        gate_t[j0, n] * v0 + gate_t[j1, n] * v1 + gate_t[j2, n] * v2 + gate_t[j3, n] * v3
+                    )
+                    u[n - lo] += up_t[j0, n] * v0 + up_t[j1, n] * v1 + up_t[j2, n] * v2 + up_t[j3, n] * v3
+                k += 4
+            while k < kk:
+                j, v = cols[k], xs[k]
                 for n in range(lo, hi):
                     g[n - lo] += gate_t[j, n] * v
                     u[n - lo] += up_t[j, n] * v
+                k += 1
             for n in range(lo, hi):
                 scores[n - first] = abs(_silu(g[n - lo]) * u[n - lo])
 
@@ -72,11 +92,6 @@ if HAVE_NUMBA:
                 out[c] = i
                 c += 1
         return out
-
-    # Neurons are split into this many fixed slices, each summing its down rows into its own accumulator (the
-    # slices are summed in order at the end): whole contiguous rows are streamed, and the result does not
-    # depend on the number of threads.
-    SLICES = 8
 
     @njit(cache=True, parallel=True, fastmath=True)
     def _fused_rows(x, rows, neurons, out):
