@@ -106,11 +106,15 @@ def test_greedy_generation_is_the_same_on_fast_and_reference_paths(text_file, to
     assert torch.equal(fast, reference)
 
 
-def test_token_path_limit_depends_on_router_family_and_reads(monkeypatch):
+def test_switch_points_depend_on_router_family_and_reads(monkeypatch):
     table = {"linear": ((0.3, 16), (1.0, 8)), "partial": ((0.3, 4), (1.0, 1))}
     monkeypatch.setitem(kernels.SWITCH_POINTS, "token_max", table)
-    assert kernels.token_max("linear", 0.25) == 16 and kernels.token_max("linear", 0.5) == 8
-    assert kernels.token_max("partial", 0.25) == 4 and kernels.token_max("partial", 0.5) == 1
-    assert kernels.token_max("other", 0.25) == 16  # unknown families use the linear table
+    assert kernels.switch_point("token_max", "linear", 0.25) == 16
+    assert kernels.switch_point("token_max", "linear", 0.5) == 8
+    assert kernels.switch_point("token_max", "partial", 0.25) == 4
+    assert kernels.switch_point("token_max", "partial", 0.5) == 1
+    assert kernels.switch_point("token_max", "other", 0.25) == 16  # unknown families use the linear table
+    monkeypatch.setitem(kernels.SWITCH_POINTS, "grouped_min", 40)
     kernels.set_switch_points(token_max=3)
-    assert kernels.token_max("partial", 0.9) == 3
+    assert kernels.switch_point("token_max", "partial", 0.9) == 3
+    assert kernels.switch_point("grouped_min", "linear", 0.2) == 40

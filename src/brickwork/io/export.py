@@ -47,9 +47,10 @@ logger = logging.getLogger(__name__)
 ExportFormat = Literal["qwen2_moe", "mixtral", "gguf"]
 EXPORT_FORMATS: tuple[str, ...] = ("qwen2_moe", "mixtral", "gguf")
 _SOURCE_TYPES = ("llama", "mistral", "qwen2")
-_SHARED_GATE_LOGIT = (
-    1e-4  # GGUF only: typical |w . x| of the shared expert's gate (see _shared_gate_directions)
-)
+# GGUF only: typical |w . x| of the shared expert's gate (see _shared_gate_directions). At 1e-7, sigmoid(w . x)
+# rounds to 1/2 in fp32 for most tokens (the spacing of fp32 near 1/2 is 6e-8), yet w . x stays far from zero
+# and from fp32's smallest normal numbers (the gate is stored f32 even in f16 files).
+_SHARED_GATE_LOGIT = 1e-7
 
 
 @dataclass
@@ -215,7 +216,7 @@ def _choose_temperature(brick: BrickFFN, x: torch.Tensor, renormalise: bool) -> 
 
 @torch.no_grad()
 def _shared_gate_directions(inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Per carved layer, a gate vector w with |w . x| about 1e-4 on its captured FFN inputs x (along their mean).
+    """Per carved layer, a gate vector w with |w . x| about 1e-7 on its captured FFN inputs x (along their mean).
 
     llama.cpp computes the shared expert's sigmoid gate as silu(z) / z, which is NaN at z = 0, so the GGUF
     export cannot zero the gate as the safetensors formats do: sigmoid(w . x) = 1/2 + w . x / 4 instead, a

@@ -23,32 +23,32 @@ from brickwork.kernels.cpu import HAVE_NUMBA
 
 # Per-token kernel for up to token_max tokens, by router family (``linear``: fitted/centroid and routers scored
 # in torch; ``partial``: the neuron-level estimate) and FFN read fraction: the first (fraction, tokens) pair
-# whose fraction is at least the brick's. Grouped matmuls from grouped_min tokens (expert-level carves only);
-# the reference path between. From the per-token-count table of bench/results/speed-smollm2 (commit 59d4aad):
-# the per-token path is fastest up to 32 tokens for the 25% expert carve, 8 for the 50% one, 6 and 1 for the
-# neuron-level carves at 25% and 50%; grouped matmuls overtake the reference beyond 32 tokens.
+# whose fraction is at least the brick's. Grouped matmuls from grouped_min tokens (same lookup; expert-level
+# carves only); the reference path between. From the per-token-count table of bench/results/speed-smollm2
+# (commit aeca65e): the per-token path is fastest up to 32 tokens for the 25% expert carve, 8 for the 50% one,
+# 8 and 3 for the neuron-level carves at 25% and 50%; grouped matmuls lead from 64 tokens at 25%, and at 50%
+# only at 512 (prefill; 64 was the largest count measured between).
 SWITCH_POINTS = {
-    "token_max": {"linear": ((0.3, 16), (1.0, 8)), "partial": ((0.3, 4), (1.0, 1))},
-    "grouped_min": 32,
+    "token_max": {"linear": ((0.3, 32), (1.0, 8)), "partial": ((0.3, 8), (1.0, 3))},
+    "grouped_min": {"linear": ((0.3, 64), (1.0, 512)), "partial": ((1.0, 512),)},
 }
 
 
-def set_switch_points(token_max: int | dict | None = None, grouped_min: int | None = None) -> None:
-    """Override the switch points: ``token_max`` an int for every brick, or a table like the default's."""
+def set_switch_points(token_max: int | dict | None = None, grouped_min: int | dict | None = None) -> None:
+    """Override the switch points: each an int for every brick, or a table like the default's."""
     if token_max is not None:
         SWITCH_POINTS["token_max"] = token_max
     if grouped_min is not None:
         SWITCH_POINTS["grouped_min"] = grouped_min
 
 
-def token_max(family: str, fraction: float) -> int:
-    table = SWITCH_POINTS["token_max"]
+def switch_point(name: str, family: str, fraction: float) -> int:
+    """``SWITCH_POINTS[name]`` (``token_max`` or ``grouped_min``) for a brick of this router family and reads."""
+    table = SWITCH_POINTS[name]
     if isinstance(table, int):
         return table
-    for bound, tokens in table.get(family, table["linear"]):
-        if fraction <= bound:
-            return tokens
-    return 1
+    pairs = table.get(family, table["linear"])
+    return next((tokens for bound, tokens in pairs if fraction <= bound), pairs[-1][1])
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -233,9 +233,10 @@ def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
     if not p.supported:
         return None
     tokens = x.shape[0]
-    if tokens <= token_max(p.family, p.fraction):
+    if tokens <= switch_point("token_max", p.family, p.fraction):
         return tokens_forward(brick, x, p)  # numpy in, numpy out: no autograd graph whatever the grad mode
-    if tokens >= SWITCH_POINTS["grouped_min"] and brick.down_keep is None and brick.expert_size > 1:
+    grouped = brick.down_keep is None and brick.expert_size > 1
+    if grouped and tokens >= switch_point("grouped_min", p.family, p.fraction):
         with torch.no_grad():
             return grouped_forward(brick, x)
     return None
