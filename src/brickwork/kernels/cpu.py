@@ -93,6 +93,25 @@ if HAVE_NUMBA:
                 c += 1
         return out
 
+    @njit(cache=True, fastmath=True, inline="always")
+    def _neuron_h(rows, n, x):
+        """h of packed neuron ``n``: silu(gate . x) * (up . x)."""
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for j in range(x.shape[0]):
+            g += rows[n, 0, j] * x[j]
+            u += rows[n, 1, j] * x[j]
+        return np.float32(_silu(g) * u)
+
+    @njit(cache=True, inline="always")
+    def _sum_slices(acc, out):
+        """out[j] = the slices' accumulators summed in slice order."""
+        for j in range(out.shape[0]):
+            total = np.float32(0.0)
+            for c in range(acc.shape[0]):
+                total += acc[c, j]
+            out[j] = total
+
     @njit(cache=True, parallel=True, fastmath=True)
     def _fused_rows(x, rows, neurons, out):
         """out = sum over ``neurons`` of silu(gate . x) * (up . x) * down: each neuron's packed (gate, up, down)
@@ -104,19 +123,10 @@ if HAVE_NUMBA:
         for c in prange(SLICES):
             for i in range(c * per, min(m, (c + 1) * per)):
                 n = neurons[i]
-                g = np.float32(0.0)
-                u = np.float32(0.0)
-                for j in range(d):
-                    g += rows[n, 0, j] * x[j]
-                    u += rows[n, 1, j] * x[j]
-                h = np.float32(_silu(g) * u)
+                h = _neuron_h(rows, n, x)
                 for j in range(d):
                     acc[c, j] += h * rows[n, 2, j]
-        for j in range(d):
-            total = np.float32(0.0)
-            for c in range(SLICES):
-                total += acc[c, j]
-            out[j] = total
+        _sum_slices(acc, out)
 
     @njit(cache=True, parallel=True, fastmath=True)
     def _down_rows(rows, neurons, weights, out):
@@ -131,17 +141,12 @@ if HAVE_NUMBA:
                 n = neurons[i]
                 for j in range(d):
                     acc[c, j] += w * rows[n, 2, j]
-        for j in range(d):
-            total = np.float32(0.0)
-            for c in range(SLICES):
-                total += acc[c, j]
-            out[j] = total
+        _sum_slices(acc, out)
 
     @njit(cache=True, parallel=True, fastmath=True)
     def _experts_token(x, rows, chosen, shared, size, keep, out):
         """The shared neurons and the chosen experts' neurons; with down-row sparsity (``keep`` < their number)
         h of all of them first, then the down sum over the ``keep`` largest |h|."""
-        d = x.shape[0]
         m = shared + chosen.shape[0] * size
         neurons = np.empty(m, dtype=np.int64)
         for i in range(shared):
@@ -154,13 +159,7 @@ if HAVE_NUMBA:
             return
         h = np.empty(m, dtype=np.float32)
         for i in prange(m):
-            n = neurons[i]
-            g = np.float32(0.0)
-            u = np.float32(0.0)
-            for j in range(d):
-                g += rows[n, 0, j] * x[j]
-                u += rows[n, 1, j] * x[j]
-            h[i] = _silu(g) * u
+            h[i] = _neuron_h(rows, neurons[i], x)
         top = _topk_indices(np.abs(h), keep)
         _down_rows(rows, neurons[top], h[top], out)
 
