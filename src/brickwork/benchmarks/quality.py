@@ -575,9 +575,7 @@ def merge_recovery(results: dict, *recoveries: dict) -> dict:
                     {
                         "name": name,
                         "kind": "recovered",
-                        "config": dict(
-                            row["config"], recovery=stage.split(" ")[0] if stage == "local" else "e2e"
-                        ),
+                        "config": dict(row["config"], recovery="local" if stage == "local" else "e2e"),
                         "active_fraction": row["active_fraction"],
                         "heldout": data["heldout"],
                         "tasks": {},

@@ -50,15 +50,16 @@ class SpeedBenchConfig:
 
 
 def _interleaved(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turn ``repeats`` times (after one warm-up each)."""
+    """Median seconds of each callable, run in turn ``repeats`` times (after one warm-up each). A callable that
+    returns a number times itself (the part of its work that counts); otherwise its whole call is timed."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
             started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
+            own = fn()
+            times[name].append(time.perf_counter() - started if own is None else own)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -97,9 +98,10 @@ def _carved_pairs(dense, carved, dense_pairs):
 
 
 def _decode_steps(model, prompt: torch.Tensor, steps: int):
-    """A callable timing ``steps`` single-token forwards with a KV cache (the prompt's prefill is untimed)."""
+    """A callable returning the seconds per step of ``steps`` single-token forwards with a KV cache (the
+    prompt's prefill is untimed)."""
 
-    def run():
+    def run() -> float:
         with torch.no_grad():
             out = model(input_ids=prompt, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -107,30 +109,18 @@ def _decode_steps(model, prompt: torch.Tensor, steps: int):
             for _ in range(steps):
                 out = model(input_ids=token, past_key_values=cache, use_cache=True)
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            run.seconds = time.perf_counter() - started
+            return (time.perf_counter() - started) / steps
 
     return run
 
 
-def _timed_decode(models: dict, prompt: torch.Tensor, steps: int, repeats: int) -> dict[str, float]:
-    runs = {name: _decode_steps(m, prompt, steps) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run()
-    for _ in range(repeats):
-        for name, run in runs.items():
-            run()
-            times[name].append(run.seconds / steps)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
-def _switch_points(brick_pairs, tokens_list, repeats) -> dict:
+def _switch_points(bricks, tokens_list, repeats) -> dict:
     """FFN-only time of each kernel path per token count; the fastest path per count."""
     from brickwork import kernels
 
     table = {}
     for tokens in tokens_list:
-        inputs = [(b, torch.randn(tokens, b.d_model)) for b, _ in brick_pairs]
+        inputs = [(b, torch.randn(tokens, b.d_model)) for b in bricks]
 
         def token_path(inputs=inputs):
             with torch.no_grad():
@@ -148,7 +138,7 @@ def _switch_points(brick_pairs, tokens_list, repeats) -> dict:
                     b.forward_reference(x)
 
         paths = {"token": token_path, "reference": reference_path}
-        first = brick_pairs[0][0]
+        first = bricks[0]
         if first.down_keep is None and first.expert_size > 1:
             paths["grouped"] = grouped_path
         times = _interleaved(paths, repeats)
@@ -226,10 +216,12 @@ def run_speed_bench(config: SpeedBenchConfig, progress: bool = True) -> dict:
                 "speedup": t["dense"] / t["carved"],
             }
         for batch in (1, *config.batches):
-            t = _timed_decode(
-                {"dense": dense, "carved": carved},
-                prompt.expand(batch, -1).contiguous(),
-                config.decode_steps,
+            batch_prompt = prompt.expand(batch, -1).contiguous()
+            t = _interleaved(
+                {
+                    name: _decode_steps(m, batch_prompt, config.decode_steps)
+                    for name, m in (("dense", dense), ("carved", carved))
+                },
                 config.repeats,
             )
             row["e2e"][f"decode b{batch}"] = {
@@ -254,7 +246,7 @@ def run_speed_bench(config: SpeedBenchConfig, progress: bool = True) -> dict:
                 "carved_s": t["carved"],
                 "speedup": t["dense"] / t["carved"],
             }
-        bricks = [(b, None) for b in carved_layers(carved).values()]
+        bricks = list(carved_layers(carved).values())
         row["switch"] = _switch_points(bricks, config.switch_tokens, max(3, config.repeats // 2))
         results_rows.append(row)
         logger.info(

@@ -70,77 +70,52 @@ def supports_fast_path(brick) -> bool:
     )
 
 
-class Packed:
-    """The numpy views and packed rows the kernels read, rebuilt when the brick's weights change."""
-
-    def __init__(self, brick):
-        from brickwork.kernels.cpu import pack_rows
-
-        gate, up, down_t = (t.detach().numpy() for t in (brick.gate, brick.up, brick.down_t))
-        self.key = _weights_key(brick)
-        self.rows = pack_rows(gate, up, down_t)
-        partial = brick.router.kind == "partial"
-        self.gate_t = gate.T.copy() if partial else None
-        self.up_t = up.T.copy() if partial else None
-        form = brick.router.linear_form() if brick.num_experts else None
-        self.router_w = self.router_b = None
-        if form is not None:
-            weight, bias = form
-            self.router_w = weight.detach().float().contiguous().numpy()
-            self.router_b = (
-                np.zeros(weight.shape[0], dtype=np.float32) if bias is None else bias.detach().float().numpy()
-            )
-
-
-def _weights_key(brick) -> tuple:
-    tensors = [brick.gate, brick.up, brick.down_t, *brick.router.parameters()]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
-def packed(brick) -> Packed:
-    cached = brick.__dict__.get("_packed")
-    if cached is None or cached.key != _weights_key(brick):
-        cached = Packed(brick)
-        brick.__dict__["_packed"] = cached
-    return cached
-
-
 class Plan:
-    """What one brick's per-token calls need, looked up once: per call, only a cheap staleness check.
+    """What one brick's per-token calls need, prepared once: the packed weight rows, the kernel and its
+    arguments. Per call, only a cheap staleness check.
 
     Decode runs the per-token kernel once per layer and token, so the Python around it (module attribute
-    look-ups, re-checking the brick, packing look-up, tensor wrapping) costs as much as the kernel unless it is
-    precomputed. The plan keeps the Parameter objects themselves and compares their storage pointer and
-    version counter on every call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the
-    brick's stock routing makes it stale and it is rebuilt.
+    look-ups, re-checking the brick, tensor wrapping) costs as much as the kernel unless it is precomputed. The
+    plan keeps the Parameter objects themselves and compares their storage pointer and version counter on every
+    call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the brick's stock routing makes it
+    stale and it is rebuilt.
+
+    Linear routers (``fitted``, ``centroid``) and the ``partial`` router run inside the one compiled call
+    (``kernel``); other routers (``kernel`` None) score in torch first, then :func:`cpu._experts_token`.
     """
 
     def __init__(self, brick):
-        self.tensors = [brick.gate, brick.up, brick.down_t, *brick.router.parameters()]
-        self.tensors = [t for t in self.tensors if t is not None]
+        tensors = (brick.gate, brick.up, brick.down_t, *brick.router.parameters())
+        self.tensors = [t for t in tensors if t is not None]
         self.key = self._key()
         self.stock_routing = brick.stock_routing
         self.supported = supports_fast_path(brick)
-        self.kernel, self.args = None, ()
         self.family = "partial" if brick.router.kind == "partial" else "linear"
         self.fraction = brick.active_fraction()
+        self.kernel, self.args = None, ()
         if not self.supported:
             return
         from brickwork.kernels import cpu
 
-        p = packed(brick)
+        gate, up, down_t = (t.detach().numpy() for t in (brick.gate, brick.up, brick.down_t))
+        rows = cpu.pack_rows(gate, up, down_t)
         s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
         computed = s + brick.active * size
         keep = computed if brick.down_keep is None else min(brick.down_keep, computed)
+        self.experts_args = (rows, s, size, keep)  # what _experts_token takes besides x, chosen and out
+        form = brick.router.linear_form() if e else None
         if e == 0 or brick.active == e:
-            self.kernel, self.args = cpu._experts_token, (p.rows, np.arange(e, dtype=np.int64), s, size, keep)
-        elif p.router_w is not None:
+            self.kernel, self.args = cpu._experts_token, (rows, np.arange(e, dtype=np.int64), s, size, keep)
+        elif form is not None:
+            weight, bias = form
+            router_w = weight.detach().float().contiguous().numpy()
+            router_b = np.zeros(e, dtype=np.float32) if bias is None else bias.detach().float().numpy()
             self.kernel = cpu.linear_router_token
-            self.args = (p.router_w, p.router_b, brick.active, p.rows, s, size, keep)
-        elif p.gate_t is not None:
+            self.args = (router_w, router_b, brick.active, rows, s, size, keep)
+        elif brick.router.kind == "partial":
             input_keep = max(1, math.ceil(brick.router.input_fraction * brick.d_model))
             self.kernel = cpu.partial_router_token
-            self.args = (input_keep, p.gate_t, p.up_t, brick.active, p.rows, s, size, keep)
+            self.args = (input_keep, gate.T.copy(), up.T.copy(), brick.active, rows, s, size, keep)
 
     def _key(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
@@ -158,45 +133,21 @@ def plan(brick) -> Plan:
 
 
 def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor:
-    """Tokens ``x [T, D]`` one at a time through the fused per-token kernel (:func:`token_forward`)."""
-    p = p or plan(brick)
-    if p.kernel is None:  # a router scored in torch: the general per-token path
-        return torch.stack([token_forward(brick, x[t]) for t in range(x.shape[0])])
-    xn = np.ascontiguousarray(x.detach().numpy())
-    out = np.empty(xn.shape, dtype=np.float32)
-    for t in range(xn.shape[0]):
-        p.kernel(xn[t], *p.args, out[t])
-    return torch.from_numpy(out)
-
-
-def token_forward(brick, x: torch.Tensor) -> torch.Tensor:
-    """One token ``x [D]`` through ``brick`` with the fused CPU kernel; returns ``y [D]``.
-
-    Linear routers (``fitted``, ``centroid``) and the ``partial`` router run inside the one compiled call;
-    other routers score in torch first.
-    """
+    """Tokens ``x [T, D]`` one at a time through the fused per-token kernel; returns ``y [T, D]``."""
     from brickwork.kernels import cpu
 
-    p = packed(brick)
-    s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
-    xn = x.detach().contiguous().numpy()
-    out = torch.empty(brick.d_model, dtype=torch.float32)
-    on = out.numpy()
-    computed = s + brick.active * size
-    keep = computed if brick.down_keep is None else min(brick.down_keep, computed)
-    if e == 0 or brick.active == e:
-        chosen = np.arange(e, dtype=np.int64)
-    elif p.router_w is not None:
-        cpu.linear_router_token(xn, p.router_w, p.router_b, brick.active, p.rows, s, size, keep, on)
-        return out
-    elif p.gate_t is not None:
-        input_keep = max(1, math.ceil(brick.router.input_fraction * x.shape[0]))
-        cpu.partial_router_token(xn, input_keep, p.gate_t, p.up_t, brick.active, p.rows, s, size, keep, on)
-        return out
+    p = p or plan(brick)
+    xn = np.ascontiguousarray(x.detach().numpy())
+    out = np.empty(xn.shape, dtype=np.float32)
+    if p.kernel is None:  # a router scored in torch, as the reference path scores it
+        with torch.no_grad():
+            chosen = brick.select(x).numpy().astype(np.int64)
+        for t in range(xn.shape[0]):
+            cpu._experts_token(xn[t], p.experts_args[0], chosen[t], *p.experts_args[1:], out[t])
     else:
-        chosen = brick.router(x[None], brick)[0].topk(brick.active, sorted=False).indices.numpy()
-    cpu._experts_token(xn, p.rows, chosen.astype(np.int64), s, size, keep, on)
-    return out
+        for t in range(xn.shape[0]):
+            p.kernel(xn[t], *p.args, out[t])
+    return torch.from_numpy(out)
 
 
 def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:

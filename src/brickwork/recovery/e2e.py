@@ -61,7 +61,7 @@ def _trainable(model) -> list[torch.nn.Parameter]:
 def _batches(windows: torch.Tensor, config: E2EConfig, world: int) -> list[torch.Tensor]:
     """Every step's batch, in an order fixed by the seed; each step's windows are split across processes."""
     per_step = config.batch_size
-    steps = min(config.tokens // (config.window * per_step), 10**9)
+    steps = config.tokens // (config.window * per_step)
     generator = torch.Generator().manual_seed(config.seed)
     order = torch.cat(
         [

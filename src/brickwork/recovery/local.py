@@ -158,11 +158,10 @@ class _LayerStream:
         self.calls[i] = []  # block i's arguments are not needed again
 
 
-def _dense_output(weights, x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, h) of the dense FFN with ``weights`` (stored neuron order) on ``x``."""
-    up = x @ weights["up"].t()
-    h = act(x @ weights["gate"].t()) * up if weights["gate"] is not None else act(up)
-    return h @ weights["down_t"], h
+def _dense_output(brick: BrickFFN, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) of the dense FFN that ``brick`` holds (every neuron, stored order) on ``x``, down bias aside."""
+    h = brick.hidden(x, 0, brick.d_ff)
+    return h @ brick.down_t, h
 
 
 def _relative_error(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -205,15 +204,6 @@ def recover_local_(
         raise BrickworkError("the model has no carved layer to recover: carve it first")
     started = time.perf_counter()
     windows = token_windows(tokenizer, calib, config.window, config.tokens)
-    # the dense targets come from each layer's weights as carved, before anything is refitted
-    dense = {
-        i: {
-            "up": b.up.detach().clone(),
-            "gate": None if b.gate is None else b.gate.detach().clone(),
-            "down_t": b.down_t.detach().clone(),
-        }
-        for i, b in bricks.items()
-    }
     if any(b.up_bias is not None or b.gate_bias is not None for b in bricks.values()):
         raise BrickworkError(
             "local recovery supports FFNs without input biases (Llama-style models); this one has them"
@@ -232,8 +222,10 @@ def recover_local_(
             held = max(1, int(config.holdout * x.shape[0]))
             x_fit, x_held = x[order[held:]], x[order[:held]]
             with torch.no_grad():
-                y_fit, h_fit = _dense_output(dense[index], x_fit, brick.act)
-                y_held, _ = _dense_output(dense[index], x_held, brick.act)
+                # the dense targets: the layer's weights as carved (all neurons, stored order), read before
+                # _refit_layer changes its down projection; earlier layers' refits do not touch them
+                y_fit, h_fit = _dense_output(brick, x_fit)
+                y_held, _ = _dense_output(brick, x_held)
                 if brick.down_bias is not None:
                     y_fit, y_held = y_fit + brick.down_bias, y_held + brick.down_bias
                 before = _relative_error(brick, x_held, y_held)
