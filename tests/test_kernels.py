@@ -64,13 +64,16 @@ def test_paths_are_chosen_by_token_count(text_file, tokenizer, monkeypatch):
     monkeypatch.setattr(
         kernels, "grouped_forward", lambda b, x: used.append("grouped") or b.forward_reference(x)
     )
+    monkeypatch.setattr(
+        kernels, "batch_forward", lambda b, x, p=None: used.append("batch") or b.forward_reference(x)
+    )
     monkeypatch.setitem(kernels.SWITCH_POINTS, "token_max", 2)
     monkeypatch.setitem(kernels.SWITCH_POINTS, "grouped_min", 6)
     with torch.no_grad():
         for tokens in (1, 2, 4, 6):
             used.clear()
             brick(torch.randn(tokens, 32))
-            assert used == {1: ["token"], 2: ["token"] * 2, 4: [], 6: ["grouped"]}[tokens]
+            assert used == {1: ["token"], 2: ["token"] * 2, 4: ["batch"], 6: ["grouped"]}[tokens]
     with torch.enable_grad():  # training takes the differentiable reference path
         used.clear()
         brick(torch.randn(1, 32, requires_grad=True)).sum().backward()
@@ -118,3 +121,34 @@ def test_switch_points_depend_on_router_family_and_reads(monkeypatch):
     kernels.set_switch_points(token_max=3)
     assert kernels.switch_point("token_max", "partial", 0.9) == 3
     assert kernels.switch_point("grouped_min", "linear", 0.2) == 40
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dense_down", [False, True])
+def test_batch_path_matches_the_reference_whatever_the_down_projection(
+    name, dense_down, text_file, tokenizer, monkeypatch
+):
+    model = carved_tiny(text_file, tokenizer, **CONFIGS[name])
+    x = torch.randn(13, 32, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setitem(kernels.SWITCH_POINTS, "dense_down_min", 1 if dense_down else 10**9)
+    for brick in carved_layers(model).values():
+        with torch.no_grad():
+            assert (kernels.batch_forward(brick, x) - brick.forward_reference(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["experts+fitted", "neurons+partial+down rows"])
+def test_batch_path_does_not_depend_on_the_thread_count(name, text_file, tokenizer):
+    import numba
+
+    model = carved_tiny(text_file, tokenizer, **CONFIGS[name])
+    x = torch.randn(29, 32, generator=torch.Generator().manual_seed(5))
+    threads = numba.get_num_threads()
+    outputs = []
+    try:
+        for n in sorted({1, threads}):
+            numba.set_num_threads(n)
+            with torch.no_grad():
+                outputs.append([kernels.batch_forward(b, x) for b in carved_layers(model).values()])
+    finally:
+        numba.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0], outputs[-1]))

@@ -8,8 +8,9 @@ alternates dense and carved runs (``repeats`` of each, interleaved) and reports 
   batch-1 decode (one token), batch 4/16 decode (one token per sequence) and prefill of 128/512 tokens;
 - end to end: batch-1 and batch-B decode steps with a KV cache (tokens/s) and prefill forwards;
 - the FFN's share of dense batch-1 decode time;
-- switch points: per carved configuration and token count, which of the kernel paths (per-token, grouped,
-  reference) is fastest, from FFN-only times; :data:`brickwork.kernels.SWITCH_POINTS` is set from these.
+- switch points: per carved configuration and token count, which of the kernel paths (per-token, batch,
+  grouped, reference) is fastest, from FFN-only times; :data:`brickwork.kernels.SWITCH_POINTS` is set from
+  these.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class SpeedBenchConfig:
     decode_steps: int = 16
     prefill: tuple[int, ...] = (128, 512)
     batches: tuple[int, ...] = (4, 16)
-    switch_tokens: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 16, 32, 64)
+    switch_tokens: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128, 512)
     calib: str = "wiki"
     calib_tokens: int = 8192
     seed: int = 0
@@ -114,33 +115,33 @@ def _decode_steps(model, prompt: torch.Tensor, steps: int):
     return run
 
 
+# The per-token path costs about tokens x its one-token time: beyond this many tokens it is not timed.
+TOKEN_PATH_MAX = 64
+
+
 def _switch_points(bricks, tokens_list, repeats) -> dict:
     """FFN-only time of each kernel path per token count; the fastest path per count."""
     from brickwork import kernels
 
+    def over(inputs, fn):
+        def run():
+            with torch.no_grad():
+                for b, x in inputs:
+                    fn(b, x)
+
+        return run
+
     table = {}
     for tokens in tokens_list:
         inputs = [(b, torch.randn(tokens, b.d_model)) for b in bricks]
-
-        def token_path(inputs=inputs):
-            with torch.no_grad():
-                for b, x in inputs:
-                    kernels.tokens_forward(b, x)
-
-        def grouped_path(inputs=inputs):
-            with torch.no_grad():
-                for b, x in inputs:
-                    kernels.grouped_forward(b, x)
-
-        def reference_path(inputs=inputs):
-            with torch.no_grad():
-                for b, x in inputs:
-                    b.forward_reference(x)
-
-        paths = {"token": token_path, "reference": reference_path}
+        paths = {}
+        if tokens <= TOKEN_PATH_MAX:
+            paths["token"] = over(inputs, kernels.tokens_forward)
+        paths["batch"] = over(inputs, kernels.batch_forward)
         first = bricks[0]
         if first.down_keep is None and first.expert_size > 1:
-            paths["grouped"] = grouped_path
+            paths["grouped"] = over(inputs, kernels.grouped_forward)
+        paths["reference"] = over(inputs, lambda b, x: b.forward_reference(x))
         times = _interleaved(paths, repeats)
         table[tokens] = {"seconds": times, "fastest": min(times, key=times.get)}
     return table

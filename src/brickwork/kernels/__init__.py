@@ -3,12 +3,18 @@
 
 - ``token``: one fused numba call per token (:mod:`brickwork.kernels.cpu`): route, then read only the shared
   and selected neurons' packed rows. Used for decode (one token) and for a few tokens, one at a time.
-- ``grouped``: tokens grouped by expert, one matmul per expert that has tokens (prefill, larger batches).
-- ``reference``: every expert computed and masked (what the dense FFN costs, plus the router).
+- ``batch``: all tokens in one set of numba calls: route every token, then read each selected neuron's rows
+  once for all the tokens that selected it; the down projection reads only each token's rows, or, once most
+  rows are read anyway, is one dense matmul over the zero-filled h (batch decode, prefill).
+- ``grouped``: tokens grouped by expert, one matmul per expert that has tokens (long prefills, expert-level
+  carves).
+- ``reference``: every expert computed and masked (what the dense FFN costs, plus the router); used for
+  training, and for bricks the kernels do not support.
 
-:data:`SWITCH_POINTS` holds, per path family, the largest token count for which ``token`` is used and the
-smallest for which ``grouped`` is; they come from ``brickwork bench speed`` on the 2-core CPU
-(bench/results/speed-smollm2) and can be changed with :func:`set_switch_points`.
+:data:`SWITCH_POINTS` holds, per path family and read fraction, the largest token count for which ``token`` is
+used, the smallest for which ``grouped`` is, and the smallest for which ``batch`` does its down projection as
+one dense matmul; they come from ``brickwork bench speed`` on the 2-core CPU (bench/results/speed-smollm2) and
+can be changed with :func:`set_switch_points`.
 """
 
 from __future__ import annotations
@@ -21,29 +27,39 @@ from torch import nn
 
 from brickwork.kernels.cpu import HAVE_NUMBA
 
-# Per-token kernel for up to token_max tokens, by router family (``linear``: fitted/centroid and routers scored
-# in torch; ``partial``: the neuron-level estimate) and FFN read fraction: the first (fraction, tokens) pair
-# whose fraction is at least the brick's. Grouped matmuls from grouped_min tokens (same lookup; expert-level
-# carves only); the reference path between. From the per-token-count table of bench/results/speed-smollm2
-# (commit aeca65e): the per-token path is fastest up to 32 tokens for the 25% expert carve, 8 for the 50% one,
-# 8 and 3 for the neuron-level carves at 25% and 50%; grouped matmuls lead from 64 tokens at 25%, and at 50%
-# only at 512 (prefill; 64 was the largest count measured between).
+# Per router family (``linear``: fitted/centroid and routers scored in torch; ``partial``: the neuron-level
+# estimate) and FFN read fraction, the first (fraction, tokens) pair whose fraction is at least the brick's:
+# ``token_max``: the per-token kernel up to this many tokens; ``grouped_min``: grouped matmuls from this many
+# (expert-level carves without down-row sparsity); ``dense_down_min``: from this many tokens the batch path's
+# down projection is one dense matmul (bricks without down-row sparsity). From FFN-only times per token count on
+# SmolLM2 with the kernels they were set for (the "Kernel paths" table of bench/results/speed-smollm2):
+# per-token fastest up to 6 tokens for the 25% expert carve and 3 for the 50% one, 1 for the neuron-level
+# carves; grouped matmuls from 128 tokens at 25% and 512 at 50%; the dense down matmul from 24 and 12 tokens.
 SWITCH_POINTS = {
-    "token_max": {"linear": ((0.3, 32), (1.0, 8)), "partial": ((0.3, 8), (1.0, 3))},
-    "grouped_min": {"linear": ((0.3, 64), (1.0, 512)), "partial": ((1.0, 512),)},
+    "token_max": {"linear": ((0.3, 6), (1.0, 3)), "partial": ((1.0, 1),)},
+    "grouped_min": {"linear": ((0.3, 128), (1.0, 512)), "partial": ((1.0, 512),)},
+    "dense_down_min": {"linear": ((0.3, 24), (1.0, 12))},
 }
 
 
-def set_switch_points(token_max: int | dict | None = None, grouped_min: int | dict | None = None) -> None:
+def set_switch_points(
+    token_max: int | dict | None = None,
+    grouped_min: int | dict | None = None,
+    dense_down_min: int | dict | None = None,
+) -> None:
     """Override the switch points: each an int for every brick, or a table like the default's."""
-    if token_max is not None:
-        SWITCH_POINTS["token_max"] = token_max
-    if grouped_min is not None:
-        SWITCH_POINTS["grouped_min"] = grouped_min
+    for name, value in (
+        ("token_max", token_max),
+        ("grouped_min", grouped_min),
+        ("dense_down_min", dense_down_min),
+    ):
+        if value is not None:
+            SWITCH_POINTS[name] = value
 
 
 def switch_point(name: str, family: str, fraction: float) -> int:
-    """``SWITCH_POINTS[name]`` (``token_max`` or ``grouped_min``) for a brick of this router family and reads."""
+    """``SWITCH_POINTS[name]`` (``token_max``, ``grouped_min``, ``dense_down_min``) for a brick of this router
+    family and reads."""
     table = SWITCH_POINTS[name]
     if isinstance(table, int):
         return table
@@ -93,6 +109,7 @@ class Plan:
         self.family = "partial" if brick.router.kind == "partial" else "linear"
         self.fraction = brick.active_fraction()
         self.kernel, self.args = None, ()
+        self.router_batch, self.router_args = None, ()  # the batch path's router (None: brick.select in torch)
         if not self.supported:
             return
         from brickwork.kernels import cpu
@@ -103,6 +120,7 @@ class Plan:
         computed = s + brick.active * size
         keep = computed if brick.down_keep is None else min(brick.down_keep, computed)
         self.experts_args = (rows, s, size, keep)  # what _experts_token takes besides x, chosen and out
+        self.down_sparse = brick.down_keep is not None
         form = brick.router.linear_form() if e else None
         if e == 0 or brick.active == e:
             self.kernel, self.args = cpu._experts_token, (rows, np.arange(e, dtype=np.int64), s, size, keep)
@@ -112,10 +130,14 @@ class Plan:
             router_b = np.zeros(e, dtype=np.float32) if bias is None else bias.detach().float().numpy()
             self.kernel = cpu.linear_router_token
             self.args = (router_w, router_b, brick.active, rows, s, size, keep)
+            self.router_batch, self.router_args = cpu.linear_router_batch, (router_w, router_b, brick.active)
         elif brick.router.kind == "partial":
             input_keep = max(1, math.ceil(brick.router.input_fraction * brick.d_model))
+            gate_t, up_t = gate.T.copy(), up.T.copy()
             self.kernel = cpu.partial_router_token
-            self.args = (input_keep, gate.T.copy(), up.T.copy(), brick.active, rows, s, size, keep)
+            self.args = (input_keep, gate_t, up_t, brick.active, rows, s, size, keep)
+            self.router_batch = cpu.partial_router_batch
+            self.router_args = (input_keep, gate_t, up_t, brick.active, s, size)
 
     def _key(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
@@ -150,6 +172,35 @@ def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tenso
     return torch.from_numpy(out)
 
 
+def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor:
+    """Tokens ``x [T, D]`` together: each selected neuron's rows read once for all the tokens that selected it
+    (:func:`cpu.hidden_batch`), then the down projection over each token's rows (:func:`cpu.down_batch`) or, from
+    ``dense_down_min`` tokens, one dense matmul over the zero-filled h; returns ``y [T, D]``."""
+    from brickwork.kernels import cpu
+
+    p = p or plan(brick)
+    xn = np.ascontiguousarray(x.detach().numpy())
+    rows, s, size, keep = p.experts_args
+    size = max(size, 1)  # no routed experts: nothing is listed per expert
+    if brick.num_experts == 0 or brick.active == brick.num_experts:
+        chosen = np.broadcast_to(np.arange(brick.num_experts, dtype=np.int64), (len(xn), brick.num_experts))
+        chosen = np.ascontiguousarray(chosen)
+    elif p.router_batch is None:  # a router scored in torch, as the reference path scores it
+        with torch.no_grad():
+            chosen = brick.select(x).numpy().astype(np.int64)
+    elif p.family == "partial":
+        chosen = p.router_batch(xn, *p.router_args, cpu.numba.get_num_threads())
+    else:
+        chosen = p.router_batch(xn, *p.router_args)
+    h = cpu.hidden_batch(xn, chosen, rows, s, size)
+    if not p.down_sparse and len(xn) >= switch_point("dense_down_min", p.family, p.fraction):
+        with torch.no_grad():
+            return torch.from_numpy(h) @ brick.down_t.detach()
+    out = np.empty(xn.shape, dtype=np.float32)
+    cpu.down_batch(h, chosen, rows, s, size, keep, out)
+    return torch.from_numpy(out)
+
+
 def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
     """Tokens ``x [T, D]`` grouped by routed expert: one gate/up/down matmul per expert with tokens."""
     s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
@@ -177,7 +228,8 @@ def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
-    """``brick``'s output for ``x [T, D]`` on the fastest measured path, or None for the reference path."""
+    """``brick``'s output for ``x [T, D]`` on the fastest measured path, or None for the reference path (training,
+    unsupported bricks)."""
     if torch.is_grad_enabled() and (x.requires_grad or brick.up.requires_grad):
         return None  # training: the reference path is the differentiable one
     p = plan(brick)
@@ -190,4 +242,4 @@ def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
     if grouped and tokens >= switch_point("grouped_min", p.family, p.fraction):
         with torch.no_grad():
             return grouped_forward(brick, x)
-    return None
+    return batch_forward(brick, x, p)
