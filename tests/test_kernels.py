@@ -140,15 +140,17 @@ def test_batch_path_matches_the_reference_whatever_the_down_projection(
 def test_batch_path_does_not_depend_on_the_thread_count(name, text_file, tokenizer):
     import numba
 
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread only")
     model = carved_tiny(text_file, tokenizer, **CONFIGS[name])
     x = torch.randn(29, 32, generator=torch.Generator().manual_seed(5))
     threads = numba.get_num_threads()
     outputs = []
     try:
-        for n in sorted({1, threads}):
+        for n in (1, 2):
             numba.set_num_threads(n)
             with torch.no_grad():
                 outputs.append([kernels.batch_forward(b, x) for b in carved_layers(model).values()])
     finally:
         numba.set_num_threads(threads)
-    assert all(torch.equal(a, b) for a, b in zip(outputs[0], outputs[-1]))
+    assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))

@@ -109,7 +109,8 @@ class Plan:
         self.family = "partial" if brick.router.kind == "partial" else "linear"
         self.fraction = brick.active_fraction()
         self.kernel, self.args = None, ()
-        self.router_batch, self.router_args = None, ()  # the batch path's router (None: brick.select in torch)
+        # The batch path's router; None: brick.select in torch.
+        self.router_batch, self.router_args = None, ()
         if not self.supported:
             return
         from brickwork.kernels import cpu

@@ -258,7 +258,6 @@ if HAVE_NUMBA:
             expert_scores = scores
         _experts_token(x, rows, _topk_indices(expert_scores, active), shared, size, keep, out)
 
-
     # ---- Many tokens at once (batch decode, prefill) ------------------------------------------------------------
     # Per token the work is sparse, but over a batch most experts have some token, so the per-token kernel would
     # read most weights once per token. These kernels read each selected neuron's packed row once per call and
