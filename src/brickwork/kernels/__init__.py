@@ -33,11 +33,10 @@ from brickwork.kernels.cpu import HAVE_NUMBA
 # (expert-level carves without down-row sparsity); ``dense_down_min``: from this many tokens the batch path's
 # down projection is one dense matmul (bricks without down-row sparsity). From FFN-only times per token count on
 # SmolLM2 with the kernels they were set for (the "Kernel paths" table of bench/results/speed-smollm2): the
-# per-token kernel leads at one token (and, within noise, up to 2 for the 25% expert carve and 3 for the 50% one);
-# the batch path from there; grouped matmuls from 128 tokens at 25% and 512 at 50%; the dense down matmul from
-# 24 and 12 tokens.
+# per-token kernel leads up to 3 tokens (4 for the 50% neuron-level carve); the batch path from there; grouped
+# matmuls from 128 tokens at 25% and 512 at 50%; the dense down matmul from 24 and 12 tokens.
 SWITCH_POINTS = {
-    "token_max": {"linear": ((0.3, 2), (1.0, 3)), "partial": ((1.0, 1),)},
+    "token_max": {"linear": ((1.0, 3),), "partial": ((0.3, 3), (1.0, 4))},
     "grouped_min": {"linear": ((0.3, 128), (1.0, 512)), "partial": ((1.0, 512),)},
     "dense_down_min": {"linear": ((0.3, 24), (1.0, 12))},
 }
