@@ -154,3 +154,31 @@ def test_batch_path_does_not_depend_on_the_thread_count(name, text_file, tokeniz
     finally:
         numba.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+
+
+def test_topk_selects_what_a_sort_selects_ties_by_position():
+    import numpy as np
+
+    from brickwork.kernels.cpu import _topk_indices
+
+    rng = np.random.default_rng(0)
+
+    def by_sorting(values, k):
+        if k >= len(values):
+            return list(range(len(values)))
+        threshold = np.sort(values)[len(values) - k]
+        above = [i for i, v in enumerate(values) if v > threshold]
+        ties = [i for i, v in enumerate(values) if v == threshold]
+        return above + ties[: k - len(above)]
+
+    for trial in range(400):
+        n = int(rng.choice([3, 14, 64, 65, 576, 1024, 1025, 1536]))
+        k = int(rng.integers(1, n + 2))
+        values = rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            values = np.abs(values)
+        if trial % 4 == 0:  # many ties, -0.0 among them
+            values = np.round(values * 2).astype(np.float32) * np.float32(-1.0 if trial % 8 else 1.0)
+        if trial % 5 == 0:  # subnormals
+            values = (values * 1e-40).astype(np.float32)
+        assert _topk_indices(values, k).tolist() == by_sorting(values, k), (n, k, trial)
