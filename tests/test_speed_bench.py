@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from brickwork.benchmarks.speed import SpeedBenchConfig, render_table, run_speed_bench
+from brickwork.benchmarks.speed import SpeedBenchConfig, render_table, run_speed_bench, write
 
 
 def test_speed_bench_quick_run_measures_every_shape(monkeypatch, tmp_path, text_file):
@@ -16,8 +16,12 @@ def test_speed_bench_quick_run_measures_every_shape(monkeypatch, tmp_path, text_
             assert entry["dense_s"] > 0 and entry["carved_s"] > 0
             assert abs(entry["speedup"] - entry["dense_s"] / entry["carved_s"]) < 1e-12
         for entry in row["switch"].values():
-            assert entry["fastest"] == min(entry["seconds"], key=entry["seconds"].get)
+            kernel_paths = {k: v for k, v in entry["seconds"].items() if k not in ("auto", "dense")}
+            assert entry["fastest"] == min(kernel_paths, key=kernel_paths.get)
+            assert entry["auto_speedup"] == entry["seconds"]["dense"] / entry["seconds"]["auto"]
     assert "grouped" in results["rows"][0]["switch"][16]["seconds"]  # expert-level carves can group tokens
     assert "grouped" not in results["rows"][1]["switch"][16]["seconds"]  # neuron level: no grouped path
     assert 0 < results["ffn_share_of_dense_decode"] < 1
     assert "FFN share of dense batch-1 decode time" in render_table(results)
+    write(results, tmp_path / "speed")
+    assert {p.name for p in (tmp_path / "speed").iterdir()} == {"results.json", "results.md", "speed.png"}

@@ -119,8 +119,9 @@ def _decode_steps(model, prompt: torch.Tensor, steps: int):
 TOKEN_PATH_MAX = 64
 
 
-def _switch_points(bricks, tokens_list, repeats) -> dict:
-    """FFN-only time of each kernel path per token count; the fastest path per count."""
+def _switch_points(bricks, dense_ffns, tokens_list, repeats) -> dict:
+    """FFN-only time per token count of each kernel path, of the path the bricks pick (``auto``) and of the dense
+    FFNs on the same inputs; the fastest kernel path per count."""
     from brickwork import kernels
 
     def over(inputs, fn):
@@ -142,8 +143,16 @@ def _switch_points(bricks, tokens_list, repeats) -> dict:
         if first.down_keep is None and first.expert_size > 1:
             paths["grouped"] = over(inputs, kernels.grouped_forward)
         paths["reference"] = over(inputs, lambda b, x: b.forward_reference(x))
+        paths["auto"] = over(inputs, lambda b, x: b(x))
+        dense_inputs = [(f, x) for f, (_, x) in zip(dense_ffns, inputs, strict=True)]
+        paths["dense"] = over(dense_inputs, lambda f, x: f(x))
         times = _interleaved(paths, repeats)
-        table[tokens] = {"seconds": times, "fastest": min(times, key=times.get)}
+        kernel_paths = {k: v for k, v in times.items() if k not in ("auto", "dense")}
+        table[tokens] = {
+            "seconds": times,
+            "fastest": min(kernel_paths, key=kernel_paths.get),
+            "auto_speedup": times["dense"] / times["auto"],
+        }
     return table
 
 
@@ -249,8 +258,10 @@ def run_speed_bench(config: SpeedBenchConfig, progress: bool = True) -> dict:
                 "carved_s": t["carved"],
                 "speedup": t["dense"] / t["carved"],
             }
+        names = {module: name for name, module in carved.named_modules()}
         bricks = list(carved_layers(carved).values())
-        row["switch"] = _switch_points(bricks, config.switch_tokens, max(3, config.repeats // 2))
+        dense_ffns = [dense.get_submodule(names[b]) for b in bricks]
+        row["switch"] = _switch_points(bricks, dense_ffns, config.switch_tokens, max(3, config.repeats // 2))
         results_rows.append(row)
         logger.info(
             "%s: FFN decode x%.2f, e2e decode x%.2f",
@@ -305,7 +316,14 @@ def render_table(results: dict) -> str:
     for r in rows:
         d = r["e2e"]["decode b1"]
         lines.append(f"- {r['name']}: {d['dense_tokens_per_s']:.1f} / {d['carved_tokens_per_s']:.1f}")
-    lines += ["", "## Kernel paths: FFN-only ms per call (all layers) by token count; fastest in bold", ""]
+    lines += [
+        "",
+        "## Kernel paths: FFN-only ms per call (all layers) by token count",
+        "",
+        "Fastest kernel path in bold; `auto`: the path the carved model picks (SWITCH_POINTS), `dense`: the dense "
+        "FFNs on the same inputs. The plot (speed.png) shows dense / auto.",
+        "",
+    ]
     for r in rows:
         lines.append(
             f"**{r['name']}**: "
@@ -315,8 +333,47 @@ def render_table(results: dict) -> str:
                     (f"**{p} {v * 1e3:.1f}**" if p == e["fastest"] else f"{p} {v * 1e3:.1f}")
                     for p, v in e["seconds"].items()
                 )
+                + f" (x{e['auto_speedup']:.2f})"
                 for t, e in r["switch"].items()
             )
         )
         lines.append("")
     return "\n".join(lines)
+
+
+def plot(results: dict, path) -> None:
+    """FFN-only speed-up over dense of the path each carved model picks, against the number of tokens per
+    call (1 = batch-1 decode; batches and prefills beyond)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results["rows"]:
+        tokens = [int(t) for t in r["switch"]]
+        ax.plot(tokens, [e["auto_speedup"] for e in r["switch"].values()], marker="o", label=r["name"])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per call (decode batch or prefill length)")
+    ax.set_ylabel("FFN speed-up over dense (dense time / carved time)")
+    m = results["machine"]
+    ax.set_title(
+        f"{results['settings']['model']}, {m['cpu']}, {m['torch_threads']} threads, commit {m['commit'][:7]}",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict, out) -> None:
+    """results.json, results.md and speed.png in ``out`` (each written atomically)."""
+    from brickwork.benchmarks.common import write_results
+
+    write_results(out, results, render_table(results))
+    tmp = out / ".speed.png.tmp.png"
+    plot(results, tmp)
+    tmp.replace(out / "speed.png")

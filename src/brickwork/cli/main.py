@@ -146,17 +146,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_speed(args: argparse.Namespace) -> None:
-    from brickwork.benchmarks.common import write_results
-    from brickwork.benchmarks.speed import SpeedBenchConfig, render_table, run_speed_bench
+    from brickwork.benchmarks.speed import SpeedBenchConfig, render_table, run_speed_bench, write
 
     options = {"fractions": tuple(args.fractions), "repeats": args.repeats, "quick": args.quick}
     if args.model:
         options["model"] = args.model
     results = run_speed_bench(SpeedBenchConfig(**options), progress=not args.quiet)
-    table = render_table(results)
-    write_results(args.out, results, table)
-    print(table)
-    print(f"\nwrote {args.out}/results.json, results.md")
+    write(results, args.out)
+    print(render_table(results))
+    print(f"\nwrote {args.out}/results.json, results.md, speed.png")
 
 
 def _cmd_recover(args: argparse.Namespace) -> None:
