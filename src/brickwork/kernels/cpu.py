@@ -236,18 +236,22 @@ if HAVE_NUMBA:
         top = _topk_indices(np.abs(h), keep)
         _down_rows(rows, neurons[top], h[top], out)
 
-    @njit(cache=True, fastmath=True)
-    def linear_router_token(x, router_w, router_b, active, rows, shared, size, keep, out):
-        """One token through a carved FFN routed by ``scores = W x + b``: route, compute, sum; one call."""
+    @njit(cache=True, fastmath=True, inline="always")
+    def _linear_choice(x, router_w, router_b, active):
+        """The ``active`` experts with the largest ``W x + b`` for one token ``x``."""
         e = router_w.shape[0]
-        d = x.shape[0]
         scores = np.empty(e, dtype=np.float32)
         for i in range(e):
             acc = router_b[i]
-            for j in range(d):
+            for j in range(x.shape[0]):
                 acc += router_w[i, j] * x[j]
             scores[i] = acc
-        _experts_token(x, rows, _topk_indices(scores, active), shared, size, keep, out)
+        return _topk_indices(scores, active)
+
+    @njit(cache=True, fastmath=True)
+    def linear_router_token(x, router_w, router_b, active, rows, shared, size, keep, out):
+        """One token through a carved FFN routed by ``scores = W x + b``: route, compute, sum; one call."""
+        _experts_token(x, rows, _linear_choice(x, router_w, router_b, active), shared, size, keep, out)
 
     @njit(cache=True, fastmath=True)
     def partial_router_token(x, input_keep, gate_t, up_t, active, rows, shared, size, keep, out):
@@ -304,17 +308,9 @@ if HAVE_NUMBA:
     @njit(cache=True, parallel=True, fastmath=True)
     def linear_router_batch(x, router_w, router_b, active):
         """``[T, active]`` experts chosen by ``scores = W x + b`` for each token."""
-        tokens, d = x.shape
-        e = router_w.shape[0]
-        chosen = np.empty((tokens, active), dtype=np.int64)
-        for t in prange(tokens):
-            scores = np.empty(e, dtype=np.float32)
-            for i in range(e):
-                acc = router_b[i]
-                for j in range(d):
-                    acc += router_w[i, j] * x[t, j]
-                scores[i] = acc
-            chosen[t] = _topk_indices(scores, active)
+        chosen = np.empty((x.shape[0], active), dtype=np.int64)
+        for t in prange(x.shape[0]):
+            chosen[t] = _linear_choice(x[t], router_w, router_b, active)
         return chosen
 
     @njit(cache=True, parallel=True, fastmath=True)
