@@ -1,0 +1,135 @@
+"""Do the fast kernel paths and the reference path give the same model? Per carve of the speed benchmark:
+greedy generation on both paths from several prompts, and the next-token distributions of both paths over
+held-out windows (KL, top-1 agreement, perplexity on each).
+
+Each layer's fast path matches the reference to float rounding (tests/test_kernels.py); this measures what the
+rounding differences do over a whole model, where a near-tie in a top-k selection can flip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_results  # noqa: E402
+
+import brickwork as bw  # noqa: E402
+from brickwork.benchmarks.speed import SpeedBenchConfig, _configs  # noqa: E402
+from brickwork.bricks import calibrate  # noqa: E402
+from brickwork.bricks.module import BrickFFN  # noqa: E402
+from brickwork.data.corpora import corpus_path  # noqa: E402
+
+
+def both_paths(fn):
+    """fn() with the kernels, then on the reference path."""
+    out = []
+    for use in (True, False):
+        BrickFFN.use_kernels = use
+        try:
+            with torch.no_grad():
+                out.append(fn())
+        finally:
+            BrickFFN.use_kernels = True
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", default="lee-news")
+    parser.add_argument("--data", default="botchan")
+    parser.add_argument("--windows", type=int, default=2, help="512-token held-out windows")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/path-agreement"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    dense, tokenizer = bw.load_model(args.model)
+    speed = SpeedBenchConfig(model=args.model)
+    first = bw.find_ffns(dense)[0]
+    calibration = calibrate(dense, tokenizer, speed.calib, bw.CarveConfig(calib_tokens=speed.calib_tokens))
+    text = corpus_path(args.prompts).read_text()
+    prompts = [
+        tokenizer(text[s : s + 400], return_tensors="pt").input_ids[:, :32]
+        for s in (0, 3000, 9000, 20000, 40000)
+    ]
+    held = tokenizer(corpus_path(args.data).read_text()[:100_000], return_tensors="pt").input_ids
+    ids = held[:, : 512 * args.windows].reshape(args.windows, 512)
+    rows = []
+    for name, kwargs in _configs(speed, first.d_ff, first.read().d_model, first.is_gated).items():
+        carved = copy.deepcopy(dense)
+        bw.carve_(
+            carved,
+            bw.CarveConfig(calib_tokens=speed.calib_tokens, **kwargs),
+            calibration=calibration,
+            progress=False,
+        )
+        carved.eval()
+        first_differences = []
+        for p in prompts:
+            fast, ref = both_paths(
+                lambda p=p, carved=carved: carved.generate(
+                    p,
+                    attention_mask=torch.ones_like(p),
+                    max_new_tokens=args.new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )[0, p.shape[1] :]
+            )
+            differ = (fast != ref).nonzero()
+            first_differences.append(None if len(differ) == 0 else int(differ[0]))
+        fast, ref = (
+            lp.log_softmax(-1) for lp in both_paths(lambda carved=carved: carved(input_ids=ids).logits)
+        )
+
+        def ppl(lp):
+            return float(torch.exp(-lp[:, :-1].gather(-1, ids[:, 1:, None]).mean()))
+
+        rows.append(
+            {
+                "name": name,
+                "config": kwargs,
+                "greedy_identical": sum(d is None for d in first_differences),
+                "prompts": len(prompts),
+                "first_differing_new_token": first_differences,
+                "kl_reference_to_fast": float((ref.exp() * (ref - fast)).sum(-1).mean()),
+                "top1_agreement": float((fast.argmax(-1) == ref.argmax(-1)).float().mean()),
+                "perplexity_fast": ppl(fast),
+                "perplexity_reference": ppl(ref),
+            }
+        )
+        print(rows[-1], flush=True)
+    results = {
+        "machine": machine_info(),
+        "settings": {**vars(args), "out": str(args.out), "tokens": 512 * args.windows},
+        "rows": rows,
+    }
+    lines = [
+        f"# Fast kernel paths vs the reference path ({args.model})",
+        "",
+        f"commit `{results['machine']['commit']}`, {results['machine']['date']}; greedy: {len(prompts)} prompts of 32 "
+        f"{args.prompts} tokens, {args.new_tokens} new tokens; distributions over {512 * args.windows} {args.data} "
+        "tokens in 512-token windows.",
+        "",
+        "| carve | greedy identical | first differing new token | KL(reference \\|\\| fast) | top-1 agreement | "
+        "perplexity fast / reference |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['greedy_identical']} / {r['prompts']} | "
+            f"{', '.join('-' if d is None else str(d) for d in r['first_differing_new_token'])} | "
+            f"{r['kl_reference_to_fast']:.2e} | {r['top1_agreement']:.2%} | "
+            f"{r['perplexity_fast']:.3f} / {r['perplexity_reference']:.3f} |"
+        )
+    write_results(args.out, results, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
