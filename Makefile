@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-export bench-recovery bench-recovery-gpu
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-export bench-recovery bench-recovery-gpu
 
 setup:
 	bash scripts/setup.sh
@@ -40,6 +40,9 @@ bench-quality: setup
 
 bench-speed: setup
 	$(BIN)/brickwork bench speed smollm2-135m --out bench/results/speed-smollm2
+
+bench-path-agreement: setup
+	$(BIN)/python bench/path_agreement.py --out bench/results/path-agreement
 
 bench-export: setup
 	$(BIN)/python bench/export_validation.py --out bench/results/export-validation
