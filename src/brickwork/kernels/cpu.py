@@ -216,17 +216,37 @@ if HAVE_NUMBA:
                     acc[c, j] += w * rows[n, 2, j]
         _sum_slices(acc, out)
 
-    @njit(cache=True, parallel=True, fastmath=True)
-    def _experts_token(x, rows, chosen, shared, size, keep, out):
-        """The shared neurons and the chosen experts' neurons; with down-row sparsity (``keep`` < their number)
-        h of all of them first, then the down sum over the ``keep`` largest |h|."""
-        m = shared + chosen.shape[0] * size
-        neurons = np.empty(m, dtype=np.int64)
+    @njit(cache=True, inline="always")
+    def _computed_neurons(chosen, shared, size):
+        """Stored indices of the shared neurons, then of each chosen expert's neurons, for one token."""
+        neurons = np.empty(shared + chosen.shape[0] * size, dtype=np.int64)
         for i in range(shared):
             neurons[i] = i
         for c in range(chosen.shape[0]):
             for i in range(size):
                 neurons[shared + c * size + i] = shared + chosen[c] * size + i
+        return neurons
+
+    @njit(cache=True, inline="always")
+    def _expert_scores(neuron_scores, size):
+        """Each expert's score: the sum of its ``size`` neurons' scores (the scores themselves when size is 1)."""
+        if size == 1:
+            return neuron_scores
+        e = neuron_scores.shape[0] // size
+        out = np.empty(e, dtype=np.float32)
+        for i in range(e):
+            total = np.float32(0.0)
+            for j in range(size):
+                total += neuron_scores[i * size + j]
+            out[i] = total
+        return out
+
+    @njit(cache=True, parallel=True, fastmath=True)
+    def _experts_token(x, rows, chosen, shared, size, keep, out):
+        """The shared neurons and the chosen experts' neurons; with down-row sparsity (``keep`` < their number)
+        h of all of them first, then the down sum over the ``keep`` largest |h|."""
+        neurons = _computed_neurons(chosen, shared, size)
+        m = neurons.shape[0]
         if keep >= m:
             _fused_rows(x, rows, neurons, out)
             return
@@ -260,15 +280,7 @@ if HAVE_NUMBA:
         f = gate_t.shape[1]
         scores = np.empty(f - shared, dtype=np.float32)
         partial_scores(x[cols], cols, gate_t, up_t, shared, scores)
-        e = (f - shared) // size
-        if size > 1:
-            expert_scores = np.zeros(e, dtype=np.float32)
-            for i in range(e):
-                for j in range(size):
-                    expert_scores[i] += scores[i * size + j]
-        else:
-            expert_scores = scores
-        _experts_token(x, rows, _topk_indices(expert_scores, active), shared, size, keep, out)
+        _experts_token(x, rows, _topk_indices(_expert_scores(scores, size), active), shared, size, keep, out)
 
     # ---- Many tokens at once (batch decode, prefill) ------------------------------------------------------------
     # Per token the work is sparse, but over a batch most experts have some token, so the per-token kernel would
@@ -354,14 +366,7 @@ if HAVE_NUMBA:
         for t in prange(tokens):
             neuron_scores = np.empty(f - shared, dtype=np.float32)
             _abs_silu_product(g[t, shared:], u[t, shared:], neuron_scores)
-            if size == 1:
-                scores[t] = neuron_scores
-                continue
-            for i in range(e):
-                total = np.float32(0.0)
-                for j in range(size):
-                    total += neuron_scores[i * size + j]
-                scores[t, i] = total
+            scores[t] = _expert_scores(neuron_scores, size)
         return _topk_rows(scores, active)
 
     @njit(cache=True, fastmath=True, inline="always")
@@ -415,12 +420,7 @@ if HAVE_NUMBA:
         k = min(keep, m)
         out = np.empty((tokens, k), dtype=np.int64)
         for t in prange(tokens):
-            computed = np.empty(m, dtype=np.int64)
-            for i in range(shared):
-                computed[i] = i
-            for c in range(chosen.shape[1]):
-                for i in range(size):
-                    computed[shared + c * size + i] = shared + chosen[t, c] * size + i
+            computed = _computed_neurons(chosen[t], shared, size)
             if k < m:
                 values = np.empty(m, dtype=np.float32)
                 for i in range(m):
