@@ -3,7 +3,8 @@ greedy generation on both paths from several prompts, and the next-token distrib
 held-out windows (KL, top-1 agreement, perplexity on each).
 
 Each layer's fast path matches the reference to float rounding (tests/test_kernels.py); this measures what the
-rounding differences do over a whole model, where a near-tie in a top-k selection can flip.
+rounding differences do over a whole model, where a near-tie in a top-k selection can flip. Carves that sum in
+float64 (``accumulate``, the default for neuron-level carves) are also run with float32 sums, for comparison.
 """
 
 from __future__ import annotations
@@ -61,7 +62,12 @@ def main() -> None:
     held = tokenizer(corpus_path(args.data).read_text()[:100_000], return_tensors="pt").input_ids
     ids = held[:, : 512 * args.windows].reshape(args.windows, 512)
     rows = []
+    runs = []
     for name, kwargs in _configs(speed, first.d_ff, first.read().d_model, first.is_gated).items():
+        runs.append((name, kwargs))
+        if bw.CarveConfig(**kwargs).resolved_accumulate() == "float64":
+            runs.append((f"{name}, float32 sums", {**kwargs, "accumulate": "float32"}))
+    for name, kwargs in runs:
         carved = copy.deepcopy(dense)
         bw.carve_(
             carved,
@@ -83,9 +89,8 @@ def main() -> None:
             )
             differ = (fast != ref).nonzero()
             first_differences.append(None if len(differ) == 0 else int(differ[0]))
-        fast, ref = (
-            lp.log_softmax(-1) for lp in both_paths(lambda carved=carved: carved(input_ids=ids).logits)
-        )
+        fast_logits, ref_logits = both_paths(lambda carved=carved: carved(input_ids=ids).logits)
+        fast, ref = fast_logits.log_softmax(-1), ref_logits.log_softmax(-1)
 
         def ppl(lp):
             return float(torch.exp(-lp[:, :-1].gather(-1, ids[:, 1:, None]).mean()))
@@ -94,6 +99,7 @@ def main() -> None:
             {
                 "name": name,
                 "config": kwargs,
+                "accumulate": bw.CarveConfig(**kwargs).resolved_accumulate(),
                 "greedy_identical": sum(d is None for d in first_differences),
                 "prompts": len(prompts),
                 "first_differing_new_token": first_differences,
@@ -101,6 +107,8 @@ def main() -> None:
                 "top1_agreement": float((fast.argmax(-1) == ref.argmax(-1)).float().mean()),
                 "perplexity_fast": ppl(fast),
                 "perplexity_reference": ppl(ref),
+                "logits_identical_positions": float((fast_logits == ref_logits).all(-1).float().mean()),
+                "max_abs_logit_difference": float((fast_logits - ref_logits).abs().max()),
             }
         )
         print(rows[-1], flush=True)
@@ -116,16 +124,17 @@ def main() -> None:
         f"{args.prompts} tokens, {args.new_tokens} new tokens; distributions over {512 * args.windows} {args.data} "
         "tokens in 512-token windows.",
         "",
-        "| carve | greedy identical | first differing new token | KL(reference \\|\\| fast) | top-1 agreement | "
-        "perplexity fast / reference |",
-        "|---|---:|---|---:|---:|---:|",
+        "| carve | sums | greedy identical | first differing new token | KL(reference \\|\\| fast) | top-1 agreement | "
+        "perplexity fast / reference | positions with identical logits | max abs logit difference |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['greedy_identical']} / {r['prompts']} | "
+            f"| {r['name']} | {r['accumulate']} | {r['greedy_identical']} / {r['prompts']} | "
             f"{', '.join('-' if d is None else str(d) for d in r['first_differing_new_token'])} | "
             f"{r['kl_reference_to_fast']:.2e} | {r['top1_agreement']:.2%} | "
-            f"{r['perplexity_fast']:.3f} / {r['perplexity_reference']:.3f} |"
+            f"{r['perplexity_fast']:.3f} / {r['perplexity_reference']:.3f} | "
+            f"{r['logits_identical_positions']:.2%} | {r['max_abs_logit_difference']:.2e} |"
         )
     write_results(args.out, results, "\n".join(lines))
     print("\n".join(lines))

@@ -156,6 +156,61 @@ def test_batch_path_does_not_depend_on_the_thread_count(name, text_file, tokeniz
     assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_float64_sums_give_the_reference_bits_on_every_path(name, text_file, tokenizer, monkeypatch):
+    model = carved_tiny(text_file, tokenizer, accumulate="float64", **CONFIGS[name])
+    bricks = list(carved_layers(model).values())
+    assert all(b.accumulate == "float64" for b in bricks)
+    x = torch.randn(23, 32, generator=torch.Generator().manual_seed(11))
+    monkeypatch.setitem(kernels.SWITCH_POINTS, "dense_down_min", 1)  # exact bricks must not take it
+    monkeypatch.setitem(kernels.SWITCH_POINTS, "grouped_min", 1)  # nor the grouped float32 matmuls
+    for brick in bricks:
+        with torch.no_grad():
+            reference = brick.forward_reference(x)
+            assert torch.equal(kernels.tokens_forward(brick, x), reference)
+            assert torch.equal(kernels.batch_forward(brick, x), reference)
+            assert torch.equal(brick(x), reference)
+            # the float64 sums differ from float32 ones: the option is not a no-op
+            brick.accumulate = "float32"
+            assert not torch.equal(brick.forward_reference(x), reference)
+            brick.accumulate = "float64"
+
+
+def test_float64_sums_selection_is_the_reference_selection_near_ties(text_file, tokenizer):
+    """Inputs a rounding step apart from a tie: the kernels' selection is the reference's."""
+    model = carved_tiny(text_file, tokenizer, accumulate="float64", **CONFIGS["neurons+partial+down rows"])
+    brick = next(iter(carved_layers(model).values()))
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    x = torch.cat([x, x + x.abs() * 2.0**-23, x.nextafter(torch.zeros(()))])  # ulp-sized perturbations
+    with torch.no_grad():
+        assert torch.equal(kernels.batch_forward(brick, x), brick.forward_reference(x))
+        assert torch.equal(kernels.tokens_forward(brick, x), brick.forward_reference(x))
+
+
+def test_float64_exp_is_within_an_ulp_of_numpy():
+    import numpy as np
+
+    from brickwork.kernels import cpu
+
+    g = np.concatenate([np.linspace(-750, 750, 20001), np.random.default_rng(0).normal(0, 4, 20000)])
+    u = np.ones_like(g)
+    out = np.empty(g.shape, dtype=np.float32)
+    cpu._abs_silu_product64(g, u, out)
+    with np.errstate(over="ignore"):
+        expected = np.abs(g / (1.0 + np.exp(-g))).astype(np.float32)
+    assert np.array_equal(out, expected)
+
+
+def test_training_runs_in_float32_whatever_the_accumulation(text_file, tokenizer):
+    model = carved_tiny(text_file, tokenizer, accumulate="float64", **CONFIGS["experts+fitted"])
+    brick = next(iter(carved_layers(model).values()))
+    x = torch.randn(5, 32, requires_grad=True)
+    y = brick(x)
+    assert y.dtype == torch.float32 and not brick.exact(x)
+    y.sum().backward()
+    assert brick.up.grad is not None
+
+
 def test_topk_selects_what_a_sort_selects_ties_by_position():
     import numpy as np
 

@@ -187,7 +187,9 @@ def carve_(
             **config.router_options,
         )
         down_keep = None if config.down_fraction is None else max(1, round(config.down_fraction * ffn.d_ff))
-        brick = BrickFFN.from_dense(weights, grouping, config.active, ffn.activation, router, down_keep)
+        brick = BrickFFN.from_dense(
+            weights, grouping, config.active, ffn.activation, router, down_keep, config.resolved_accumulate()
+        )
         bricks.append((ffn, brick.to(device)))
     # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
     dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in find_ffns(model)}

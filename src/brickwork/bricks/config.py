@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 CONFIG_VERSION = 1
+# accumulate="auto" sums in float64 when more experts than this are routed (neuron-level and fine-grained carves):
+# on SmolLM2 the fast and reference paths of 16-expert carves agree exactly with float32 sums, those of
+# neuron-level carves (1,536 routed) do not (bench/results/path-agreement).
+EXACT_ABOVE = 64
 
 
 @dataclass
@@ -20,6 +24,12 @@ class CarveConfig:
     ``router_options`` passes keyword arguments to the router's builder (e.g. ``{"rank": 64}`` for lowrank).
     ``down_fraction`` (of d_ff) caps how many of the computed neurons' down rows each token reads: those with
     the largest |h| (default: all computed neurons).
+
+    ``accumulate``: ``"float64"`` sums in float64 and rounds once at inference, so that every kernel path gives
+    the reference path's float32 values (see :class:`~brickwork.bricks.BrickFFN`); ``"float32"`` sums in float32
+    (faster for batches: the grouped and dense-down paths are float32 matmuls). ``"auto"`` (default): float64 when
+    more than :data:`EXACT_ABOVE` experts are routed (choosing among many small experts leaves near-ties that
+    float32 rounding flips), float32 otherwise.
     """
 
     experts: int = 16
@@ -35,6 +45,7 @@ class CarveConfig:
     calib_tokens: int = 16384  # tokens profiled for grouping and routers
     router_samples: int = 8192  # of those, how many (x, h) pairs routers are fitted on
     window: int = 512
+    accumulate: str = "auto"
 
     def __post_init__(self) -> None:
         from brickwork.grouping import GROUPING_METHODS
@@ -72,6 +83,8 @@ class CarveConfig:
             raise ValueError(f"unknown router '{self.router}'; choose from {sorted(ROUTERS)}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError("layers must be a non-empty list of layer indices >= 0 (or None for all)")
+        if self.accumulate not in ("auto", "float32", "float64"):
+            raise ValueError(f"accumulate must be auto, float32 or float64, got {self.accumulate!r}")
         if self.calib_tokens < self.window or self.router_samples < 1:
             raise ValueError(f"calib_tokens must be >= window ({self.window}) and router_samples >= 1")
 
@@ -79,6 +92,12 @@ class CarveConfig:
     def planned_fraction(self) -> float:
         """The fraction of each carved FFN's neurons run per token (router cost not included)."""
         return (self.shared + self.active) / self.experts
+
+    def resolved_accumulate(self) -> str:
+        """``accumulate`` with ``"auto"`` resolved."""
+        if self.accumulate != "auto":
+            return self.accumulate
+        return "float64" if self.experts - self.shared > EXACT_ABOVE else "float32"
 
     def to_dict(self) -> dict:
         return {"version": CONFIG_VERSION, **asdict(self)}

@@ -7,7 +7,9 @@ from torch import nn
 
 from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFNWeights
-from brickwork.routing.base import Router
+from brickwork.routing.base import Router, topk_by_position
+
+ACCUMULATE = ("float32", "float64")
 
 
 class BrickFFN(nn.Module):
@@ -25,6 +27,15 @@ class BrickFFN(nn.Module):
 
     :meth:`forward_reference` is the reference path (it computes every expert and masks); :meth:`forward` takes
     the fastest measured path for the batch shape (:mod:`brickwork.kernels`), tested against it.
+
+    ``accumulate="float64"`` (the default for neuron-level carves): at inference every sum (router scores,
+    gate/up dot products, the down projection) is accumulated in float64 from the float32 weights and inputs and
+    rounded to float32 once, and the activation is evaluated in float64. The result then no longer depends on the
+    order of the sums, so the kernels and the reference path give the same float32 values (they differ only when
+    two float64 sums straddle a float32 rounding boundary, about once in 10^8 values). Choosing a few hundred of
+    1,536 neurons by a continuous score leaves near-ties in every token, and with float32 sums a rounding-level
+    difference between paths flips some of them (measured on SmolLM2: bench/results/path-agreement). Training
+    (gradients on) always runs in float32.
     """
 
     def __init__(
@@ -42,8 +53,12 @@ class BrickFFN(nn.Module):
         down_bias: bool,
         dtype: torch.dtype = torch.float32,
         down_keep: int | None = None,
+        accumulate: str = "float32",
     ):
         super().__init__()
+        if accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
+        self.accumulate = accumulate
         d_ff = num_shared + num_experts * expert_size
         self.d_model, self.d_ff = d_model, d_ff
         self.num_shared, self.num_experts, self.expert_size, self.active = (
@@ -82,6 +97,7 @@ class BrickFFN(nn.Module):
         activation: nn.Module,
         router: Router,
         down_keep: int | None = None,
+        accumulate: str = "float32",
     ) -> BrickFFN:
         grouping.validate(weights.d_ff)
         brick = cls(
@@ -98,6 +114,7 @@ class BrickFFN(nn.Module):
             down_bias=weights.down_bias is not None,
             dtype=weights.up.dtype,
             down_keep=down_keep,
+            accumulate=accumulate,
         )
         order = grouping.neuron_order
         with torch.no_grad():
@@ -157,16 +174,32 @@ class BrickFFN(nn.Module):
         )
         return reads / (self.d_ff * self.weights_per_neuron)
 
-    def hidden(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """h of stored neurons ``start:stop`` for inputs ``x [T, D]``."""
-        rows = slice(start, stop)
-        up = nn.functional.linear(x, self.up[rows], None if self.up_bias is None else self.up_bias[rows])
-        if self.gate is None:
-            return self.act(up)
-        gate = nn.functional.linear(
-            x, self.gate[rows], None if self.gate_bias is None else self.gate_bias[rows]
+    def exact(self, x: torch.Tensor) -> bool:
+        """Whether this call sums in float64 and rounds once (``accumulate="float64"``, float32 inputs, and no
+        gradient wanted: training stays in float32)."""
+        return (
+            self.accumulate == "float64"
+            and x.dtype == torch.float32
+            and self.stock_routing is None
+            and not (torch.is_grad_enabled() and (x.requires_grad or self.up.requires_grad))
         )
-        return self.act(gate) * up
+
+    def hidden(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """h of stored neurons ``start:stop`` for inputs ``x [T, D]`` (float64 sums rounded once when
+        :meth:`exact`)."""
+        rows = slice(start, stop)
+        exact = self.exact(x)
+
+        def part(t):
+            return None if t is None else (t[rows].double() if exact else t[rows])
+
+        xs = x.double() if exact else x
+        up = nn.functional.linear(xs, part(self.up), part(self.up_bias))
+        if self.gate is None:
+            h = self.act(up)
+        else:
+            h = self.act(nn.functional.linear(xs, part(self.gate), part(self.gate_bias))) * up
+        return h.float() if exact else h
 
     def stock_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Selection and expert weights as stock MoE routers compute them (``stock_routing`` set): softmax of
@@ -184,7 +217,17 @@ class BrickFFN(nn.Module):
             self.active == self.num_experts
         ):  # nothing to choose: skip the router (the oracle's costs a full FFN)
             return torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
-        return self.router(x, self).topk(self.active, dim=-1, sorted=False).indices
+        if not self.exact(x):
+            return self.router(x, self).topk(self.active, dim=-1, sorted=False).indices
+        # Exact: float64 sums for linear routers too, and ties broken by position, as the kernels break them.
+        form = self.router.linear_form()
+        if form is None:
+            scores = self.router(x, self)
+        else:
+            weight, bias = form
+            scores = x.double() @ weight.double().t()
+            scores = (scores if bias is None else scores + bias.double()).float()
+        return topk_by_position(scores, self.active)
 
     use_kernels = True  # class-wide switch: False forces the reference path everywhere
 
@@ -201,9 +244,15 @@ class BrickFFN(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert computed, unselected ones masked: the definition the fast paths are tested against."""
         shape = x.shape
-        y = self.masked_hidden(x.reshape(-1, self.d_model)) @ self.down_t
-        if self.down_bias is not None:
-            y = y + self.down_bias
+        x = x.reshape(-1, self.d_model)
+        h = self.masked_hidden(x)
+        if self.exact(x):
+            y = h.double() @ self.down_t.double()
+            y = (y if self.down_bias is None else y + self.down_bias.double()).float()
+        else:
+            y = h @ self.down_t
+            if self.down_bias is not None:
+                y = y + self.down_bias
         return y.view(*shape[:-1], self.d_model)
 
     def masked_hidden(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,5 +284,6 @@ class BrickFFN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, shared={self.num_shared}, experts={self.num_experts}x"
-            f"{self.expert_size}, active={self.active}, router={self.router.kind}, down_keep={self.down_keep}"
+            f"{self.expert_size}, active={self.active}, router={self.router.kind}, down_keep={self.down_keep}, "
+            f"accumulate={self.accumulate}"
         )

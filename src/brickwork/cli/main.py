@@ -294,6 +294,7 @@ def _cmd_carve(args: argparse.Namespace) -> None:
             seed=args.seed,
             calib_tokens=args.calib_tokens,
             layers=args.layers,
+            accumulate=args.accumulate,
         )
         print(
             f"--active-fraction {args.active_fraction}: the measured default is {config.experts} experts of "
@@ -312,6 +313,7 @@ def _cmd_carve(args: argparse.Namespace) -> None:
             layers=args.layers,
             seed=args.seed,
             calib_tokens=args.calib_tokens,
+            accumulate=args.accumulate,
         )
     parent = bw.load_model(args.model)[0] if (args.eval or args.samples) else None
     report = bw.carve_(model, config, calib=args.calib, tokenizer=tokenizer, progress=not args.quiet)
@@ -414,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
         "that stock MoE formats can hold",
     )
     p.add_argument("--layers", type=int, nargs="+", help="layers to carve (default all)")
+    p.add_argument(
+        "--accumulate",
+        choices=("auto", "float32", "float64"),
+        default="auto",
+        help="sums at inference: float64 rounded once makes every kernel path give the reference's values "
+        "(auto: float64 when more than 64 experts are routed)",
+    )
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     p.add_argument("--seed", type=int, default=0)

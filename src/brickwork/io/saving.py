@@ -45,6 +45,7 @@ def _layer_record(index: int, brick: BrickFFN) -> dict:
         "router": brick.router.kind,
         "router_config": brick.router.extra_config(),
         "down_keep": brick.down_keep,
+        "accumulate": brick.accumulate,
         "stock_routing": brick.stock_routing,
         "active_fraction": brick.active_fraction(),
     }
@@ -168,6 +169,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             gate_bias=record["gate_bias"],
             down_bias=record["down_bias"],
             down_keep=record.get("down_keep"),
+            accumulate=record.get("accumulate", "float32"),  # saved before the option: float32 sums
         )
         brick.stock_routing = record.get("stock_routing")
         _swap_in(ffn, brick)

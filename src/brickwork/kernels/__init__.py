@@ -107,6 +107,8 @@ class Plan:
         self.stock_routing = brick.stock_routing
         self.supported = supports_fast_path(brick)
         self.family = "partial" if brick.router.kind == "partial" else "linear"
+        # float64 sums rounded once (BrickFFN.accumulate): the kernels are given the inputs widened to float64
+        self.exact = brick.accumulate == "float64"
         self.fraction = brick.active_fraction()
         self.kernel, self.args = None, ()
         # The batch path's router; None: brick.select in torch.
@@ -155,12 +157,18 @@ def plan(brick) -> Plan:
     return cached
 
 
+def _kernel_inputs(x: torch.Tensor, p: Plan) -> np.ndarray:
+    """``x`` as the kernels take it: contiguous float32, or widened to float64 for exact sums."""
+    xn = x.detach().numpy()
+    return xn.astype(np.float64) if p.exact else np.ascontiguousarray(xn)
+
+
 def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor:
     """Tokens ``x [T, D]`` one at a time through the fused per-token kernel; returns ``y [T, D]``."""
     from brickwork.kernels import cpu
 
     p = p or plan(brick)
-    xn = np.ascontiguousarray(x.detach().numpy())
+    xn = _kernel_inputs(x, p)
     out = np.empty(xn.shape, dtype=np.float32)
     if p.kernel is None:  # a router scored in torch, as the reference path scores it
         with torch.no_grad():
@@ -180,7 +188,7 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
     from brickwork.kernels import cpu
 
     p = p or plan(brick)
-    xn = np.ascontiguousarray(x.detach().numpy())
+    xn = _kernel_inputs(x, p)
     rows, s, size, keep = p.experts_args
     size = max(size, 1)  # no routed experts: nothing is listed per expert
     if brick.num_experts == 0 or brick.active == brick.num_experts:
@@ -194,11 +202,12 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
     else:
         chosen = p.router_batch(xn, *p.router_args)
     h = cpu.hidden_batch(xn, chosen, rows, s, size)
-    if not p.down_sparse and len(xn) >= switch_point("dense_down_min", p.family, p.fraction):
+    dense_down = not p.down_sparse and not p.exact  # a float32 matmul cannot give the exact sums
+    if dense_down and len(xn) >= switch_point("dense_down_min", p.family, p.fraction):
         with torch.no_grad():
             return torch.from_numpy(h) @ brick.down_t.detach()
     out = np.empty(xn.shape, dtype=np.float32)
-    cpu.down_batch(h, chosen, rows, s, size, keep, out)
+    cpu.down_batch(h, chosen, rows, s, size, keep, out, xn)
     return torch.from_numpy(out)
 
 
@@ -239,7 +248,7 @@ def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
     tokens = x.shape[0]
     if tokens <= switch_point("token_max", p.family, p.fraction):
         return tokens_forward(brick, x, p)  # numpy in, numpy out: no autograd graph whatever the grad mode
-    grouped = brick.down_keep is None and brick.expert_size > 1
+    grouped = brick.down_keep is None and brick.expert_size > 1 and not p.exact  # grouped: float32 matmuls
     if grouped and tokens >= switch_point("grouped_min", p.family, p.fraction):
         with torch.no_grad():
             return grouped_forward(brick, x)

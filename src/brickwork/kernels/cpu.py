@@ -17,6 +17,11 @@ router's estimate reads each input column's row once for all the tokens that kep
 Threads: the loops are split over numba's threads (``prange``: neuron slices per token, neurons or tokens for a
 batch); the default is torch's thread count. Every sum runs in an order fixed by one token's own data, so
 results do not depend on the thread count.
+
+Accumulation: every kernel sums in the dtype of the inputs ``x`` it is given. float32 inputs: float32 sums.
+float64 inputs (the float32 inputs widened, for bricks with ``accumulate="float64"``): products and sums in
+float64 from the float32 weights, each h, score and output rounded to float32 once, and the activation in
+float64, so that the result does not depend on the order of the sums (see :class:`brickwork.bricks.BrickFFN`).
 """
 
 from __future__ import annotations
@@ -70,6 +75,41 @@ if HAVE_NUMBA:
         for i in range(n):
             out[i] = abs(g[i] / (np.float32(1.0) + poly[i] * scale[i]) * u[i])
 
+    @njit(cache=True, fastmath={"nnan", "ninf", "nsz", "contract"})
+    def _abs_silu_product64(g, u, out):
+        """out[i] = |silu(g[i]) * u[i]| for float64 g, u, rounded once to float32: exp in float64 as Cephes' exp
+        computes it (Moshier 1989: Cody-Waite reduction, e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2))), within an ulp
+        of float64 and vectorised by the compiler. z is clamped to [-708, 709], where silu(g) is g or an
+        underflow of float32 either way."""
+        n = g.shape[0]
+        powers = np.empty(n, dtype=np.int64)
+        ratio = np.empty(n, dtype=np.float64)
+        for i in range(n):
+            z = min(max(-g[i], -708.0), 709.0)
+            k = np.floor(z * 1.4426950408889634 + 0.5)
+            r = z - k * 6.93145751953125e-1 - k * 1.42860682030941723212e-6
+            rr = r * r
+            p = r * (
+                (1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr + 9.99999999999999999910e-1
+            )
+            q = (
+                (3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr + 2.27265548208155028766e-1
+            ) * rr
+            q = q + 2.0
+            ratio[i] = 1.0 + 2.0 * p / (q - p)
+            powers[i] = (np.int64(k) + np.int64(1023)) << np.int64(52)
+        scale = powers.view(np.float64)
+        for i in range(n):
+            out[i] = abs(g[i] / (1.0 + ratio[i] * scale[i]) * u[i])
+
+    @njit(cache=True, inline="always")
+    def _abs_silu(g, u, out):
+        """out = |silu(g) * u|, in the precision of g and u."""
+        if g.itemsize == 8:
+            _abs_silu_product64(g, u, out)
+        else:
+            _abs_silu_product(g, u, out)
+
     @njit(cache=True, fastmath=True, inline="always")
     def _axpy(a, v, y):
         """y += a * v (the loop the compiler vectorises best here: whole contiguous rows, no 2-D indexing)."""
@@ -89,12 +129,12 @@ if HAVE_NUMBA:
             hi = min(f, lo + per)
             if lo >= hi:
                 continue
-            g = np.zeros(hi - lo, dtype=np.float32)
-            u = np.zeros(hi - lo, dtype=np.float32)
+            g = np.zeros(hi - lo, dtype=xs.dtype)
+            u = np.zeros(hi - lo, dtype=xs.dtype)
             for k in range(cols.shape[0]):
                 _axpy(gate_t[cols[k], lo:hi], xs[k], g)
                 _axpy(up_t[cols[k], lo:hi], xs[k], u)
-            _abs_silu_product(g, u, scores[lo - first : hi - first])
+            _abs_silu(g, u, scores[lo - first : hi - first])
 
     @njit(cache=True)
     def _sort_keys(values):
@@ -168,9 +208,9 @@ if HAVE_NUMBA:
 
     @njit(cache=True, fastmath=True, inline="always")
     def _neuron_h(rows, n, x):
-        """h of packed neuron ``n``: silu(gate . x) * (up . x)."""
-        g = np.float32(0.0)
-        u = np.float32(0.0)
+        """h of packed neuron ``n``: silu(gate . x) * (up . x), summed in x's dtype, rounded to float32."""
+        g = x.dtype.type(0.0)
+        u = x.dtype.type(0.0)
         for j in range(x.shape[0]):
             g += rows[n, 0, j] * x[j]
             u += rows[n, 1, j] * x[j]
@@ -178,9 +218,9 @@ if HAVE_NUMBA:
 
     @njit(cache=True, inline="always")
     def _sum_slices(acc, out):
-        """out[j] = the slices' accumulators summed in slice order."""
+        """out[j] = the slices' accumulators summed in slice order (in their dtype, rounded to out's once)."""
         for j in range(out.shape[0]):
-            total = np.float32(0.0)
+            total = acc.dtype.type(0.0)
             for c in range(acc.shape[0]):
                 total += acc[c, j]
             out[j] = total
@@ -191,26 +231,27 @@ if HAVE_NUMBA:
         block read once, in one pass."""
         m = neurons.shape[0]
         d = x.shape[0]
-        acc = np.zeros((SLICES, d), dtype=np.float32)
+        acc = np.zeros((SLICES, d), dtype=x.dtype)
         per = (m + SLICES - 1) // SLICES
         for c in prange(SLICES):
             for i in range(c * per, min(m, (c + 1) * per)):
                 n = neurons[i]
-                h = _neuron_h(rows, n, x)
+                h = x.dtype.type(_neuron_h(rows, n, x))
                 for j in range(d):
                     acc[c, j] += h * rows[n, 2, j]
         _sum_slices(acc, out)
 
     @njit(cache=True, parallel=True, fastmath=True)
-    def _down_rows(rows, neurons, weights, out):
-        """out = sum of weights[i] * down row of neurons[i], in the fixed slices of :func:`_fused_rows`."""
+    def _down_rows(rows, neurons, weights, out, x):
+        """out = sum of weights[i] * down row of neurons[i], in the fixed slices of :func:`_fused_rows`, summed in
+        the dtype of ``x``."""
         m = neurons.shape[0]
         d = out.shape[0]
-        acc = np.zeros((SLICES, d), dtype=np.float32)
+        acc = np.zeros((SLICES, d), dtype=x.dtype)
         per = (m + SLICES - 1) // SLICES
         for c in prange(SLICES):
             for i in range(c * per, min(m, (c + 1) * per)):
-                w = weights[i]
+                w = x.dtype.type(weights[i])
                 n = neurons[i]
                 for j in range(d):
                     acc[c, j] += w * rows[n, 2, j]
@@ -228,14 +269,15 @@ if HAVE_NUMBA:
         return neurons
 
     @njit(cache=True, inline="always")
-    def _expert_scores(neuron_scores, size):
-        """Each expert's score: the sum of its ``size`` neurons' scores (the scores themselves when size is 1)."""
+    def _expert_scores(neuron_scores, size, x):
+        """Each expert's score: the sum of its ``size`` neurons' scores in the dtype of ``x``, rounded to float32
+        (the scores themselves when size is 1)."""
         if size == 1:
             return neuron_scores
         e = neuron_scores.shape[0] // size
         out = np.empty(e, dtype=np.float32)
         for i in range(e):
-            total = np.float32(0.0)
+            total = x.dtype.type(0.0)
             for j in range(size):
                 total += neuron_scores[i * size + j]
             out[i] = total
@@ -254,7 +296,7 @@ if HAVE_NUMBA:
         for i in prange(m):
             h[i] = _neuron_h(rows, neurons[i], x)
         top = _topk_indices(np.abs(h), keep)
-        _down_rows(rows, neurons[top], h[top], out)
+        _down_rows(rows, neurons[top], h[top], out, x)
 
     @njit(cache=True, fastmath=True, inline="always")
     def _linear_choice(x, router_w, router_b, active):
@@ -262,7 +304,7 @@ if HAVE_NUMBA:
         e = router_w.shape[0]
         scores = np.empty(e, dtype=np.float32)
         for i in range(e):
-            acc = router_b[i]
+            acc = x.dtype.type(router_b[i])
             for j in range(x.shape[0]):
                 acc += router_w[i, j] * x[j]
             scores[i] = acc
@@ -276,11 +318,13 @@ if HAVE_NUMBA:
     @njit(cache=True, fastmath=True)
     def partial_router_token(x, input_keep, gate_t, up_t, active, rows, shared, size, keep, out):
         """One token through a carved FFN routed by the partial-input estimate (TEAL-style); one call."""
-        cols = _topk_indices(np.abs(x), input_keep)
+        cols = _topk_indices(np.abs(x).astype(np.float32), input_keep)
         f = gate_t.shape[1]
         scores = np.empty(f - shared, dtype=np.float32)
         partial_scores(x[cols], cols, gate_t, up_t, shared, scores)
-        _experts_token(x, rows, _topk_indices(_expert_scores(scores, size), active), shared, size, keep, out)
+        _experts_token(
+            x, rows, _topk_indices(_expert_scores(scores, size, x), active), shared, size, keep, out
+        )
 
     # ---- Many tokens at once (batch decode, prefill) ------------------------------------------------------------
     # Per token the work is sparse, but over a batch most experts have some token, so the per-token kernel would
@@ -356,23 +400,23 @@ if HAVE_NUMBA:
         ``parts``: the number of threads."""
         tokens, d = x.shape
         f = gate_t.shape[1]
-        cols = _topk_rows(np.abs(x), input_keep)
+        cols = _topk_rows(np.abs(x).astype(np.float32), input_keep)
         col_offsets, col_tokens = _token_lists(cols, d)
-        g = np.zeros((tokens, f), dtype=np.float32)
-        u = np.zeros((tokens, f), dtype=np.float32)
+        g = np.zeros((tokens, f), dtype=x.dtype)
+        u = np.zeros((tokens, f), dtype=x.dtype)
         _partial_sums(x, col_offsets, col_tokens, gate_t, up_t, shared, g, u, parts)
         e = (f - shared) // size
         scores = np.empty((tokens, e), dtype=np.float32)
         for t in prange(tokens):
             neuron_scores = np.empty(f - shared, dtype=np.float32)
-            _abs_silu_product(g[t, shared:], u[t, shared:], neuron_scores)
-            scores[t] = _expert_scores(neuron_scores, size)
+            _abs_silu(g[t, shared:], u[t, shared:], neuron_scores)
+            scores[t] = _expert_scores(neuron_scores, size, x[t])
         return _topk_rows(scores, active)
 
     @njit(cache=True, fastmath=True, inline="always")
     def _h4(rows, n, x, t0, t1, t2, t3, h):
-        """h[t, n] for four tokens: neuron n's gate and up rows read once."""
-        g0 = g1 = g2 = g3 = u0 = u1 = u2 = u3 = np.float32(0.0)
+        """h[t, n] for four tokens: neuron n's gate and up rows read once (summed in x's dtype)."""
+        g0 = g1 = g2 = g3 = u0 = u1 = u2 = u3 = x.dtype.type(0.0)
         for j in range(x.shape[1]):
             wg = rows[n, 0, j]
             wu = rows[n, 1, j]
@@ -431,14 +475,15 @@ if HAVE_NUMBA:
         return out
 
     @njit(cache=True, parallel=True, fastmath=True)
-    def _down_batch(rows, h, kept, out):
-        """out[t] = sum over kept[t] (in its order) of h[t, n] * down row n; one token per task."""
+    def _down_batch(rows, h, kept, out, x):
+        """out[t] = sum over kept[t] (in its order) of h[t, n] * down row n, summed in x's dtype; one token per
+        task."""
         for t in prange(h.shape[0]):
-            acc = out[t]
-            acc[:] = 0.0
+            acc = np.zeros(out.shape[1], dtype=x.dtype)
             for i in range(kept.shape[1]):
                 n = kept[t, i]
-                _axpy(rows[n, 2], h[t, n], acc)
+                _axpy(rows[n, 2], x.dtype.type(h[t, n]), acc)
+            out[t] = acc
 
     @njit(cache=True)
     def hidden_batch(x, chosen, rows, shared, size):
@@ -450,10 +495,10 @@ if HAVE_NUMBA:
         return h
 
     @njit(cache=True)
-    def down_batch(h, chosen, rows, shared, size, keep, out):
+    def down_batch(h, chosen, rows, shared, size, keep, out, x):
         """out = the down projection of ``h`` over each token's computed neurons, or their ``keep`` largest |h|:
-        only those down rows are read."""
-        _down_batch(rows, h, _kept_rows(h, chosen, shared, size, keep), out)
+        only those down rows are read; summed in the dtype of the inputs ``x``."""
+        _down_batch(rows, h, _kept_rows(h, chosen, shared, size, keep), out, x)
 
 
 def pack_rows(gate, up, down_t) -> np.ndarray:

@@ -72,3 +72,9 @@ def register_router(cls: type[Router]) -> type[Router]:
     """Register a Router subclass; its ``build(inputs)`` classmethod constructs it from calibration data."""
     ROUTERS[cls.kind] = cls
     return cls
+
+
+def topk_by_position(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[T, k]`` indices of each row's k largest scores, ties broken by position (the lower index first), as the
+    kernels' selection breaks them (``torch.topk`` leaves the order of ties unspecified)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from brickwork.routing.base import Router, RouterInputs, register_router
+from brickwork.routing.base import Router, RouterInputs, register_router, topk_by_position
 
 DEFAULT_INPUT_FRACTION = 0.25
 
@@ -33,15 +33,21 @@ class PartialInputRouter(Router):
             raise ValueError(f"input_fraction must be in (0, 1], got {input_fraction}")
         self.input_fraction = input_fraction
 
-    def sparse_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """x with all but its ``input_fraction`` largest-magnitude coordinates (per token) set to zero."""
+    def sparse_inputs(self, x: torch.Tensor, by_position: bool = False) -> torch.Tensor:
+        """x with all but its ``input_fraction`` largest-magnitude coordinates (per token) set to zero (ties
+        broken by position with ``by_position``, as the kernels break them)."""
         keep = max(1, math.ceil(self.input_fraction * x.shape[-1]))
-        index = x.abs().topk(keep, dim=-1, sorted=False).indices
+        if by_position:
+            index = topk_by_position(x.abs(), keep)
+        else:
+            index = x.abs().topk(keep, dim=-1, sorted=False).indices
         return torch.zeros_like(x).scatter_(-1, index, x.gather(-1, index))
 
     def forward(self, x, brick):
-        h = brick.hidden(self.sparse_inputs(x), brick.num_shared, brick.d_ff)
-        return h.abs().view(x.shape[0], brick.num_experts, brick.expert_size).sum(-1)
+        exact = brick.exact(x)  # float64 sums rounded once (see BrickFFN): the scores the kernels compute
+        h = brick.hidden(self.sparse_inputs(x, by_position=exact), brick.num_shared, brick.d_ff)
+        h = h.abs().view(x.shape[0], brick.num_experts, brick.expert_size)
+        return h.sum(-1, dtype=torch.float64).float() if exact else h.sum(-1)
 
     def weights_read(self, brick) -> int:
         left_out = brick.expert_size * (brick.num_experts - brick.active)
