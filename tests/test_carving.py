@@ -99,6 +99,23 @@ def test_save_load_round_trip(tmp_path, model_type, router, calibrations, tokeni
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
+def test_accumulation_is_resolved_saved_and_loaded(tmp_path, calibrations, tokenizer):
+    assert bw.CarveConfig(experts=16, shared=2, active=2).resolved_accumulate() == "float32"
+    assert bw.CarveConfig(experts=1536, shared=0, active=300).resolved_accumulate() == "float64"
+    assert bw.CarveConfig(experts=16, active=2, accumulate="float64").resolved_accumulate() == "float64"
+    with pytest.raises(ValueError, match="accumulate must be auto, float32 or float64"):
+        bw.CarveConfig(accumulate="float16")
+    model = tiny("llama")
+    bw.carve_(model, small(accumulate="float64"), calibration=calibrations["llama"])
+    assert {b.accumulate for b in carved_layers(model).values()} == {"float64"}
+    ids = torch.randint(3, 100, (2, 12))
+    before = logits(model, ids)
+    bw.save(model, tmp_path / "carved", tokenizer)
+    loaded = bw.load(tmp_path / "carved")
+    assert {b.accumulate for b in carved_layers(loaded).values()} == {"float64"}
+    assert torch.equal(logits(loaded, ids), before)
+
+
 def test_generate_works_on_a_carved_model(calibrations):
     model = tiny("qwen2")
     bw.carve_(model, small(router="lowrank"), calibration=calibrations["qwen2"])

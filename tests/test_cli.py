@@ -77,12 +77,17 @@ def test_carve_command_saves_evaluates_and_reloads(tmp_path, tiny_dir, text_file
 def test_carve_command_with_only_a_fraction_uses_the_measured_default(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "carved"
     assert (
-        cli(f"carve {tiny_dir} --active-fraction 0.5 --calib {text_file} --calib-tokens 512 --out {out} -q")
+        cli(
+            f"carve {tiny_dir} --active-fraction 0.5 --calib {text_file} --calib-tokens 512 --out {out} "
+            "--accumulate float64 -q"
+        )
         == 0
     )
     printed = capsys.readouterr().out
     assert "the measured default is 64 experts of 1 neuron(s)" in printed and "router partial" in printed
-    assert json.loads((out / "brickwork.json").read_text())["carve_config"]["down_fraction"] is not None
+    saved = json.loads((out / "brickwork.json").read_text())
+    assert saved["carve_config"]["down_fraction"] is not None
+    assert {layer["accumulate"] for layer in saved["layers"]} == {"float64"}
 
 
 def test_carve_command_rejects_bad_shapes(tmp_path, tiny_dir, text_file, capsys):

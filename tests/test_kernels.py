@@ -125,11 +125,14 @@ def test_switch_points_depend_on_router_family_and_reads(monkeypatch):
 
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("dense_down", [False, True])
+@pytest.mark.parametrize(
+    "tokens", [13, 70]
+)  # the partial router's batch estimate blocks neurons from 64 tokens
 def test_batch_path_matches_the_reference_whatever_the_down_projection(
-    name, dense_down, text_file, tokenizer, monkeypatch
+    name, dense_down, tokens, text_file, tokenizer, monkeypatch
 ):
     model = carved_tiny(text_file, tokenizer, **CONFIGS[name])
-    x = torch.randn(13, 32, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(3))
     monkeypatch.setitem(kernels.SWITCH_POINTS, "dense_down_min", 1 if dense_down else 10**9)
     for brick in carved_layers(model).values():
         with torch.no_grad():
@@ -187,6 +190,32 @@ def test_float64_sums_selection_is_the_reference_selection_near_ties(text_file, 
         assert torch.equal(kernels.tokens_forward(brick, x), brick.forward_reference(x))
 
 
+@pytest.mark.parametrize("tokens", [5, 70])
+def test_partial_router_batch_selects_what_float64_numpy_selects(tokens):
+    """The batch estimate over several neuron blocks (300 neurons, blocks of 128 from 64 tokens, one per thread
+    below) against the same estimate in numpy, float64 sums rounded once, ties by position."""
+    import numba
+    import numpy as np
+
+    from brickwork.kernels import cpu
+
+    rng = np.random.default_rng(tokens)
+    d, f, keep, active = 48, 300, 12, 40
+    gate_t = rng.standard_normal((d, f)).astype(np.float32)
+    up_t = rng.standard_normal((d, f)).astype(np.float32)
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    chosen = cpu.partial_router_batch(
+        x.astype(np.float64), keep, gate_t, up_t, active, 0, 1, numba.get_num_threads()
+    )
+    for t in range(tokens):
+        cols = np.sort(np.argsort(-np.abs(x[t]), kind="stable")[:keep])
+        g = x[t, cols].astype(np.float64) @ gate_t[cols].astype(np.float64)
+        u = x[t, cols].astype(np.float64) @ up_t[cols].astype(np.float64)
+        scores = np.abs(g / (1.0 + np.exp(-g)) * u).astype(np.float32)
+        expected = np.argsort(-scores, kind="stable")[:active]
+        assert set(chosen[t]) == set(expected)
+
+
 def test_float64_exp_is_within_an_ulp_of_numpy():
     import numpy as np
 
@@ -195,7 +224,7 @@ def test_float64_exp_is_within_an_ulp_of_numpy():
     g = np.concatenate([np.linspace(-750, 750, 20001), np.random.default_rng(0).normal(0, 4, 20000)])
     u = np.ones_like(g)
     out = np.empty(g.shape, dtype=np.float32)
-    cpu._abs_silu_product64(g, u, out)
+    cpu._silu_product64(g, u, out, True)
     with np.errstate(over="ignore"):
         expected = np.abs(g / (1.0 + np.exp(-g))).astype(np.float32)
     assert np.array_equal(out, expected)

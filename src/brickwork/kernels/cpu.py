@@ -12,7 +12,8 @@ the neurons it selects then read their full rows.
 
 For many tokens at once (:func:`hidden_batch`, :func:`down_batch` and the ``*_router_batch`` functions) each
 selected neuron's rows are read once for all the tokens that selected it, four tokens per pass, and the partial
-router's estimate reads each input column's row once for all the tokens that kept that column.
+router's estimate runs over blocks of neurons whose slice of the transposed gate/up stays in the L2 cache while
+every token adds its columns, four per pass.
 
 Threads: the loops are split over numba's threads (``prange``: neuron slices per token, neurons or tokens for a
 batch); the default is torch's thread count. Every sum runs in an order fixed by one token's own data, so
@@ -45,6 +46,11 @@ if HAVE_NUMBA:
     SLICES = 8
     # Top-k over at most this many values sorts them; over more, radix select (see _topk_indices).
     SMALL_SELECT = 64
+    # The batch partial sums run over neuron blocks of this size: the block's slice of the transposed gate/up
+    # (576 columns x 64 neurons x 2 x 4 bytes = 295 KB on SmolLM2) stays in the L2 cache.
+    NEURON_BLOCK = 128
+    # ... from this many tokens; below, one block per thread.
+    BLOCK_TOKENS = 64
 
     @njit(cache=True, fastmath=False, inline="always")
     def _silu(v):
@@ -76,11 +82,11 @@ if HAVE_NUMBA:
             out[i] = abs(g[i] / (np.float32(1.0) + poly[i] * scale[i]) * u[i])
 
     @njit(cache=True, fastmath={"nnan", "ninf", "nsz", "contract"})
-    def _abs_silu_product64(g, u, out):
-        """out[i] = |silu(g[i]) * u[i]| for float64 g, u, rounded once to float32: exp in float64 as Cephes' exp
-        computes it (Moshier 1989: Cody-Waite reduction, e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2))), within an ulp
-        of float64 and vectorised by the compiler. z is clamped to [-708, 709], where silu(g) is g or an
-        underflow of float32 either way."""
+    def _silu_product64(g, u, out, absolute):
+        """out[i] = silu(g[i]) * u[i] (its absolute value with ``absolute``) for float64 g, u, rounded once to
+        float32: exp in float64 as Cephes' exp computes it (Moshier 1989: Cody-Waite reduction,
+        e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2))), within an ulp of float64 and vectorised by the compiler. z is
+        clamped to [-708, 709], where silu(g) is g or an underflow of float32 either way."""
         n = g.shape[0]
         powers = np.empty(n, dtype=np.int64)
         ratio = np.empty(n, dtype=np.float64)
@@ -99,14 +105,18 @@ if HAVE_NUMBA:
             ratio[i] = 1.0 + 2.0 * p / (q - p)
             powers[i] = (np.int64(k) + np.int64(1023)) << np.int64(52)
         scale = powers.view(np.float64)
-        for i in range(n):
-            out[i] = abs(g[i] / (1.0 + ratio[i] * scale[i]) * u[i])
+        if absolute:
+            for i in range(n):
+                out[i] = abs(g[i] / (1.0 + ratio[i] * scale[i]) * u[i])
+        else:
+            for i in range(n):
+                out[i] = g[i] / (1.0 + ratio[i] * scale[i]) * u[i]
 
     @njit(cache=True, inline="always")
     def _abs_silu(g, u, out):
         """out = |silu(g) * u|, in the precision of g and u."""
         if g.itemsize == 8:
-            _abs_silu_product64(g, u, out)
+            _silu_product64(g, u, out, True)
         else:
             _abs_silu_product(g, u, out)
 
@@ -116,12 +126,42 @@ if HAVE_NUMBA:
         for n in range(y.shape[0]):
             y[n] += a[n] * v
 
+    @njit(cache=True, fastmath=True, inline="always")
+    def _axpy4(a0, a1, a2, a3, v0, v1, v2, v3, y):
+        """y += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3, added in that order: four rows per pass over y, so y is
+        loaded and stored once for four rows."""
+        for n in range(y.shape[0]):
+            y[n] = (((y[n] + a0[n] * v0) + a1[n] * v1) + a2[n] * v2) + a3[n] * v3
+
+    @njit(cache=True, fastmath=True, inline="always")
+    def _add_columns(xs, cols, w_t, lo, hi, y):
+        """y += the sum over k of xs[cols[k]] * w_t[cols[k], lo:hi], four columns per pass, in the order of
+        cols."""
+        m = cols.shape[0]
+        k = 0
+        while k + 4 <= m:
+            _axpy4(
+                w_t[cols[k], lo:hi],
+                w_t[cols[k + 1], lo:hi],
+                w_t[cols[k + 2], lo:hi],
+                w_t[cols[k + 3], lo:hi],
+                xs[cols[k]],
+                xs[cols[k + 1]],
+                xs[cols[k + 2]],
+                xs[cols[k + 3]],
+                y,
+            )
+            k += 4
+        while k < m:
+            _axpy(w_t[cols[k], lo:hi], xs[cols[k]], y)
+            k += 1
+
     @njit(cache=True, parallel=True, fastmath=True)
-    def partial_scores(xs, cols, gate_t, up_t, first, scores):
-        """scores[n - first] = |silu(g~) u~| with g~, u~ from input columns ``cols`` (values ``xs``) only.
+    def partial_scores(x, cols, gate_t, up_t, first, scores):
+        """scores[n - first] = |silu(g~) u~| with g~, u~ from the input columns ``cols`` of ``x`` only.
 
         The neurons are split into fixed slices (threads); each slice adds each column's part of the ``gate_t``/
-        ``up_t`` [D, F] rows to its partial sums, column by column."""
+        ``up_t`` [D, F] rows to its partial sums, four columns at a time."""
         f = gate_t.shape[1]
         per = (f - first + SLICES - 1) // SLICES
         for c in prange(SLICES):
@@ -129,11 +169,10 @@ if HAVE_NUMBA:
             hi = min(f, lo + per)
             if lo >= hi:
                 continue
-            g = np.zeros(hi - lo, dtype=xs.dtype)
-            u = np.zeros(hi - lo, dtype=xs.dtype)
-            for k in range(cols.shape[0]):
-                _axpy(gate_t[cols[k], lo:hi], xs[k], g)
-                _axpy(up_t[cols[k], lo:hi], xs[k], u)
+            g = np.zeros(hi - lo, dtype=x.dtype)
+            u = np.zeros(hi - lo, dtype=x.dtype)
+            _add_columns(x, cols, gate_t, lo, hi, g)
+            _add_columns(x, cols, up_t, lo, hi, u)
             _abs_silu(g, u, scores[lo - first : hi - first])
 
     @njit(cache=True)
@@ -207,13 +246,19 @@ if HAVE_NUMBA:
         return out
 
     @njit(cache=True, fastmath=True, inline="always")
-    def _neuron_h(rows, n, x):
-        """h of packed neuron ``n``: silu(gate . x) * (up . x), summed in x's dtype, rounded to float32."""
+    def _gate_up(rows, n, x):
+        """gate . x and up . x of packed neuron ``n``, summed in x's dtype."""
         g = x.dtype.type(0.0)
         u = x.dtype.type(0.0)
         for j in range(x.shape[0]):
             g += rows[n, 0, j] * x[j]
             u += rows[n, 1, j] * x[j]
+        return g, u
+
+    @njit(cache=True, fastmath=True, inline="always")
+    def _neuron_h(rows, n, x):
+        """h of packed neuron ``n``: silu(gate . x) * (up . x), summed in x's dtype, rounded to float32."""
+        g, u = _gate_up(rows, n, x)
         return np.float32(_silu(g) * u)
 
     @njit(cache=True, inline="always")
@@ -293,8 +338,15 @@ if HAVE_NUMBA:
             _fused_rows(x, rows, neurons, out)
             return
         h = np.empty(m, dtype=np.float32)
-        for i in prange(m):
-            h[i] = _neuron_h(rows, neurons[i], x)
+        if x.itemsize == 8:  # float64: the dot products first, then one vectorised pass of silu
+            g = np.empty(m, dtype=np.float64)
+            u = np.empty(m, dtype=np.float64)
+            for i in prange(m):
+                g[i], u[i] = _gate_up(rows, neurons[i], x)
+            _silu_product64(g, u, h, False)
+        else:
+            for i in prange(m):
+                h[i] = _neuron_h(rows, neurons[i], x)
         top = _topk_indices(np.abs(h), keep)
         _down_rows(rows, neurons[top], h[top], out, x)
 
@@ -321,7 +373,7 @@ if HAVE_NUMBA:
         cols = _topk_indices(np.abs(x).astype(np.float32), input_keep)
         f = gate_t.shape[1]
         scores = np.empty(f - shared, dtype=np.float32)
-        partial_scores(x[cols], cols, gate_t, up_t, shared, scores)
+        partial_scores(x, cols, gate_t, up_t, shared, scores)
         _experts_token(
             x, rows, _topk_indices(_expert_scores(scores, size, x), active), shared, size, keep, out
         )
@@ -370,52 +422,43 @@ if HAVE_NUMBA:
         return chosen
 
     @njit(cache=True, parallel=True, fastmath=True)
-    def _partial_sums(x, col_offsets, col_tokens, gate_t, up_t, first, g, u, parts):
-        """g[t, first:], u[t, first:] += the partial gate/up sums over each token's kept input columns: column by
-        column, so each column's row of ``gate_t``/``up_t`` is read once for all tokens that kept it. ``parts``
-        threads: the tokens are split into contiguous parts and, with fewer tokens than threads, the neurons too."""
-        tokens, d = x.shape
-        f = gate_t.shape[1]
-        token_parts = max(1, min(tokens, parts))
-        neuron_parts = max(1, parts // token_parts)
-        per_token = (tokens + token_parts - 1) // token_parts
-        per_neuron = (f - first + neuron_parts - 1) // neuron_parts
-        for item in prange(token_parts * neuron_parts):
-            lo = (item // neuron_parts) * per_token
-            hi = min(tokens, lo + per_token)
-            n_lo = first + (item % neuron_parts) * per_neuron
-            n_hi = min(f, n_lo + per_neuron)
-            for j in range(d):
-                for q in range(col_offsets[j], col_offsets[j + 1]):
-                    t = col_tokens[q]
-                    if t < lo or t >= hi:
-                        continue
-                    v = x[t, j]
-                    _axpy(gate_t[j, n_lo:n_hi], v, g[t, n_lo:n_hi])
-                    _axpy(up_t[j, n_lo:n_hi], v, u[t, n_lo:n_hi])
-
-    @njit(cache=True, parallel=True, fastmath=True)
-    def partial_router_batch(x, input_keep, gate_t, up_t, active, shared, size, parts):
+    def partial_router_batch(x, input_keep, gate_t, up_t, active, shared, size, threads):
         """``[T, active]`` experts chosen by the partial-input estimate (as :func:`partial_router_token`);
-        ``parts``: the number of threads."""
-        tokens, d = x.shape
+        ``threads``: numba's thread count.
+
+        The neurons are cut into blocks of NEURON_BLOCK (the parallel units): a block's slice of every column of
+        ``gate_t``/``up_t`` stays in the L2 cache while the tokens pass; for each token the block's partial sums
+        over its kept columns (four at a time, in the order of its columns, as :func:`partial_scores` adds them)
+        stay in L1 and become scores at once, so no [T, F] array of sums is written."""
+        tokens = x.shape[0]
         f = gate_t.shape[1]
         cols = _topk_rows(np.abs(x).astype(np.float32), input_keep)
-        col_offsets, col_tokens = _token_lists(cols, d)
-        g = np.zeros((tokens, f), dtype=x.dtype)
-        u = np.zeros((tokens, f), dtype=x.dtype)
-        _partial_sums(x, col_offsets, col_tokens, gate_t, up_t, shared, g, u, parts)
-        e = (f - shared) // size
-        scores = np.empty((tokens, e), dtype=np.float32)
+        neuron_scores = np.empty((tokens, f - shared), dtype=np.float32)
+        # Few tokens: one block per thread, so that each column's row is read in long runs; the sums do not
+        # depend on the blocks.
+        per = NEURON_BLOCK if tokens >= BLOCK_TOKENS else max(1, -(-(f - shared) // threads))
+        blocks = (f - shared + per - 1) // per
+        for b in prange(blocks):
+            lo = shared + b * per
+            hi = min(f, lo + per)
+            g = np.empty(hi - lo, dtype=x.dtype)
+            u = np.empty(hi - lo, dtype=x.dtype)
+            for t in range(tokens):
+                g[:] = 0.0
+                u[:] = 0.0
+                _add_columns(x[t], cols[t], gate_t, lo, hi, g)
+                _add_columns(x[t], cols[t], up_t, lo, hi, u)
+                _abs_silu(g, u, neuron_scores[t, lo - shared : hi - shared])
+        if size == 1:
+            return _topk_rows(neuron_scores, active)
+        scores = np.empty((tokens, (f - shared) // size), dtype=np.float32)
         for t in prange(tokens):
-            neuron_scores = np.empty(f - shared, dtype=np.float32)
-            _abs_silu(g[t, shared:], u[t, shared:], neuron_scores)
-            scores[t] = _expert_scores(neuron_scores, size, x[t])
+            scores[t] = _expert_scores(neuron_scores[t], size, x[t])
         return _topk_rows(scores, active)
 
     @njit(cache=True, fastmath=True, inline="always")
-    def _h4(rows, n, x, t0, t1, t2, t3, h):
-        """h[t, n] for four tokens: neuron n's gate and up rows read once (summed in x's dtype)."""
+    def _sums4(rows, n, x, t0, t1, t2, t3):
+        """Neuron n's gate and up sums for four tokens (in x's dtype), its rows read once."""
         g0 = g1 = g2 = g3 = u0 = u1 = u2 = u3 = x.dtype.type(0.0)
         for j in range(x.shape[1]):
             wg = rows[n, 0, j]
@@ -428,6 +471,12 @@ if HAVE_NUMBA:
             u2 += wu * x[t2, j]
             g3 += wg * x[t3, j]
             u3 += wu * x[t3, j]
+        return g0, g1, g2, g3, u0, u1, u2, u3
+
+    @njit(cache=True, fastmath=True, inline="always")
+    def _h4(rows, n, x, t0, t1, t2, t3, h):
+        """h[t, n] for four tokens: neuron n's gate and up rows read once."""
+        g0, g1, g2, g3, u0, u1, u2, u3 = _sums4(rows, n, x, t0, t1, t2, t3)
         h[t0, n] = _silu(g0) * u0
         h[t1, n] = _silu(g1) * u1
         h[t2, n] = _silu(g2) * u2
@@ -446,11 +495,28 @@ if HAVE_NUMBA:
             else:
                 i = (n - shared) // size
                 listed = tokens[offsets[i] : offsets[i + 1]]
+            m = listed.shape[0]
             q = 0
-            while q + 4 <= listed.shape[0]:
+            if x.itemsize == 8:  # float64 sums: silu in one vectorised pass over the neuron's tokens
+                g = np.empty(m, dtype=np.float64)
+                u = np.empty(m, dtype=np.float64)
+                while q + 4 <= m:
+                    g[q], g[q + 1], g[q + 2], g[q + 3], u[q], u[q + 1], u[q + 2], u[q + 3] = _sums4(
+                        rows, n, x, listed[q], listed[q + 1], listed[q + 2], listed[q + 3]
+                    )
+                    q += 4
+                while q < m:
+                    g[q], u[q] = _gate_up(rows, n, x[listed[q]])
+                    q += 1
+                out = np.empty(m, dtype=np.float32)
+                _silu_product64(g, u, out, False)
+                for q in range(m):
+                    h[listed[q], n] = out[q]
+                continue
+            while q + 4 <= m:
                 _h4(rows, n, x, listed[q], listed[q + 1], listed[q + 2], listed[q + 3], h)
                 q += 4
-            while q < listed.shape[0]:
+            while q < m:
                 t = listed[q]
                 h[t, n] = _neuron_h(rows, n, x[t])
                 q += 1
