@@ -92,6 +92,8 @@ def test_packed_weights_follow_in_place_changes(text_file, tokenizer):
         assert torch.allclose(brick(x), before / 2, atol=1e-6)
         brick.router.weight.mul_(-1)  # routing changes: other experts
         assert torch.allclose(brick(x), brick.forward_reference(x), atol=1e-5)
+        brick.accumulate = "float64"  # the plan follows the accumulation too
+        assert torch.equal(brick(x), brick.forward_reference(x))
 
 
 def test_greedy_generation_is_the_same_on_fast_and_reference_paths(text_file, tokenizer, monkeypatch):

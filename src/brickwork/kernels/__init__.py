@@ -93,8 +93,8 @@ class Plan:
     Decode runs the per-token kernel once per layer and token, so the Python around it (module attribute
     look-ups, re-checking the brick, tensor wrapping) costs as much as the kernel unless it is precomputed. The
     plan keeps the Parameter objects themselves and compares their storage pointer and version counter on every
-    call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the brick's stock routing makes it
-    stale and it is rebuilt.
+    call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the brick's stock routing or
+    ``accumulate`` makes it stale and it is rebuilt.
 
     Linear routers (``fitted``, ``centroid``) and the ``partial`` router run inside the one compiled call
     (``kernel``); other routers (``kernel`` None) score in torch first, then :func:`cpu._experts_token`.
@@ -105,10 +105,11 @@ class Plan:
         self.tensors = [t for t in tensors if t is not None]
         self.key = self._key()
         self.stock_routing = brick.stock_routing
+        self.accumulate = brick.accumulate
         self.supported = supports_fast_path(brick)
         self.family = "partial" if brick.router.kind == "partial" else "linear"
         # float64 sums rounded once (BrickFFN.accumulate): the kernels are given the inputs widened to float64
-        self.exact = brick.accumulate == "float64"
+        self.exact = self.accumulate == "float64"
         self.fraction = brick.active_fraction()
         self.kernel, self.args = None, ()
         # The batch path's router; None: brick.select in torch.
@@ -146,7 +147,11 @@ class Plan:
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
 
     def current(self, brick) -> bool:
-        return brick.stock_routing is self.stock_routing and self._key() == self.key
+        return (
+            brick.stock_routing is self.stock_routing
+            and brick.accumulate == self.accumulate
+            and self._key() == self.key
+        )
 
 
 def plan(brick) -> Plan:
