@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-export bench-recovery bench-recovery-gpu
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu
 
 setup:
 	bash scripts/setup.sh
@@ -43,6 +43,9 @@ bench-speed: setup
 
 bench-path-agreement: setup
 	$(BIN)/python bench/path_agreement.py --out bench/results/path-agreement
+
+bench-accumulate-cost: setup
+	$(BIN)/python bench/accumulate_cost.py --out bench/results/accumulate-cost
 
 bench-export: setup
 	$(BIN)/python bench/export_validation.py --out bench/results/export-validation

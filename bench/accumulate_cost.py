@@ -1,0 +1,102 @@
+"""What float64 sums cost: FFN-only time of each neuron-level carve of the speed benchmark with
+``accumulate="float32"`` and ``"float64"`` (same carve, two copies), and of the dense FFNs, interleaved in one
+run, medians of several repeats, at several token counts per call (random inputs at the scale of real FFN
+inputs). The speed benchmark times the default (float64) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_results  # noqa: E402
+
+import brickwork as bw  # noqa: E402
+from brickwork.benchmarks.speed import SpeedBenchConfig, _configs  # noqa: E402
+from brickwork.bricks import calibrate  # noqa: E402
+from brickwork.bricks.carve import carved_layers  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 128, 512])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/accumulate-cost"))
+    args = parser.parse_args()
+
+    torch.set_num_threads(2)
+    dense, tokenizer = bw.load_model(args.model)
+    speed = SpeedBenchConfig(model=args.model)
+    first = bw.find_ffns(dense)[0]
+    d_model = first.read().d_model
+    calibration = calibrate(dense, tokenizer, speed.calib, bw.CarveConfig(calib_tokens=speed.calib_tokens))
+    rows = []
+    for name, kwargs in _configs(speed, first.d_ff, d_model, first.is_gated).items():
+        if bw.CarveConfig(**kwargs).resolved_accumulate() != "float64":
+            continue
+        copies = {}
+        for accumulate in ("float32", "float64"):
+            carved = copy.deepcopy(dense)
+            config = bw.CarveConfig(calib_tokens=speed.calib_tokens, accumulate=accumulate, **kwargs)
+            bw.carve_(carved, config, calibration=calibration, progress=False)
+            copies[accumulate] = list(carved_layers(carved).values())
+        names = {module: name for name, module in carved.named_modules()}
+        dense_ffns = [dense.get_submodule(names[b]) for b in copies["float64"]]
+        for tokens in args.tokens:
+            generator = torch.Generator().manual_seed(tokens)
+            xs = [torch.randn(tokens, d_model, generator=generator) * 0.5 for _ in dense_ffns]
+            calls = {"float32": copies["float32"], "float64": copies["float64"], "dense": dense_ffns}
+            times = {key: [] for key in calls}
+            with torch.no_grad():
+                for repeat in range(args.repeats + 1):
+                    for key, modules in calls.items():
+                        start = time.perf_counter()
+                        for module, x in zip(modules, xs, strict=True):
+                            module(x)
+                        if repeat:  # the first round warms the plans and caches
+                            times[key].append(time.perf_counter() - start)
+            ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+            rows.append(
+                {
+                    "name": name,
+                    "tokens": tokens,
+                    "ms": ms,
+                    "float64_over_float32": ms["float64"] / ms["float32"],
+                    "speedup_float32": ms["dense"] / ms["float32"],
+                    "speedup_float64": ms["dense"] / ms["float64"],
+                }
+            )
+            print(rows[-1], flush=True)
+    results = {
+        "machine": machine_info(),
+        "settings": {**vars(args), "out": str(args.out)},
+        "rows": rows,
+    }
+    lines = [
+        f"# FFN time with float32 and float64 sums ({args.model})",
+        "",
+        f"commit `{results['machine']['commit']}`, {results['machine']['date']}, 2 threads; FFN-only, all layers, "
+        f"random inputs, medians of {args.repeats} interleaved repeats. Speed-up = dense time / carved time.",
+        "",
+        "| carve | tokens per call | float32 ms | float64 ms | float64 / float32 | speed-up float32 | speed-up float64 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['tokens']} | {r['ms']['float32']:.1f} | {r['ms']['float64']:.1f} | "
+            f"{r['float64_over_float32']:.2f} | x{r['speedup_float32']:.2f} | x{r['speedup_float64']:.2f} |"
+        )
+    write_results(args.out, results, "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
