@@ -1,16 +1,16 @@
 """What float64 sums cost: FFN-only time of each neuron-level carve of the speed benchmark with
 ``accumulate="float32"`` and ``"float64"`` (same carve, two copies), and of the dense FFNs, interleaved in one
-run, medians of several repeats, at several token counts per call (random inputs at the scale of real FFN
-inputs). The speed benchmark times the default (float64) only.
+run (the speed benchmark's ``_interleaved``: one warm-up each, medians of several repeats), at several token
+counts per call (random inputs at the scale of real FFN inputs). The speed benchmark times the default (float64)
+only.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.speed import SpeedBenchConfig, _configs  # noqa: E402
+from brickwork.benchmarks.speed import SpeedBenchConfig, _configs, _interleaved  # noqa: E402
 from brickwork.bricks import calibrate  # noqa: E402
 from brickwork.bricks.carve import carved_layers  # noqa: E402
 
@@ -54,16 +54,16 @@ def main() -> None:
             generator = torch.Generator().manual_seed(tokens)
             xs = [torch.randn(tokens, d_model, generator=generator) * 0.5 for _ in dense_ffns]
             calls = {"float32": copies["float32"], "float64": copies["float64"], "dense": dense_ffns}
-            times = {key: [] for key in calls}
-            with torch.no_grad():
-                for repeat in range(args.repeats + 1):
-                    for key, modules in calls.items():
-                        start = time.perf_counter()
-                        for module, x in zip(modules, xs, strict=True):
-                            module(x)
-                        if repeat:  # the first round warms the plans and caches
-                            times[key].append(time.perf_counter() - start)
-            ms = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+
+            def run(modules, xs=xs):
+                with torch.no_grad():
+                    for module, x in zip(modules, xs, strict=True):
+                        module(x)
+
+            seconds = _interleaved(
+                {key: partial(run, modules) for key, modules in calls.items()}, args.repeats
+            )
+            ms = {key: 1e3 * value for key, value in seconds.items()}
             rows.append(
                 {
                     "name": name,

@@ -9,6 +9,8 @@ CONFIG_VERSION = 1
 # on SmolLM2 the fast and reference paths of 16-expert carves agree exactly with float32 sums, those of
 # neuron-level carves (1,536 routed) do not (bench/results/path-agreement).
 EXACT_ABOVE = 64
+# What BrickFFN.accumulate takes (CarveConfig also takes "auto").
+ACCUMULATE = ("float32", "float64")
 
 
 @dataclass
@@ -83,7 +85,7 @@ class CarveConfig:
             raise ValueError(f"unknown router '{self.router}'; choose from {sorted(ROUTERS)}")
         if self.layers is not None and (not self.layers or min(self.layers) < 0):
             raise ValueError("layers must be a non-empty list of layer indices >= 0 (or None for all)")
-        if self.accumulate not in ("auto", "float32", "float64"):
+        if self.accumulate != "auto" and self.accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate must be auto, float32 or float64, got {self.accumulate!r}")
         if self.calib_tokens < self.window or self.router_samples < 1:
             raise ValueError(f"calib_tokens must be >= window ({self.window}) and router_samples >= 1")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brickwork.bricks.config import ACCUMULATE
 from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFNWeights
 from brickwork.routing.base import Router, topk_by_position
-
-ACCUMULATE = ("float32", "float64")
 
 
 class BrickFFN(nn.Module):
