@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import hashlib
+import http.server
 import random
+import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +91,32 @@ def carved_tiny(text_file, tokenizer, model_type: str = "llama", **config):
     options = dict(method="random", calib_tokens=512, router_samples=256, window=64) | config
     bw.carve_(model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False)
     return model
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A PEP 503 index on 127.0.0.1 serving ``root/<project>/index.html`` and files; yields ``root``."""
+    root = tmp_path / "index"
+    root.mkdir()
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(root), **k)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    yield root
+    server.shutdown()
+
+
+def publish(root: Path, project: str, filename: str, data: bytes, fragment: str | None = None) -> str:
+    """Put ``data`` on the local index as ``filename``; return its sha256."""
+    digest = hashlib.sha256(data).hexdigest()
+    (root / "files").mkdir(exist_ok=True)
+    (root / "files" / filename).write_bytes(data)
+    page = root / "simple" / project
+    page.mkdir(parents=True, exist_ok=True)
+    frag = digest if fragment is None else fragment
+    (page / "index.html").write_text(
+        f'<html><body><a href="../../files/{filename}#sha256={frag}">{filename}</a><br/></body></html>'
+    )
+    return digest

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import brickwork.profiling.stats as stats_module
 from brickwork.profiling.stats import MASS_SHARE_FRACTIONS, NeuronStats, coactivation_counts
 
 
@@ -56,19 +57,26 @@ def test_threshold_zero_is_the_relu_definition():
     torch.testing.assert_close(stats.result()["threshold_rate"], (h > 0).float().mean(0))
 
 
-def test_int8_and_bf16_coactivation_agree(monkeypatch):
+def test_int8_and_float32_coactivation_give_the_same_exact_counts(monkeypatch):
     indicator = (torch.rand(700, 24) < 0.6).to(torch.int8)
-    fast = coactivation_counts(indicator)
-
-    def unavailable(*args):
-        raise RuntimeError("no int8 GEMM here")
-
-    monkeypatch.setattr(torch, "_int_mm", unavailable)
-    slow = coactivation_counts(indicator)  # counts above 256 per pair: chunking keeps bf16 exact
     exact = indicator.double().t() @ indicator.double()
-    assert exact.max() > 256
-    torch.testing.assert_close(fast.double(), exact, rtol=0, atol=0)
-    torch.testing.assert_close(slow.double(), exact, rtol=0, atol=0)
+    int8 = coactivation_counts(indicator, use_int8=True)
+    float32 = coactivation_counts(indicator, use_int8=False)
+    torch.testing.assert_close(int8.double(), exact, rtol=0, atol=0)
+    torch.testing.assert_close(float32.double(), exact, rtol=0, atol=0)
+    # chunked sums (as past 2^24 rows) stay exact too
+    monkeypatch.setattr(stats_module, "_FLOAT32_EXACT_ROWS", 256)
+    chunked = coactivation_counts(indicator, use_int8=False)
+    assert chunked.dtype == torch.float64
+    torch.testing.assert_close(chunked, exact, rtol=0, atol=0)
+
+
+def test_int8_gemm_is_chosen_only_where_it_is_fast(monkeypatch):
+    stats_module.int8_gemm_is_fast.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not stats_module.int8_gemm_is_fast("cpu")
+    assert stats_module.int8_gemm_is_fast("cuda")
+    stats_module.int8_gemm_is_fast.cache_clear()
 
 
 def test_reservoir_is_exact_when_it_holds_every_token():

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 
+import brickwork.evaluation.tasks as tasks_module
+from brickwork.data import registry
 from brickwork.errors import BrickworkError
 from brickwork.evaluation.tasks import (
     Example,
@@ -18,7 +22,7 @@ from brickwork.evaluation.tasks import (
     score_task,
     task_from_bigbench,
 )
-from conftest import CAUSAL_TYPES, tiny
+from conftest import CAUSAL_TYPES, publish, tiny
 
 TASK = {
     "name": "toy",
@@ -103,7 +107,7 @@ def test_accuracy_is_the_score_of_the_highest_likelihood_choice(tokenizer):
     )
 
 
-def _archive(tmp_path, tasks: dict) -> str:
+def _archive(tmp_path, tasks: dict) -> Path:
     path = tmp_path / "bigbench-1.0.0.tar.gz"
     with tarfile.open(path, "w:gz") as tf:
         for name, data in tasks.items():
@@ -114,10 +118,21 @@ def _archive(tmp_path, tasks: dict) -> str:
     return path
 
 
-def test_prepare_tasks_extracts_from_the_archive_and_load_task_reads_them(tmp_path, isolated_home):
-    with pytest.raises(BrickworkError, match="not prepared yet"):
-        load_task("hyperbaton")
+def _pin(monkeypatch, archive) -> None:
+    """Make the pinned archive the test's own (its name, and the SHA-256 of its bytes)."""
+    spec = tasks_module.BIGBENCH_ARCHIVE
+    monkeypatch.setattr(
+        tasks_module, "BIGBENCH_ARCHIVE", dataclasses.replace(spec, sha256=registry.sha256_of(archive))
+    )
+
+
+def test_prepare_tasks_extracts_from_the_archive_and_load_task_reads_them(
+    tmp_path, isolated_home, monkeypatch
+):
     archive = _archive(tmp_path, {"hyperbaton": TASK, "navigate": TASK})
+    with pytest.raises(BrickworkError, match="has sha256.*BRICKWORK_BIGBENCH_ARCHIVE"):
+        prepare_tasks(["hyperbaton"], archive=archive)  # not the pinned archive
+    _pin(monkeypatch, archive)
     paths = prepare_tasks(["hyperbaton", "navigate"], archive=archive)
     assert load_task("hyperbaton").examples == task_from_bigbench(TASK, "hyperbaton").examples
     assert paths["navigate"].is_file()
@@ -125,6 +140,23 @@ def test_prepare_tasks_extracts_from_the_archive_and_load_task_reads_them(tmp_pa
         prepare_tasks(["snarks"], archive=archive)
     with pytest.raises(BrickworkError, match="Unknown task"):
         prepare_tasks(["no_such_task"], archive=archive)
+
+
+def test_a_built_in_task_is_fetched_from_the_index_on_first_use(
+    tmp_path, isolated_home, monkeypatch, local_index
+):
+    archive = _archive(tmp_path, {"hyperbaton": TASK, "navigate": TASK, "snarks": TASK})
+    _pin(monkeypatch, archive)
+    publish(local_index, "bigbench", "bigbench-1.0.0.tar.gz", archive.read_bytes())
+    assert load_task("navigate").examples == task_from_bigbench(TASK, "navigate").examples
+    # every built-in task in the archive was extracted at once, so the archive is fetched once
+    assert sorted(p.stem for p in (isolated_home / "tasks").glob("*.json") if p.stem != "SOURCE") == [
+        "hyperbaton",
+        "navigate",
+        "snarks",
+    ]
+    (local_index / "files" / "bigbench-1.0.0.tar.gz").unlink()
+    assert load_task("snarks").name == "snarks"  # from the cache, no download
 
 
 def test_task_files_by_path_and_clear_errors(tmp_path):

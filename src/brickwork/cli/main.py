@@ -21,10 +21,11 @@ def _cmd_setup(args: argparse.Namespace) -> None:
         print(f"corpus {name:<9} {path}")
     for alias in args.models:
         print(f"model  {alias:<9} {cache_bundled_model(alias, force=args.force)}")
-    if not args.no_tasks:
+    if args.tasks:
         from brickwork.evaluation.tasks import prepare_tasks, tasks_dir
 
-        print(f"tasks  {len(prepare_tasks(force=args.force))} BIG-bench tasks in {tasks_dir()}")
+        prepared = prepare_tasks(force=args.force, progress=not args.quiet)
+        print(f"tasks  {len(prepared)} BIG-bench tasks in {tasks_dir()}")
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
@@ -359,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="*", default=[DEFAULT_MODEL], help="bundled models to cache")
     p.add_argument("--force", action="store_true", help="redo even what is already prepared")
     p.add_argument(
-        "--no-tasks", action="store_true", help="skip the BIG-bench tasks (a 358 MB download from PyPI)"
+        "--tasks",
+        action="store_true",
+        help="also fetch the BIG-bench tasks now (a 358 MB download from PyPI; otherwise on first use)",
     )
     p.set_defaults(func=_cmd_setup)
 

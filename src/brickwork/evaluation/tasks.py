@@ -8,8 +8,8 @@ Each choice is scored by the sum of its tokens' log-probabilities given the prom
 highest-scoring choice and the example scores that choice's target score (BIG-bench's
 ``multiple_choice_grade``). Chance is the expected score of a uniformly random choice.
 
-The task files come from the ``bigbench`` source distribution on PyPI (:func:`prepare_tasks`, run by
-``brickwork setup``); any BIG-bench-style JSON file can be passed by path.
+The task files come from the ``bigbench`` source distribution on PyPI, fetched and extracted on first use
+(:func:`prepare_tasks`, or ``brickwork setup --tasks``); any BIG-bench-style JSON file can be passed by path.
 
 Examples are shuffled once with a fixed seed and cut into two disjoint parts: ``eval`` (the first
 ``examples``) and ``select`` (the last ``examples``). The built-in default task list was chosen on the
@@ -20,35 +20,37 @@ Examples are shuffled once with a fixed seed and cut into two disjoint parts: ``
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import json
 import logging
 import math
+import os
 import random
 import re
 import tarfile
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from brickwork.data import registry
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_write_text
 from brickwork.models.loading import cache_dir
 
 logger = logging.getLogger(__name__)
 
-BIGBENCH_ARCHIVE = {
-    "package": "bigbench==1.0.0",
-    "filename": "bigbench-1.0.0.tar.gz",
-    "sha256": "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
-    "licence": "Apache-2.0 (BIG-bench); see each task's README in the archive for its data sources",
-}
+BIGBENCH_ARCHIVE = registry.RegistryFile(
+    project="bigbench",
+    filename="bigbench-1.0.0.tar.gz",
+    sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+    size_hint="358 MB",
+    manual_env="BRICKWORK_BIGBENCH_ARCHIVE",
+)
+BIGBENCH_LICENCE = "Apache-2.0 (BIG-bench); see each task's README in the archive for its data sources"
 # Multiple-choice BIG-bench tasks in English with short prompts and few choices, so that a whole benchmark
 # row costs seconds; `brickwork setup` extracts these. The default list is the subset on which the dense
 # SmolLM2-135M is clearly above chance on the `select` split (bench/results/task-selection/).
@@ -214,7 +216,7 @@ def load_task(name_or_path: str | Path) -> MultipleChoiceTask:
     elif str(name_or_path) in CANDIDATE_TASKS:
         name, path = str(name_or_path), tasks_dir() / f"{name_or_path}.json"
         if not path.is_file():
-            raise BrickworkError(f"Task '{name}' is not prepared yet: run `brickwork setup --tasks`.")
+            prepare_tasks([name])  # first use: fetch the archive once and extract every built-in task
     else:
         raise BrickworkError(
             f"Unknown task '{name_or_path}'. Built-in tasks: {', '.join(CANDIDATE_TASKS)}; or pass the path "
@@ -330,68 +332,59 @@ def score_task(model, tokenizer, task: MultipleChoiceTask, batch_tokens: int = 8
 
 
 # --- preparing the built-in tasks ----------------------------------------------------------------------
-def _fetch_bigbench(into: Path) -> Path:
-    """The bigbench sdist from PyPI (its metadata build fails, so ``pip download`` cannot fetch it)."""
-    meta_url = "https://pypi.org/pypi/bigbench/1.0.0/json"
-    try:
-        with urllib.request.urlopen(meta_url, timeout=60) as response:
-            files = json.load(response)["urls"]
-        url = next(f["url"] for f in files if f["filename"] == BIGBENCH_ARCHIVE["filename"])
-        target = into / BIGBENCH_ARCHIVE["filename"]
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=600) as response, target.open("wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-    except (OSError, StopIteration, KeyError, json.JSONDecodeError) as exc:
-        raise BrickworkError(
-            f"Could not download {BIGBENCH_ARCHIVE['filename']} from PyPI ({exc}). Download it by hand and "
-            "set BRICKWORK_BIGBENCH_ARCHIVE to its path, or pass task.json files by path."
-        ) from exc
-    if digest.hexdigest() != BIGBENCH_ARCHIVE["sha256"]:
-        raise BrickworkError(f"{url} does not have the expected SHA-256; not using it")
-    return target
+def _bigbench_archive(archive: Path | None, into: Path, progress: bool) -> Path:
+    """The pinned bigbench sdist: ``archive`` or ``$BRICKWORK_BIGBENCH_ARCHIVE`` when given (verified), else
+    fetched from the package index's simple pages (its metadata build fails, so ``pip download`` cannot)."""
+    given = archive or os.environ.get(BIGBENCH_ARCHIVE.manual_env)
+    if given:
+        return registry.verify(BIGBENCH_ARCHIVE, Path(given).expanduser())
+    logger.info(
+        "downloading %s (%s) for the built-in tasks", BIGBENCH_ARCHIVE.filename, BIGBENCH_ARCHIVE.size_hint
+    )
+    return registry.download(BIGBENCH_ARCHIVE, into, progress=progress)
 
 
-def prepare_tasks(names: list[str] | None = None, force: bool = False, archive: Path | None = None) -> dict:
-    """Extract the built-in tasks' task.json files from the bigbench sdist into ``$BRICKWORK_HOME/tasks``."""
-    import os
+def prepare_tasks(
+    names: list[str] | None = None, force: bool = False, archive: Path | None = None, progress: bool = True
+) -> dict:
+    """Extract the built-in tasks' task.json files from the bigbench sdist into ``$BRICKWORK_HOME/tasks``.
 
+    When the archive has to be read, every candidate task missing from the cache is extracted from it, so
+    the 358 MB archive is fetched at most once.
+    """
     names = list(CANDIDATE_TASKS) if names is None else names
     unknown = [n for n in names if n not in CANDIDATE_TASKS]
     if unknown:
         raise BrickworkError(f"Unknown task(s) {unknown}; built-in tasks: {', '.join(CANDIDATE_TASKS)}")
     out = tasks_dir()
     paths = {name: out / f"{name}.json" for name in names}
-    missing = [name for name, path in paths.items() if force or not path.is_file()]
-    if not missing:
+    if not force and all(path.is_file() for path in paths.values()):
         return paths
+    wanted = set(names) if force else set()
+    wanted |= {name for name in CANDIDATE_TASKS if not (out / f"{name}.json").is_file()}
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="brickwork-tasks-") as tmp:
-        archive = archive or (
-            Path(os.environ["BRICKWORK_BIGBENCH_ARCHIVE"])
-            if "BRICKWORK_BIGBENCH_ARCHIVE" in os.environ
-            else None
-        )
-        if archive is None:
-            logger.info("downloading %s (358 MB) for the built-in tasks", BIGBENCH_ARCHIVE["filename"])
-            archive = _fetch_bigbench(Path(tmp))
+        archive = _bigbench_archive(archive, Path(tmp), progress)
         pattern = re.compile(r"[^/]+/bigbench/benchmark_tasks/([^/]+)/task\.json")
         found: dict[str, bytes] = {}
         with tarfile.open(archive) as tf:
             for member in tf:
                 match = pattern.fullmatch(member.name)
-                if match and match.group(1) in missing:
+                if match and match.group(1) in wanted:
                     handle = tf.extractfile(member)
                     if handle is not None:
                         found[match.group(1)] = handle.read()
-        absent = sorted(set(missing) - set(found))
+        absent = sorted(set(names) - set(found) - {n for n in names if paths[n].is_file() and not force})
         if absent:
             raise BrickworkError(f"{archive} holds no task.json for {absent}")
-        for name in missing:
-            text = io.TextIOWrapper(io.BytesIO(found[name]), encoding="utf-8").read()
-            atomic_write_text(paths[name], text)
-        record = dict(BIGBENCH_ARCHIVE, tasks=sorted(set(names) | set(_prepared_names(out))))
+        for name, data in sorted(found.items()):
+            text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8").read()
+            atomic_write_text(out / f"{name}.json", text)
+        record = dict(
+            asdict(BIGBENCH_ARCHIVE),
+            licence=BIGBENCH_LICENCE,
+            tasks=sorted(_prepared_names(out)),
+        )
         atomic_write_text(out / "SOURCE.json", json.dumps(record, indent=2))
     return paths
 
