@@ -150,10 +150,11 @@ def _read_meta(directory: Path) -> dict:
         raise BrickworkError(f"{path} is not a carved-model record")
     version = meta.get("format_version", 0)
     if not isinstance(version, int) or version > FORMAT_VERSION:
+        writer = meta.get("brickwork_version")
+        by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
         raise BrickworkError(
-            f"{directory} uses carved-model format {version!r} (written by brickwork "
-            f"{meta.get('brickwork_version')}); this brickwork ({__version__}) reads format {FORMAT_VERSION} and "
-            "older: upgrade brickwork to load it"
+            f"{directory} uses carved-model format {version!r}{by}; this brickwork ({__version__}) reads format "
+            f"{FORMAT_VERSION} and older: upgrade brickwork to load it"
         )
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():

@@ -163,10 +163,11 @@ class Profile:
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version", 0) > PROFILE_FORMAT_VERSION:
+            writer = meta.get("brickwork_version")
+            by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
             raise BrickworkError(
-                f"{directory} uses profile format {meta.get('format_version')} (written by brickwork "
-                f"{meta.get('brickwork_version')}); this brickwork ({__version__}) reads format "
-                f"{PROFILE_FORMAT_VERSION} and older: upgrade brickwork to read it."
+                f"{directory} uses profile format {meta.get('format_version')}{by}; this brickwork ({__version__}) "
+                f"reads format {PROFILE_FORMAT_VERSION} and older: upgrade brickwork to read it."
             )
         tensors = load_file(str(tensor_path))
         layers: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_layers"])]
