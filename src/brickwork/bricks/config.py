@@ -54,8 +54,9 @@ def check_router_options(router: str, options: dict, builder: str = "build") -> 
             raise ValueError(f"router option {key} must be {described}, got {value!r}")
 
 
-def _option(default, help: str):
-    return field(default=default, metadata={"help": help})
+def _option(default, help: str, default_text: str | None = None):
+    metadata = {"help": help} if default_text is None else {"help": help, "default_text": default_text}
+    return field(default=default, metadata=metadata)
 
 
 def option_help(cls, name: str) -> str:
@@ -106,15 +107,16 @@ class CarveConfig:
         },
     )
     active_fraction: float | None = _option(
-        None, "fraction of the FFN run per token: active = round(fraction x experts) - shared"
+        None, "fraction of the FFN run per token: active = round(fraction x experts) - shared", "unset"
     )
     method: str = _option("activation", "expert construction")
     router: str = _option("fitted", "router kind")
     router_options: dict = field(
-        default_factory=dict, metadata={"help": "keyword arguments of the router's builder"}
+        default_factory=dict,
+        metadata={"help": "keyword arguments of the router's builder", "default_text": "the builder's own"},
     )
     down_fraction: float | None = _option(
-        None, "fraction of d_ff whose down rows a token reads (the largest |h|; None: all computed)"
+        None, "fraction of d_ff whose down rows a token reads (those with the largest |h|)", "all computed"
     )
     layers: list[int] | None = field(
         default=None, metadata={"help": "layers to carve", "default_text": "all"}

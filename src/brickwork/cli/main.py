@@ -74,7 +74,7 @@ def _check_json_path(path: Path | None) -> None:
         raise BrickworkError(f"--json {path} is a directory; give a file name")
 
 
-def _check_model(name, option: str = "model") -> None:
+def _check_model(name) -> None:
     """Resolve a model argument (its directory, config and weights checked) before anything is loaded."""
     from brickwork.models.loading import resolve_model_source
 
