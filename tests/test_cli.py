@@ -62,7 +62,7 @@ def test_carve_command_saves_evaluates_and_reloads(tmp_path, tiny_dir, text_file
     out = tmp_path / "carved"
     command = (
         f"carve {tiny_dir} --experts 8 --shared 1 --active 2 --method activation --router fitted "
-        f"--calib {text_file} --calib-tokens 512 --out {out} --eval {text_file} --eval-tokens 1024 "
+        f"--calib {text_file} --calib-tokens 512 --window 64 --out {out} --eval {text_file} --eval-tokens 1024 "
         "--samples 1 -q"
     )
     assert cli(command) == 0
@@ -78,7 +78,7 @@ def test_carve_command_with_only_a_fraction_uses_the_measured_default(tmp_path, 
     out = tmp_path / "carved"
     assert (
         cli(
-            f"carve {tiny_dir} --active-fraction 0.5 --calib {text_file} --calib-tokens 512 --out {out} "
+            f"carve {tiny_dir} --active-fraction 0.5 --calib {text_file} --calib-tokens 512 --window 64 --out {out} "
             "--accumulate float64 -q"
         )
         == 0
@@ -91,7 +91,7 @@ def test_carve_command_with_only_a_fraction_uses_the_measured_default(tmp_path, 
 
 
 def test_carve_command_rejects_bad_shapes(tmp_path, tiny_dir, text_file, capsys):
-    command = f"carve {tiny_dir} --experts 7 --active 2 --calib {text_file} --calib-tokens 512 --out {tmp_path / 'c'} -q"
+    command = f"carve {tiny_dir} --experts 7 --active 2 --calib {text_file} --calib-tokens 512 --window 64 --out {tmp_path / 'c'} -q"
     assert cli(command) == 2
     assert "not divisible by experts = 7" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
@@ -101,7 +101,7 @@ def test_carve_with_router_options_then_export(tmp_path, tiny_dir, text_file, ca
     carved, stock = tmp_path / "carved", tmp_path / "stock"
     command = (
         f"carve {tiny_dir} --experts 8 --shared 1 --active 2 --router fitted --router-option intercept=false "
-        f"--calib {text_file} --calib-tokens 512 --out {carved} -q"
+        f"--calib {text_file} --calib-tokens 512 --window 64 --out {carved} -q"
     )
     assert cli(command) == 0
     config = json.loads((carved / "brickwork.json").read_text())["carve_config"]
@@ -117,13 +117,13 @@ def test_carve_with_router_options_then_export(tmp_path, tiny_dir, text_file, ca
 
 def test_recover_command_local_and_e2e(tmp_path, tiny_dir, text_file):
     carved = tmp_path / "carved"
-    common = f"--calib {text_file} --calib-tokens 512 -q"
+    common = f"--calib {text_file} --calib-tokens 512 --window 64 -q"
     assert (
         cli(f"carve {tiny_dir} --experts 8 --shared 1 --active 2 --router fitted {common} --out {carved}")
         == 0
     )
     local = tmp_path / "local"
-    assert cli(f"recover {carved} --calib {text_file} --tokens 512 --out {local} -q") == 0
+    assert cli(f"recover {carved} --calib {text_file} --tokens 512 --window 64 --out {local} -q") == 0
     summary = json.loads((local / "recovery.json").read_text())
     assert summary["mode"] == "local"
     assert all(layer["error_after"] < layer["error_before"] for layer in summary["layers"])

@@ -67,14 +67,14 @@ def test_topk_qwen2_moe_export_is_close(tmp_path, text_file, tokenizer, active):
 
 def test_the_temperature_is_what_makes_topk_faithful(text_file, tokenizer):
     """At T = 1 the stock softmax weights the experts unequally; the chosen T makes them equal to 1e-3."""
-    from brickwork.io.export import _capture_inputs, _plan, _temperatures
+    from brickwork.io.export import _capture_inputs, _temperatures, plan_export
 
     model = _carved(text_file, tokenizer, active=3)
     with torch.no_grad():  # a router with a realistic logit range (the tiny random one is nearly flat)
         for brick in carved_layers(model).values():
             brick.router.weight.mul_(200)
     windows = _windows(text_file, tokenizer)
-    plan = _plan(model, "qwen2_moe")
+    plan = plan_export(model, "qwen2_moe")
     chosen = _temperatures(plan, "qwen2_moe", _capture_inputs(model, plan.bricks, windows))
     plain = compare_logits(model, build_stock_model(model, "qwen2_moe", dict.fromkeys(chosen, 1.0)), windows)
     tempered = compare_logits(model, build_stock_model(model, "qwen2_moe", chosen), windows)

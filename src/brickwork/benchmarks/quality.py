@@ -74,6 +74,18 @@ class QualityBenchConfig:
             raise ValueError(f"eval_tokens ({self.eval_tokens}) must hold one window of {self.window} tokens")
         if self.task_examples < 1:
             raise ValueError("task_examples must be at least 1")
+        if self.experts < 1 or not 0 <= self.shared < self.experts:
+            raise ValueError(
+                f"experts must be >= 1 and shared in [0, experts - 1] = [0, {self.experts - 1}], got "
+                f"experts {self.experts}, shared {self.shared}"
+            )
+        if not any(
+            1 <= round(f * self.experts) - self.shared <= self.experts - self.shared for f in self.fractions
+        ):
+            raise ValueError(
+                f"no fraction in {self.fractions} leaves a routed expert to choose with {self.experts} experts, "
+                f"{self.shared} shared: the grid would be empty; lower --shared or raise the fractions"
+            )
 
 
 # The carving issue's routers. lowrank and partial are neuron-level predictors: on 16 experts lowrank is slow to

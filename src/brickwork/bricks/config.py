@@ -1,8 +1,14 @@
-"""CarveConfig: how each FFN is cut into shared and routed experts, and how tokens are routed."""
+"""CarveConfig: how each FFN is cut into shared and routed experts, and how tokens are routed.
+
+Every option's default and help text live here, once: the ``brickwork carve`` command reads them from the
+fields' metadata (:func:`option_help`) and passes only the options a user gave.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import inspect
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 CONFIG_VERSION = 1
 # accumulate="auto" sums in float64 when more experts than this are routed (neuron-level and fine-grained carves):
@@ -11,6 +17,62 @@ CONFIG_VERSION = 1
 EXACT_ABOVE = 64
 # What BrickFFN.accumulate takes (CarveConfig also takes "auto").
 ACCUMULATE = ("float32", "float64")
+# Routed experts per token when neither `active` nor `active_fraction` is given.
+DEFAULT_ACTIVE = 2
+
+# Router options with a range (the router builders' keyword arguments): (type, allowed?, the allowed range).
+ROUTER_OPTION_RULES: dict[str, tuple[type, object, str]] = {
+    "rank": (int, lambda v: v >= 1, "an integer >= 1"),
+    "input_fraction": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "intercept": (bool, lambda v: True, "true or false"),
+}
+
+
+def check_router_options(router: str, options: dict, builder: str = "build") -> None:
+    """Refuse options the router's ``builder`` does not take, or values outside their range (ValueError)."""
+    from brickwork.routing import ROUTERS
+
+    if not isinstance(options, dict):
+        raise ValueError(f"router options must be a dict of keyword arguments, got {options!r}")
+    parameters = inspect.signature(getattr(ROUTERS[router], builder)).parameters
+    known = sorted(
+        name
+        for name, p in parameters.items()
+        if name not in ("inputs", "num_experts", "d_model", "d_ff", "gated", "routed_neurons")
+        and p.kind is not inspect.Parameter.VAR_KEYWORD
+    )
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(
+                f"router '{router}' takes no option '{key}'; its options: {', '.join(known) or 'none'}"
+            )
+        kind, allowed, described = ROUTER_OPTION_RULES.get(key, (object, lambda v: True, "any value"))
+        ok_type = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok_type = True
+        if not ok_type or (isinstance(value, float) and not math.isfinite(value)) or not allowed(value):
+            raise ValueError(f"router option {key} must be {described}, got {value!r}")
+
+
+def _option(default, help: str, default_text: str | None = None):
+    metadata = {"help": help} if default_text is None else {"help": help, "default_text": default_text}
+    return field(default=default, metadata=metadata)
+
+
+def option_help(cls, name: str) -> str:
+    """A config field's help text with its default, for command-line options."""
+    spec = {f.name: f for f in fields(cls)}[name]
+    default = spec.default if spec.default is not MISSING else spec.default_factory()
+    shown = spec.metadata.get("default_text", default)
+    return f"{spec.metadata['help']} (default {shown})"
+
+
+def _int(name: str, value, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {'in ' if high is not None else ''}{allowed}, got {value}")
 
 
 @dataclass
@@ -21,7 +83,8 @@ class CarveConfig:
     for every token and ``active`` of the other ``experts - shared`` (routed) ones are picked per token by the
     router. So ``(shared + active) / experts`` of the FFN runs per token; e.g. ``experts=16, shared=2,
     active=2`` runs 25%. ``experts = d_ff`` is the neuron level. Instead of ``active``, ``active_fraction``
-    asks for a fraction of the FFN: ``active = round(active_fraction * experts) - shared``.
+    asks for a fraction of the FFN: ``active = round(active_fraction * experts) - shared``; giving both is
+    refused unless they agree. Neither: ``active`` is :data:`DEFAULT_ACTIVE`.
 
     ``router_options`` passes keyword arguments to the router's builder (e.g. ``{"rank": 64}`` for lowrank).
     ``down_fraction`` (of d_ff) caps how many of the computed neurons' down rows each token reads: those with
@@ -34,34 +97,55 @@ class CarveConfig:
     float32 rounding flips), float32 otherwise.
     """
 
-    experts: int = 16
-    shared: int = 2
-    active: int | None = 2
-    active_fraction: float | None = None
-    method: str = "activation"
-    router: str = "fitted"
-    router_options: dict = field(default_factory=dict)
-    down_fraction: float | None = None
-    layers: list[int] | None = None  # None: every FFN
-    seed: int = 0
-    calib_tokens: int = 16384  # tokens profiled for grouping and routers
-    router_samples: int = 8192  # of those, how many (x, h) pairs routers are fitted on
-    window: int = 512
-    accumulate: str = "auto"
+    experts: int = _option(16, "equal slices per FFN, shared included (d_ff = neuron level)")
+    shared: int = _option(2, "slices run for every token")
+    active: int | None = field(
+        default=None,
+        metadata={
+            "help": "routed slices run per token",
+            "default_text": f"{DEFAULT_ACTIVE}, or what --active-fraction asks for",
+        },
+    )
+    active_fraction: float | None = _option(
+        None, "fraction of the FFN run per token: active = round(fraction x experts) - shared", "unset"
+    )
+    method: str = _option("activation", "expert construction")
+    router: str = _option("fitted", "router kind")
+    router_options: dict = field(
+        default_factory=dict,
+        metadata={"help": "keyword arguments of the router's builder", "default_text": "the builder's own"},
+    )
+    down_fraction: float | None = _option(
+        None, "fraction of d_ff whose down rows a token reads (those with the largest |h|)", "all computed"
+    )
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "layers to carve", "default_text": "all"}
+    )
+    seed: int = _option(0, "seed of grouping and sampling")
+    calib_tokens: int = _option(16384, "calibration tokens profiled for grouping and routers")
+    router_samples: int = _option(8192, "of those, how many (x, h) pairs routers are fitted on")
+    window: int = _option(512, "tokens per calibration sequence (at most the model's positions)")
+    accumulate: str = _option(
+        "auto",
+        "sums at inference: float64 rounded once makes every kernel path give the reference's values "
+        f"(auto: float64 when more than {EXACT_ABOVE} experts are routed)",
+    )
 
     def __post_init__(self) -> None:
         from brickwork.grouping import GROUPING_METHODS
         from brickwork.routing import ROUTERS
 
-        if self.experts < 1:
-            raise ValueError(f"experts must be >= 1, got {self.experts}")
+        _int("experts", self.experts, 1)
+        _int("shared", self.shared)
         if not 0 <= self.shared < self.experts:
             raise ValueError(
                 f"shared must be in [0, experts - 1] = [0, {self.experts - 1}], got {self.shared}"
             )
         routed = self.experts - self.shared
+        if self.active is not None:
+            _int("active", self.active)
         if self.active_fraction is not None:
-            if not 0 < self.active_fraction <= 1:
+            if not isinstance(self.active_fraction, (int, float)) or not 0 < self.active_fraction <= 1:
                 raise ValueError(f"active_fraction must be in (0, 1], got {self.active_fraction}")
             resolved = round(self.active_fraction * self.experts) - self.shared
             if resolved < 1:
@@ -69,9 +153,15 @@ class CarveConfig:
                     f"active_fraction {self.active_fraction} with {self.shared} shared of {self.experts} "
                     "experts leaves no routed expert active: raise it or lower `shared`"
                 )
-            self.active = min(resolved, routed)
+            resolved = min(resolved, routed)
+            if self.active is not None and self.active != resolved:
+                raise ValueError(
+                    f"active {self.active} and active_fraction {self.active_fraction} disagree (the fraction "
+                    f"means active {resolved} with {self.shared} shared of {self.experts} experts): give one"
+                )
+            self.active = resolved
         if self.active is None:
-            raise ValueError("give `active` (routed experts per token) or `active_fraction`")
+            self.active = DEFAULT_ACTIVE
         if not 1 <= self.active <= routed:
             raise ValueError(f"active must be in [1, experts - shared] = [1, {routed}], got {self.active}")
         if self.down_fraction is not None and not 0 < self.down_fraction <= self.planned_fraction:
@@ -83,12 +173,18 @@ class CarveConfig:
             raise ValueError(f"unknown method '{self.method}'; choose from {sorted(GROUPING_METHODS)}")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router '{self.router}'; choose from {sorted(ROUTERS)}")
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError("layers must be a non-empty list of layer indices >= 0 (or None for all)")
+        check_router_options(self.router, self.router_options)
+        if self.layers is not None:
+            if not self.layers or not all(isinstance(i, int) and i >= 0 for i in self.layers):
+                raise ValueError("layers must be a non-empty list of layer indices >= 0 (or None for all)")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers must not repeat an index, got {self.layers}")
         if self.accumulate != "auto" and self.accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate must be auto, float32 or float64, got {self.accumulate!r}")
-        if self.calib_tokens < self.window or self.router_samples < 1:
-            raise ValueError(f"calib_tokens must be >= window ({self.window}) and router_samples >= 1")
+        _int("seed", self.seed)
+        _int("window", self.window, 2)
+        _int("router_samples", self.router_samples, 1)
+        _int("calib_tokens", self.calib_tokens, self.window)
 
     @property
     def planned_fraction(self) -> float:
@@ -106,8 +202,16 @@ class CarveConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CarveConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a carve config is a dict, got {type(data).__name__}")
         data = dict(data)
         version = data.pop("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise ValueError(f"carve config version {version} is newer than this brickwork understands")
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ValueError(
+                f"carve config version {version!r} is newer than this brickwork understands "
+                f"(<= {CONFIG_VERSION})"
+            )
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown carve config field(s) {unknown}")
         return cls(**data)

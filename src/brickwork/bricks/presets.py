@@ -28,6 +28,9 @@ def recommended(
     """Neuron-level experts, partial router and down-row sparsity, reading at most ``active_fraction`` of the
     FFN weights per token (router included), with the settings measured best at the nearest budget.
 
+    ``overrides`` (CarveConfig fields; None: not given) replace the measured settings; ``router_options`` are
+    merged over the measured ones, and ``shared`` neurons are taken from the routed ones per token.
+
     Per token, with a fraction s of neurons computed and d = r s of them reading down rows, and the router
     reading q of the inputs of the neurons it leaves out: reads / dense = ``(g s + r s + g q (1 - s)) / (g + 1)``
     for g input projections (2 when gated); solve for s.
@@ -55,7 +58,13 @@ def recommended(
         "router_options": {"input_fraction": q},
         "down_fraction": None if down_rows >= active else down_rows / d_ff,
     }
-    options.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    router_options = given.pop("router_options", None) or {}
+    options.update(given)
     if options["router"] != "partial":  # another router was asked for: the partial router's option is not its
         options["router_options"] = {}
+    options["router_options"] = {**options["router_options"], **router_options}  # given options win
+    if "shared" in given and "active" not in given:
+        # shared neurons run for every token: route that many fewer, so the budget still holds
+        options["active"] = max(1, options["active"] - given["shared"])
     return CarveConfig(**options)

@@ -28,25 +28,100 @@ def _cmd_setup(args: argparse.Namespace) -> None:
         print(f"tasks  {len(prepared)} BIG-bench tasks in {tasks_dir()}")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+def _window(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2 (tokens per window), got {value}")
+    return value
+
+
+def _config_option(p, flag: str, cls, name: str, text: str | None = None, **kwargs) -> None:
+    """An option for a config field: absent unless given (the config decides its default), help text from the
+    field's metadata (or ``text``), with the config's default shown."""
+    from dataclasses import MISSING, fields
+
+    spec = {f.name: f for f in fields(cls)}[name]
+    default = spec.default if spec.default is not MISSING else spec.default_factory()
+    shown = spec.metadata.get("default_text", default)
+    help_text = text or spec.metadata["help"]
+    p.add_argument(
+        flag, dest=name, default=argparse.SUPPRESS, help=f"{help_text} (default {shown})", **kwargs
+    )
+
+
+def _given(args: argparse.Namespace, cls) -> dict:
+    """The options of ``cls``'s fields that the user gave."""
+    from dataclasses import fields
+
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+
+
+def _check_json_path(path: Path | None) -> None:
+    if path is not None and Path(path).is_dir():
+        raise BrickworkError(f"--json {path} is a directory; give a file name")
+
+
+def _check_model(name) -> None:
+    """Resolve a model argument (its directory, config and weights checked) before anything is loaded."""
+    from brickwork.models.loading import resolve_model_source
+
+    resolve_model_source(name)
+
+
+def _local_inputs(*names) -> list[str]:
+    """The model arguments that are local paths (the outputs must not replace them)."""
+    return [str(n) for n in names if n is not None and Path(str(n)).expanduser().exists()]
+
+
+PROFILE_HELP = {
+    "tokens": "calibration tokens",
+    "window": "tokens per sequence",
+    "batch_size": "sequences per forward pass",
+    "top_fraction": "k of the top-k activation rate, as a fraction of d_ff",
+    "threshold": "threshold rate: |h| > THRESHOLD x the token's mean |h| (0 = the ReLU definition h != 0)",
+    "seed": "seed of the co-activation sample",
+}
+
+
 def _cmd_profile(args: argparse.Namespace) -> None:
     import brickwork as bw
+    from brickwork.data.sources import check_source
+    from brickwork.io_utils import check_output_dir
+    from brickwork.models.loading import check_window
     from brickwork.profiling.report import summary_table, write_plots
 
-    config = bw.ProfileConfig(
-        tokens=args.tokens,
-        window=args.window,
-        batch_size=args.batch_size,
-        top_fraction=args.top_fraction,
-        threshold=args.threshold,
-        coactivation=not args.no_coactivation,
-        seed=args.seed,
-    )
+    options = _given(args, bw.ProfileConfig)
+    if args.no_coactivation:
+        options["coactivation"] = False
+    config = bw.ProfileConfig(**options)
+    check_source(args.calib)
+    check_output_dir(args.out, "profile", args.overwrite, _local_inputs(args.model))
+    _check_model(args.model)
     model, tokenizer = bw.load_model(args.model)
+    check_window(model, config.window)
     prof = bw.profile(model, tokenizer, args.calib, config, progress=not args.quiet)
-    out = prof.save(args.out)
     table = summary_table(prof)
-    (out / "summary.txt").write_text(table + "\n")
-    plots = write_plots(prof, out)
+    plots: list[Path] = []
+
+    def extra(tmp: Path) -> None:
+        (tmp / "summary.txt").write_text(table + "\n")
+        plots.extend(write_plots(prof, tmp))
+
+    out = prof.save(args.out, overwrite=args.overwrite, extra=extra, inputs=_local_inputs(args.model))
     print(table)
     print(
         f"\nprofiled {prof.tokens} tokens in {prof.meta['seconds']:.1f} s "
@@ -57,8 +132,21 @@ def _cmd_profile(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     import brickwork as bw
+    from brickwork.data.sources import check_source
+    from brickwork.models.loading import check_window
 
+    for data in args.data:
+        check_source(data)
+    _check_json_path(args.json)
+    if args.max_tokens is not None and args.max_tokens < args.window:
+        raise BrickworkError(
+            f"--max-tokens {args.max_tokens} is less than one --window of {args.window} tokens"
+        )
+    _check_model(args.model)
+    if args.parent:
+        _check_model(args.parent)
     model, tokenizer = bw.load_model(args.model)
+    check_window(model, args.window)
     parent = bw.load_model(args.parent)[0] if args.parent else None
     results = []
     for data in args.data:
@@ -112,9 +200,26 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     import brickwork as bw
-    from brickwork.io.export import export
+    from brickwork.data.sources import check_source
+    from brickwork.io.export import check_export_output, export, plan_export
+    from brickwork.models.loading import check_window
 
+    inputs = _local_inputs(args.model)
+    check_export_output(args.out, args.format, args.overwrite, inputs)
+    _check_json_path(args.json)
+    if not args.no_validate:
+        check_source(args.data)
+        if args.tokens < args.window:
+            raise BrickworkError(f"--tokens {args.tokens} is less than one --window of {args.window} tokens")
+    _check_model(args.model)
+    if not (Path(args.model) / "brickwork.json").is_file():
+        raise BrickworkError(
+            f"{args.model} is not a carved model (no brickwork.json): export takes `carve --out`"
+        )
     model, tokenizer = bw.load_model(args.model)
+    plan_export(model, args.format)  # what the format cannot hold, before the validation settings
+    if not args.no_validate:
+        check_window(model, args.window)
     report = export(
         model,
         args.out,
@@ -125,6 +230,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         window=args.window,
         dtype=args.dtype,
         stock_routing=args.stock_routing,
+        overwrite=args.overwrite,
+        sources=inputs,
     )
     print(f"exported {args.model} as {args.format} to {report.path} in {report.seconds:.1f} s")
     if report.conversion:
@@ -158,18 +265,76 @@ def _cmd_bench_speed(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out}/results.json, results.md, speed.png")
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise BrickworkError(f"--device {name} is not a device (cpu, cuda, cuda:1, mps)") from exc
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise BrickworkError(
+                f"--device {name}: this machine has {count} CUDA device(s); use --device cpu"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise BrickworkError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise BrickworkError(f"--device {name}: brickwork runs on cpu, cuda or mps")
+
+
+def _recorded_parent(model: str) -> str:
+    try:
+        parent = json.loads((Path(model) / "brickwork.json").read_text())["base_model"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BrickworkError(
+            f"{model}/brickwork.json records no base model; pass the dense parent with --parent"
+        ) from exc
+    if not isinstance(parent, str) or not parent:
+        raise BrickworkError(f"{model}/brickwork.json records no base model; pass --parent")
+    return parent
+
+
 def _cmd_recover(args: argparse.Namespace) -> None:
     import brickwork as bw
+    from brickwork.data.sources import check_source
+    from brickwork.io_utils import check_output_dir
+    from brickwork.models.loading import check_window
     from brickwork.recovery import LocalRecoveryConfig, recover_local_
+    from brickwork.recovery.e2e import E2EConfig
 
-    if args.mode == "e2e" and args.device != "cpu":
+    e2e_only = ("lr", "batch_size", "checkpoint_every", "temperature", "lm_weight")
+    if args.mode == "e2e":
+        if args.device != "cpu":
+            raise BrickworkError(
+                "--device is for local recovery; e2e runs where accelerate puts it (a GPU when there is one, "
+                "ACCELERATE_USE_CPU=true for the CPU)"
+            )
+        config = E2EConfig(**_given(args, E2EConfig))
+    else:
+        wrong = [f"--{n.replace('_', '-')}" for n in e2e_only if hasattr(args, n)]
+        wrong += [flag for flag, on in (("--parent", args.parent), ("--resume", args.resume)) if on]
+        wrong += ["--checkpoint-dir"] if args.checkpoint_dir is not None else []
+        if wrong:
+            raise BrickworkError(f"{', '.join(wrong)}: option(s) of --mode e2e, not of local recovery")
+        config = LocalRecoveryConfig(**_given(args, LocalRecoveryConfig))
+        _check_device(args.device)
+    check_source(args.calib)
+    _check_model(args.model)
+    if not (Path(args.model) / "brickwork.json").is_file():
         raise BrickworkError(
-            "--device is for local recovery; e2e runs where accelerate puts it (a GPU when there is one, "
-            "ACCELERATE_USE_CPU=true for the CPU)"
+            f"{args.model} is not a carved model (no brickwork.json): recover takes `carve --out`"
         )
+    parent_name = None
+    if args.mode == "e2e":
+        parent_name = args.parent or _recorded_parent(args.model)
+        _check_model(parent_name)
+    inputs = _local_inputs(args.model, parent_name, args.checkpoint_dir)
+    check_output_dir(args.out, "carve", args.overwrite, inputs)
     model, tokenizer = bw.load_model(args.model, device=args.device)
+    check_window(model, config.window)
     if args.mode == "local":
-        config = LocalRecoveryConfig(tokens=args.tokens or LocalRecoveryConfig.tokens)
         report = recover_local_(model, tokenizer, args.calib, config, progress=not args.quiet)
         errors = [(layer.error_before, layer.error_after) for layer in report.layers]
         summary = {
@@ -185,19 +350,9 @@ def _cmd_recover(args: argparse.Namespace) -> None:
     else:
         from accelerate import PartialState
 
-        from brickwork.recovery.e2e import E2EConfig, recover_e2e_
+        from brickwork.recovery.e2e import recover_e2e_
 
-        parent_name = (
-            args.parent or json.loads((Path(args.model) / "brickwork.json").read_text())["base_model"]
-        )
         parent = bw.load_model(parent_name)[0]
-        config = E2EConfig(
-            tokens=args.tokens or E2EConfig.tokens,
-            lr=args.lr,
-            window=args.window,
-            batch_size=args.batch_size,
-            checkpoint_every=args.checkpoint_every,
-        )
         summary = recover_e2e_(
             model,
             parent,
@@ -219,10 +374,14 @@ def _cmd_recover(args: argparse.Namespace) -> None:
                 else "nothing left to train"
             )
     if main_process:
-        out = bw.save(model, args.out, tokenizer)
-        from brickwork.io_utils import atomic_write_text
-
-        atomic_write_text(out / "recovery.json", json.dumps(summary, indent=2))
+        out = bw.save(
+            model,
+            args.out,
+            tokenizer,
+            overwrite=args.overwrite,
+            extra_files={"recovery.json": json.dumps(summary, indent=2)},
+            inputs=inputs,
+        )
         print(f"saved to {out}/")
 
 
@@ -275,57 +434,82 @@ def _router_options(items: list[str]) -> dict:
     return out
 
 
-def _cmd_carve(args: argparse.Namespace) -> None:
+def _carve_options(args: argparse.Namespace) -> dict:
+    """The CarveConfig fields the user gave (router options and --rank merged; conflicts refused)."""
     import brickwork as bw
 
+    options = _given(args, bw.CarveConfig)
+    router_options = _router_options(options.pop("router_options", None) or [])
+    if getattr(args, "rank", None) is not None:
+        if "rank" in router_options and router_options["rank"] != args.rank:
+            raise BrickworkError(
+                f"--rank {args.rank} and --router-option rank={router_options['rank']} disagree"
+            )
+        router_options["rank"] = args.rank
+    if router_options:
+        options["router_options"] = router_options
+    return options
+
+
+def _cmd_carve(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.bricks.carve import plan_layers
+    from brickwork.bricks.config import check_router_options
+    from brickwork.data.sources import check_source
+    from brickwork.io_utils import check_output_dir
+    from brickwork.models.loading import check_window
+
+    options = _carve_options(args)
+    preset = "active_fraction" in options and "active" not in options and "experts" not in options
+    if preset:  # checked now; the measured configuration needs the model's shapes
+        check_router_options(options.get("router", "partial"), options.get("router_options", {}))
+        config = None
+    else:
+        config = bw.CarveConfig(**options)
+    check_source(args.calib)
+    for data in args.eval or []:
+        check_source(data)
+    if args.eval is not None and not args.eval:
+        raise BrickworkError("--eval needs at least one corpus")
+    inputs = _local_inputs(args.model)
+    check_output_dir(args.out, "carve", args.overwrite, inputs)
+    _check_model(args.model)
     model, tokenizer = bw.load_model(args.model)
-    options = {"rank": args.rank} if args.rank else {}
-    options.update(_router_options(args.router_option or []))
-    if args.active_fraction is not None and args.active is None and args.experts is None:
+    if preset:
         from brickwork.bricks.presets import recommended
 
         first = bw.find_ffns(model)[0]
+        fraction = options.pop("active_fraction")
         config = recommended(
-            args.active_fraction,
-            d_ff=first.d_ff,
-            d_model=first.read().d_model,
-            gated=first.is_gated,
-            method=args.method,
-            router=args.router,
-            seed=args.seed,
-            calib_tokens=args.calib_tokens,
-            layers=args.layers,
-            accumulate=args.accumulate,
+            fraction, d_ff=first.d_ff, d_model=first.read().d_model, gated=first.is_gated, **options
         )
         print(
-            f"--active-fraction {args.active_fraction}: the measured default is {config.experts} experts of "
+            f"--active-fraction {fraction}: the measured default is {config.experts} experts of "
             f"{first.d_ff // config.experts} neuron(s), {config.active} active, method {config.method}, router "
             f"{config.router} {config.router_options or ''}"
         )
-    else:
-        config = bw.CarveConfig(
-            experts=args.experts or 16,
-            shared=args.shared,
-            active=args.active,
-            active_fraction=args.active_fraction,
-            method=args.method or "activation",
-            router=args.router or "fitted",
-            router_options=options,
-            layers=args.layers,
-            seed=args.seed,
-            calib_tokens=args.calib_tokens,
-            accumulate=args.accumulate,
+    check_window(model, config.window)
+    if args.eval and args.eval_tokens < config.window:
+        raise BrickworkError(
+            f"--eval-tokens {args.eval_tokens} is less than one window of {config.window} tokens"
         )
+    plan_layers(model, config)  # the shapes fit, checked before calibrating
     parent = bw.load_model(args.model)[0] if (args.eval or args.samples) else None
     report = bw.carve_(model, config, calib=args.calib, tokenizer=tokenizer, progress=not args.quiet)
-    out = bw.save(model, args.out, tokenizer)
+    out = bw.save(model, args.out, tokenizer, overwrite=args.overwrite, inputs=inputs)
     print(
         f"carved {len(report.layers)} FFN layers in {report.seconds:.1f} s; FFN weights read per token: "
         f"{report.active_fraction:.1%} of dense (router included); saved to {out}/"
     )
     for data in args.eval or []:
         carved = bw.evaluate(
-            model, tokenizer, data, parent=parent, max_tokens=args.eval_tokens, progress=not args.quiet
+            model,
+            tokenizer,
+            data,
+            parent=parent,
+            window=config.window,
+            max_tokens=args.eval_tokens,
+            progress=not args.quiet,
         )
         print(
             f"{data:<10} perplexity dense {carved.parent_perplexity:8.3f}  carved {carved.perplexity:8.3f}  "
@@ -366,76 +550,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_setup)
 
+    from brickwork.profiling.profile import ProfileConfig
+
+    overwrite_help = (
+        "replace --out even when it is not an output of this command (everything in it is deleted)"
+    )
     p = sub.add_parser("profile", help="profile FFN neurons on calibration text")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
-    p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (default 65536)")
-    p.add_argument("--window", type=int, default=512, help="tokens per sequence (default 512)")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
-    p.add_argument(
-        "--top-fraction",
-        type=float,
-        default=0.1,
-        help="k of the top-k activation rate, as a fraction of d_ff (default 0.1)",
+    _config_option(p, "--tokens", ProfileConfig, "tokens", PROFILE_HELP["tokens"], type=int)
+    _config_option(p, "--window", ProfileConfig, "window", PROFILE_HELP["window"], type=int)
+    _config_option(p, "--batch-size", ProfileConfig, "batch_size", PROFILE_HELP["batch_size"], type=int)
+    _config_option(
+        p, "--top-fraction", ProfileConfig, "top_fraction", PROFILE_HELP["top_fraction"], type=float
     )
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=1.0,
-        help="threshold rate: |h| > THRESHOLD x the token's "
-        "mean |h| (default 1.0; 0 = the ReLU definition h != 0)",
-    )
+    _config_option(p, "--threshold", ProfileConfig, "threshold", PROFILE_HELP["threshold"], type=float)
     p.add_argument("--no-coactivation", action="store_true", help="skip the co-activation matrix")
-    p.add_argument("--seed", type=int, default=0)
+    _config_option(p, "--seed", ProfileConfig, "seed", PROFILE_HELP["seed"], type=int)
     p.add_argument("--out", type=Path, default=Path("profile"), help="output directory (default ./profile)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_profile)
 
+    from brickwork.bricks.config import ACCUMULATE, CarveConfig
     from brickwork.grouping import GROUPING_METHODS
     from brickwork.routing import ROUTERS
 
     p = sub.add_parser("carve", help="carve FFNs into shared + routed experts and save the carved model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument(
-        "--experts", type=int, help="equal slices per FFN, shared included (default 16; d_ff = neurons)"
-    )
-    p.add_argument("--shared", type=int, default=0, help="slices always run (default 0)")
-    p.add_argument("--active", type=int, help="routed slices run per token")
-    p.add_argument(
+    _config_option(p, "--experts", CarveConfig, "experts", type=int)
+    _config_option(p, "--shared", CarveConfig, "shared", type=int)
+    _config_option(p, "--active", CarveConfig, "active", type=int)
+    _config_option(
+        p,
         "--active-fraction",
+        CarveConfig,
+        "active_fraction",
+        "fraction of the FFN per token; without --experts and --active, it picks the best measured "
+        "configuration for that fraction (the other options given override it)",
         type=float,
-        help="fraction of the FFN per token; alone, it picks the best "
-        "measured configuration for that fraction",
     )
-    p.add_argument(
-        "--method", choices=sorted(GROUPING_METHODS), help="expert construction (default activation)"
-    )
-    p.add_argument("--router", choices=sorted(ROUTERS), help="router kind (default fitted)")
-    p.add_argument("--rank", type=int, help="rank of the lowrank router's approximations")
-    p.add_argument(
+    _config_option(p, "--method", CarveConfig, "method", choices=sorted(GROUPING_METHODS))
+    _config_option(p, "--router", CarveConfig, "router", choices=sorted(ROUTERS))
+    p.add_argument("--rank", type=int, help="rank of the lowrank router's approximations (its option rank)")
+    _config_option(
+        p,
         "--router-option",
+        CarveConfig,
+        "router_options",
+        "an option of the router's builder, KEY=VALUE (repeatable), e.g. intercept=false for a fitted router "
+        "that stock MoE formats can hold",
         action="append",
         metavar="KEY=VALUE",
-        help="an option of the router's builder (repeatable), e.g. intercept=false for a fitted router "
-        "that stock MoE formats can hold",
     )
-    p.add_argument("--layers", type=int, nargs="+", help="layers to carve (default all)")
-    p.add_argument(
-        "--accumulate",
-        choices=("auto", "float32", "float64"),
-        default="auto",
-        help="sums at inference: float64 rounded once makes every kernel path give the reference's values "
-        "(auto: float64 when more than 64 experts are routed)",
-    )
+    _config_option(p, "--down-fraction", CarveConfig, "down_fraction", type=float)
+    _config_option(p, "--layers", CarveConfig, "layers", type=int, nargs="+")
+    _config_option(p, "--accumulate", CarveConfig, "accumulate", choices=("auto", *ACCUMULATE))
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
-    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
-    p.add_argument("--seed", type=int, default=0)
+    _config_option(p, "--calib-tokens", CarveConfig, "calib_tokens", type=int)
+    _config_option(p, "--router-samples", CarveConfig, "router_samples", type=int)
+    _config_option(p, "--window", CarveConfig, "window", type=int)
+    _config_option(p, "--seed", CarveConfig, "seed", type=int)
     p.add_argument("--out", type=Path, default=Path("carved"), help="output directory (default ./carved)")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.add_argument("--eval", nargs="*", help="held-out corpora to compare carved and dense on")
     p.add_argument(
-        "--eval-tokens", type=int, default=16384, help="held-out tokens per corpus (default 16384)"
+        "--eval-tokens", type=_positive_int, default=16384, help="held-out tokens per corpus (default 16384)"
     )
     p.add_argument(
-        "--samples", type=int, default=0, help="print this many greedy continuations of both models"
+        "--samples",
+        type=_non_negative_int,
+        default=0,
+        help="print this many greedy continuations of both models",
     )
     p.set_defaults(func=_cmd_carve)
 
@@ -443,9 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
     p.add_argument("--data", nargs="+", default=list(DEFAULT_EVALUATION), help=data_help)
     p.add_argument("--parent", help="a parent model to compare against (KL(parent||model), top-1 agreement)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--max-tokens", type=int, help="stop after this many tokens per corpus (default: all)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--window", type=_window, default=512, help="tokens per window (default 512)")
+    p.add_argument(
+        "--max-tokens", type=_positive_int, help="stop after this many tokens per corpus (default: all)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_eval)
 
@@ -461,10 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", type=Path, required=True, help="output directory (a .gguf file for --format gguf)"
     )
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--data", default="botchan", help=f"validation text (default botchan); {data_help}")
-    p.add_argument("--tokens", type=int, default=2048, help="validation tokens (default 2048)")
-    p.add_argument("--window", type=int, default=512, help="tokens per validation window (default 512)")
+    p.add_argument("--tokens", type=_positive_int, default=2048, help="validation tokens (default 2048)")
+    p.add_argument("--window", type=_window, default=512, help="tokens per validation window (default 512)")
     p.add_argument("--no-validate", action="store_true", help="skip validation (top-1 carves only)")
     p.add_argument(
         "--stock-routing",
@@ -475,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the export report (validation figures) here")
     p.set_defaults(func=_cmd_export)
 
+    from brickwork.recovery.e2e import E2EConfig
+    from brickwork.recovery.local import LocalRecoveryConfig
+
     p = sub.add_parser(
         "recover",
         help="win back quality after carving: layer-local closed-form refits (local) or distillation from the "
@@ -484,16 +675,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a carved model directory")
     p.add_argument("--mode", choices=("local", "e2e"), default="local")
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
-    p.add_argument("--tokens", type=int, help="calibration tokens (local default 16384; e2e budget 32768)")
+    local_tokens = LocalRecoveryConfig.__dataclass_fields__["tokens"].default
+    e2e_tokens = E2EConfig.__dataclass_fields__["tokens"].default
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"calibration tokens (local default {local_tokens}); e2e token budget (default {e2e_tokens})",
+    )
+    local_window = LocalRecoveryConfig.__dataclass_fields__["window"].default
+    e2e_window = E2EConfig.__dataclass_fields__["window"].default
+    p.add_argument(
+        "--window",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"tokens per sequence (local default {local_window}, e2e default {e2e_window})",
+    )
     p.add_argument("--parent", help="e2e: the dense parent (default: the base model recorded when carving)")
-    p.add_argument("--lr", type=float, default=5e-5, help="e2e learning rate (default 5e-5)")
-    p.add_argument("--window", type=int, default=256, help="e2e: tokens per training sequence (default 256)")
-    p.add_argument("--batch-size", type=int, default=4, help="e2e: sequences per optimiser step (default 4)")
+    _config_option(p, "--lr", E2EConfig, "lr", type=float)
+    _config_option(p, "--batch-size", E2EConfig, "batch_size", type=int)
+    _config_option(p, "--temperature", E2EConfig, "temperature", type=float)
+    _config_option(p, "--lm-weight", E2EConfig, "lm_weight", type=float)
     p.add_argument("--device", default="cpu", help="local: where to refit (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--checkpoint-dir", type=Path, help="e2e: where to save accelerate checkpoints")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="e2e: steps between checkpoints")
+    _config_option(p, "--checkpoint-every", E2EConfig, "checkpoint_every", type=int)
     p.add_argument("--resume", action="store_true", help="e2e: continue from the latest checkpoint")
     p.add_argument("--out", type=Path, required=True, help="output directory for the recovered model")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_recover)
 
     bench = sub.add_parser("bench", help="benchmarks: quality vs FFN weights read; speed against dense")
@@ -540,7 +748,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", nargs="?", help=f"{model_help} (default {DEFAULT_MODEL})")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
-    p.add_argument("--repeats", type=int, default=7, help="interleaved repeats per measurement (default 7)")
+    p.add_argument(
+        "--repeats", type=_positive_int, default=7, help="interleaved repeats per measurement (default 7)"
+    )
     p.add_argument("--quick", action="store_true", help="smoke run on a tiny random model")
     p.add_argument("--out", type=Path, default=Path("bench/results/speed"), help="output directory")
     p.set_defaults(func=_cmd_bench_speed)

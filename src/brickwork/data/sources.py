@@ -27,11 +27,45 @@ from brickwork.errors import BrickworkError
 _CHUNK_CHARS = 1 << 16  # group paragraphs into ~64 KB documents so tokenisation is batched
 
 
+# Text in which more than this share of characters are U+FFFD (what a lossy decode leaves) is not text.
+_MAX_REPLACEMENT_SHARE = 0.01
+
+
+def _bad_text(path: Path, problem: str) -> BrickworkError:
+    return BrickworkError(f"{path} is not UTF-8 text ({problem}); pass a UTF-8 .txt or .jsonl file")
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse a file that is not valid UTF-8, holds NUL bytes or is mostly replacement characters."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, replaced, characters = 0, 0, 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise _bad_text(path, f"invalid byte at offset {offset + exc.start}") from exc
+            if "\x00" in text:
+                raise _bad_text(path, "it holds NUL bytes: a binary file")
+            replaced += text.count("\ufffd")
+            characters += len(text)
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            raise _bad_text(path, "it ends inside a character") from exc
+    if characters and replaced / characters > _MAX_REPLACEMENT_SHARE:
+        raise _bad_text(path, f"{replaced / characters:.0%} of it is replacement characters")
+
+
 def iter_text_file(path: Path) -> Iterator[str]:
     """Paragraph groups of a plain-text file, about 64 KB each."""
+    check_text_file(path)
     buffer: list[str] = []
     size = 0
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8") as handle:
         paragraph: list[str] = []
         for line in handle:
             if line.strip():
@@ -52,6 +86,7 @@ def iter_text_file(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[str]:
+    check_text_file(path)
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
@@ -91,6 +126,29 @@ def _iter_hf(spec: str) -> Iterator[str]:
             yield text
 
 
+def check_source(source: str | Path) -> None:
+    """Everything about ``source`` that can be checked before a model is loaded: that it names a built-in corpus,
+    an ``hf:`` dataset, or an existing UTF-8 text file (a BrickworkError naming the problem otherwise)."""
+    from brickwork.data.corpora import CORPORA
+
+    text = str(source)
+    if text.startswith("hf:"):
+        if not text[3:].split(":")[0]:
+            raise BrickworkError(f"'{text}' names no dataset; use hf:<dataset>[:<config>][:<split>]")
+        return
+    if text in CORPORA:
+        return
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise BrickworkError(
+            f"'{text}' is neither a built-in corpus ({', '.join(CORPORA)}) nor an existing file. "
+            "Pass a built-in name, a .txt/.jsonl file, or 'hf:<dataset>[:<config>][:<split>]'."
+        )
+    if path.is_dir():
+        raise BrickworkError(f"{path} is a directory; pass a .txt or .jsonl file.")
+    check_text_file(path)
+
+
 def iter_documents(source: str | Path) -> Iterator[str]:
     """The documents of ``source`` (see the module docstring for what a source can be)."""
     from brickwork.data.corpora import CORPORA, iter_corpus_documents
@@ -100,14 +158,8 @@ def iter_documents(source: str | Path) -> Iterator[str]:
         return _iter_hf(text)
     if text in CORPORA:
         return iter_corpus_documents(text)
+    check_source(text)
     path = Path(text).expanduser()
-    if not path.exists():
-        raise BrickworkError(
-            f"'{text}' is neither a built-in corpus ({', '.join(CORPORA)}) nor an existing file. "
-            "Pass a built-in name, a .txt/.jsonl file, or 'hf:<dataset>[:<config>][:<split>]'."
-        )
-    if path.is_dir():
-        raise BrickworkError(f"{path} is a directory; pass a .txt or .jsonl file.")
     return _iter_jsonl(path) if path.suffix == ".jsonl" else iter_text_file(path)
 
 

@@ -61,6 +61,8 @@ def evaluate(
 ) -> EvalResult:
     """Score ``model`` on ``data`` (any source :func:`brickwork.data.iter_token_windows` accepts)."""
     _check_causal(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise BrickworkError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if max_tokens is not None and max_tokens < window:
         raise BrickworkError(
             f"max_tokens={max_tokens} is smaller than one window of {window} tokens; raise it or "

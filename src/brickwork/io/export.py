@@ -28,6 +28,7 @@ activations other than SiLU, and (mixtral, gguf) layers left dense or shared neu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -40,12 +41,14 @@ import torch
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
-from brickwork.io_utils import atomic_directory
+from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
+from brickwork.version import __version__
 
 logger = logging.getLogger(__name__)
 
 ExportFormat = Literal["qwen2_moe", "mixtral", "gguf"]
 EXPORT_FORMATS: tuple[str, ...] = ("qwen2_moe", "mixtral", "gguf")
+EXPORT_MARKER = "brickwork-export"  # brickwork-export.json's format: what check_output_dir recognises
 _SOURCE_TYPES = ("llama", "mistral", "qwen2")
 # GGUF only: typical |w . x| of the shared expert's gate (see _shared_gate_directions). At 1e-7, sigmoid(w . x)
 # rounds to 1/2 in fp32 for most tokens (the spacing of fp32 near 1/2 is 6e-8), yet w . x stays far from zero
@@ -76,7 +79,7 @@ class _Plan:
     shared: int
 
 
-def _plan(model, format: str) -> _Plan:
+def plan_export(model, format: str) -> _Plan:
     config = model.config
     if format not in EXPORT_FORMATS:
         raise BrickworkError(f"unknown export format '{format}'; choose from {', '.join(EXPORT_FORMATS)}")
@@ -327,7 +330,7 @@ def build_stock_model(
     ``shared_gates`` (GGUF): each carved layer's shared-expert gate vector instead of zeros."""
     import transformers as tf
 
-    plan = _plan(model, "qwen2_moe" if format == "gguf" else format)
+    plan = plan_export(model, "qwen2_moe" if format == "gguf" else format)
     config = _stock_config(model, plan, format)
     cls = tf.MixtralForCausalLM if format == "mixtral" else tf.Qwen2MoeForCausalLM
     dtype = next(model.parameters()).dtype
@@ -405,6 +408,8 @@ def export(
     dtype: Literal["float32", "float16"] = "float32",
     validate: bool = True,
     stock_routing: bool = False,
+    overwrite: bool = False,
+    sources: tuple = (),
 ) -> ExportReport:
     """Write ``model`` (carved) in a stock MoE format and check it against the carved model.
 
@@ -416,11 +421,15 @@ def export(
     ``stock_routing=True`` first converts ``model`` itself (in place) to the stock routing form, weighting its
     selected experts as the exported router will (:meth:`BrickFFN.stock_weights`), so that the export computes
     what the converted carve computes; ``report.conversion`` says how far the conversion moved the carve.
+
+    An existing export at ``out`` is replaced; anything else only with ``overwrite=True`` (see
+    :func:`check_export_output`); ``sources`` (paths read) may be neither ``out`` nor inside it. A directory export carries ``brickwork-export.json`` (this report).
     """
     from brickwork.data.sources import token_windows
 
     started = time.perf_counter()
-    plan = _plan(model, format)
+    check_export_output(out, format, overwrite, sources)
+    plan = plan_export(model, format)
     windows = None
     if validate_data is not None:
         if tokenizer is None:
@@ -447,25 +456,59 @@ def export(
         del before
     stock = build_stock_model(model, format, temperatures, shared_gates)
     out = Path(out)
+    report = ExportReport(
+        format=format, path=str(out), seconds=0.0, temperatures=temperatures, conversion=report_conversion
+    )
     if format == "gguf":
         from brickwork.io.gguf import write_qwen2moe_gguf
 
-        path = write_qwen2moe_gguf(stock, out, tokenizer, dtype=dtype)
+        write_qwen2moe_gguf(stock, out, tokenizer, dtype=dtype)
+        if windows is not None and validate:
+            report.validation = compare_logits(model, load_exported(out, format), windows)
     else:
         if dtype == "float16":
             stock = stock.half()
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, "export", overwrite, sources) as tmp:
             stock.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        path = out
-    report = ExportReport(
-        format=format, path=str(path), seconds=0.0, temperatures=temperatures, conversion=report_conversion
-    )
-    if windows is not None and validate:
-        report.validation = compare_logits(model, load_exported(path, format), windows)
+            if windows is not None and validate:  # validated before it replaces anything
+                report.validation = compare_logits(model, load_exported(tmp, format), windows)
+            report.seconds = time.perf_counter() - started
+            record = {"format": EXPORT_MARKER, "brickwork_version": __version__, **report.to_dict()}
+            atomic_write_text(tmp / "brickwork-export.json", json.dumps(record, indent=2))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def check_export_output(out: str | Path, format: str, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """Refuse, before any work, an export output that cannot or may not be written (BrickworkError)."""
+    out = Path(out).expanduser()
+    if format != "gguf":
+        return check_output_dir(out, "export", overwrite, inputs)
+    if out.suffix != ".gguf":
+        raise BrickworkError(f"a GGUF output path must end in .gguf, got {out}")
+    if out.is_dir():
+        raise BrickworkError(f"the output {out} is a directory; --format gguf writes one .gguf file")
+    for source in inputs:
+        if source is not None and Path(source).exists() and Path(source).resolve() == out.resolve():
+            raise BrickworkError(f"the output {out} is the input; choose another --out")
+    if out.exists() and not overwrite and not _is_brickwork_gguf(out):
+        raise BrickworkError(
+            f"{out} exists and is not a brickwork export; refusing to replace it. Choose another --out, or pass "
+            "--overwrite"
+        )
+    return out
+
+
+def _is_brickwork_gguf(path: Path) -> bool:
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).get_field("general.name")
+        return field is not None and field.contents() == "brickwork export"
+    except Exception:  # any unreadable file is not ours
+        return False
 
 
 def load_exported(path: str | Path, format: str):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from brickwork.errors import BrickworkError
+from brickwork.io_utils import clean_stale
 
 logger = logging.getLogger(__name__)
 ARCH = "qwen2moe"
@@ -52,7 +53,8 @@ def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "f
     if path.suffix != ".gguf":
         raise BrickworkError(f"a GGUF output path must end in .gguf, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale(path.parent, path.name)  # temporaries of killed runs
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.brickwork-tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
@@ -83,6 +85,9 @@ def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "f
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes files private; outputs follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

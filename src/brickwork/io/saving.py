@@ -9,15 +9,16 @@ card. It is written to a temporary directory and renamed, so an interrupted save
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import _remove_duplicate_names, load_model, save_file
 
 from brickwork.bricks.carve import _swap_in, carved_layers
-from brickwork.bricks.config import CarveConfig
+from brickwork.bricks.config import ACCUMULATE, CarveConfig, check_router_options
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
@@ -70,13 +71,42 @@ def _model_card(meta: dict) -> str:
     )
 
 
-def save(model, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Save a carved model to ``directory`` (replacing it atomically)."""
+def check_finite(model) -> None:
+    """Refuse a model holding NaN or infinite weights (a diverged training run): it must not be saved."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BrickworkError(f"the model's weight {name} holds NaN or infinite values; nothing was saved")
+
+
+def write_weights(model, path: Path, format: str) -> None:
+    """``model.safetensors`` with the same bytes for the same weights: tied weights are stored once (the load
+    ties them again), and the metadata holds one key (safetensors writes several in a random order)."""
+    state = model.state_dict()
+    for removed in _remove_duplicate_names(state).values():
+        for name in removed:
+            del state[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata={"format": format})
+
+
+def save(
+    model,
+    directory: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+    inputs: tuple = (),
+) -> Path:
+    """Save a carved model to ``directory``, atomically; ``extra_files`` (name -> text) are written with it.
+
+    An existing carve there is replaced; any other non-empty directory only with ``overwrite=True``; ``inputs``
+    (paths the caller read) may be neither ``directory`` nor inside it. Models with non-finite weights are refused.
+    """
     bricks = carved_layers(model)
     if not bricks or not hasattr(model, "brickwork"):
         raise BrickworkError(
             "save() takes a model carved with brickwork.carve_; for a dense model use model.save_pretrained"
         )
+    check_finite(model)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -89,15 +119,17 @@ def save(model, directory: str | os.PathLike, tokenizer=None) -> Path:
         "calibration_tokens": model.brickwork["calibration_tokens"],
         "layers": [_layer_record(i, b) for i, b in sorted(bricks.items())],
     }
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, "carve", overwrite, inputs) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        atomic_write_text(tmp / "brickwork.json", json.dumps(meta, indent=2))
+        write_weights(model, tmp / "model.safetensors", FORMAT)
         atomic_write_text(tmp / "README.md", _model_card(meta))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
+        atomic_write_text(tmp / "brickwork.json", json.dumps(meta, indent=2))  # the marker, last
     return Path(directory)
 
 
@@ -112,12 +144,17 @@ def _read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BrickworkError(f"{path} is damaged ({exc.msg}); save the model again") from exc
-    if meta.get("format") != FORMAT:
+    if isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise BrickworkError(f"{path} is not a carved-model record (format {meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BrickworkError(f"{path} is not a carved-model record")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        writer = meta.get("brickwork_version")
+        by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
         raise BrickworkError(
-            f"{directory} was saved by brickwork {meta.get('brickwork_version')}, newer than this "
-            f"one ({__version__}); upgrade brickwork to load it"
+            f"{directory} uses carved-model format {version!r}{by}; this brickwork ({__version__}) reads format "
+            f"{FORMAT_VERSION} and older: upgrade brickwork to load it"
         )
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
@@ -125,29 +162,156 @@ def _read_meta(directory: Path) -> dict:
     return meta
 
 
+def _model_class(directory: Path, meta: dict, config):
+    """The model class ``brickwork.json`` names, if it is one transformers itself maps to this config's model type
+    (causal LM, base model or masked LM); anything else is refused, never looked up and called."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+
+    if meta.get("model_type") != config.model_type:
+        raise BrickworkError(
+            f"{directory}: brickwork.json says model type {meta.get('model_type')!r}, config.json "
+            f"{config.model_type!r}; save the model again"
+        )
+    allowed: set[str] = set()
+    for mapping in (
+        auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        auto.MODEL_MAPPING_NAMES,
+        auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    ):
+        names = mapping.get(config.model_type, ())
+        allowed.update([names] if isinstance(names, str) else names)
+    name = meta.get("model_class")
+    if name not in allowed:
+        raise BrickworkError(
+            f"{directory}: model class {name!r} is not one transformers uses for {config.model_type} models "
+            f"({', '.join(sorted(allowed)) or 'none'})"
+        )
+    model_class = getattr(transformers, name, None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise BrickworkError(f"this transformers has no {name}; upgrade transformers")
+    return model_class
+
+
+def _is_int(value, low: int, high: int | None = None) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+
+
+def _check_record(directory: Path, record, ffns: list, seen: set) -> None:
+    """Every field of one carved layer's record, against its allowed values and the base model's FFN shapes."""
+
+    def bad(what: str):
+        raise BrickworkError(f"{directory}/brickwork.json: carved layer record {what}; save the model again")
+
+    if not isinstance(record, dict):
+        bad(f"{record!r} is not an object")
+    needed = [
+        "layer",
+        "d_model",
+        "d_ff",
+        "num_shared",
+        "num_experts",
+        "expert_size",
+        "active",
+        "gated",
+        "up_bias",
+        "gate_bias",
+        "down_bias",
+        "router",
+        "router_config",
+    ]
+    absent = [k for k in needed if k not in record]
+    if absent:
+        bad(f"lacks {absent}")
+    index = record["layer"]
+    if not _is_int(index, 0, len(ffns) - 1):
+        bad(f"layer {index!r} is not a layer of the base model (0 to {len(ffns) - 1})")
+    if index in seen:
+        bad(f"layer {index} appears twice")
+    seen.add(index)
+    ffn = ffns[index]
+    weights = ffn.read()
+    expected = {
+        "d_model": weights.d_model,
+        "d_ff": weights.d_ff,
+        "gated": weights.gate is not None,
+        "up_bias": weights.up_bias is not None,
+        "gate_bias": weights.gate_bias is not None,
+        "down_bias": weights.down_bias is not None,
+    }
+    for key, value in expected.items():
+        if record[key] != value or type(record[key]) is not type(value):
+            bad(f"{index}: {key} is {record[key]!r}, the base model's FFN has {value!r}")
+    shared, experts, size, active = (
+        record[k] for k in ("num_shared", "num_experts", "expert_size", "active")
+    )
+    if not (_is_int(shared, 0) and _is_int(experts, 1) and _is_int(size, 1)):
+        bad(f"{index}: num_shared >= 0, num_experts >= 1 and expert_size >= 1 must be integers")
+    if shared + experts * size != weights.d_ff:
+        bad(f"{index}: {shared} shared + {experts} x {size} neurons is not d_ff = {weights.d_ff}")
+    if not _is_int(active, 1, experts):
+        bad(f"{index}: active {active!r} is not in [1, num_experts] = [1, {experts}]")
+    if record["router"] not in ROUTERS:
+        bad(f"{index}: unknown router {record['router']!r} (known: {', '.join(sorted(ROUTERS))})")
+    try:
+        check_router_options(record["router"], record["router_config"], builder="empty")
+    except ValueError as exc:
+        bad(f"{index}: {exc}")
+    down_keep = record.get("down_keep")
+    if down_keep is not None and not _is_int(down_keep, 1, shared + active * size):
+        bad(f"{index}: down_keep {down_keep!r} is not in [1, {shared + active * size}]")
+    if record.get("accumulate", "float32") not in ACCUMULATE:
+        bad(f"{index}: accumulate {record.get('accumulate')!r} is not one of {ACCUMULATE}")
+    stock = record.get("stock_routing")
+    if stock is not None:
+        ok = (
+            isinstance(stock, dict)
+            and set(stock) == {"temperature", "renormalise", "scale"}
+            and isinstance(stock["renormalise"], bool)
+            and all(
+                isinstance(stock[k], (int, float)) and math.isfinite(stock[k]) and stock[k] > 0
+                for k in ("temperature", "scale")
+            )
+        )
+        if not ok:
+            bad(f"{index}: stock_routing {stock!r} is not {{temperature > 0, renormalise, scale > 0}}")
+
+
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a carved model saved by :func:`save` (no calibration data needed). Returns the model.
 
-    The tokenizer, when saved, loads with ``transformers.AutoTokenizer.from_pretrained(directory)``.
+    Every field of ``brickwork.json`` is checked against its allowed values and the base model's shapes before
+    anything is built. The tokenizer, when saved, loads with ``transformers.AutoTokenizer.from_pretrained``.
     """
     import transformers
 
     directory = Path(directory)
     meta = _read_meta(directory)
-    config = transformers.AutoConfig.from_pretrained(directory)
-    model_class = getattr(transformers, meta["model_class"], None)
-    if model_class is None:
-        raise BrickworkError(f"this transformers has no {meta['model_class']}; upgrade transformers")
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BrickworkError(f"{directory}/config.json is damaged: {str(exc)[:300]}") from exc
+    model_class = _model_class(directory, meta, config)
+    try:
+        carve_config = CarveConfig.from_dict(meta.get("carve_config"))
+    except (TypeError, ValueError) as exc:
+        raise BrickworkError(f"{directory}/brickwork.json: carve_config is invalid: {exc}") from exc
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise BrickworkError(f"{directory}/brickwork.json lists no carved layer; save the model again")
     model = model_class(config)
     ffns = find_ffns(model)
-    for record in meta["layers"]:
+    seen: set[int] = set()
+    for record in layers:
+        _check_record(directory, record, ffns, seen)
+    for record in layers:
         index = record["layer"]
-        if index >= len(ffns):
-            raise BrickworkError(f"{directory}: carved layer {index} does not exist in the base config")
-        router_class = ROUTERS.get(record["router"])
-        if router_class is None:
-            raise BrickworkError(f"{directory}: unknown router '{record['router']}'")
-        router = router_class.empty(
+        router = ROUTERS[record["router"]].empty(
             record["num_experts"],
             record["d_model"],
             record["d_ff"],
@@ -185,9 +349,9 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
     model.brickwork = {
-        "config": CarveConfig.from_dict(meta["carve_config"]).to_dict(),
-        "calibration": meta["calibration"],
-        "calibration_tokens": meta["calibration_tokens"],
+        "config": carve_config.to_dict(),
+        "calibration": meta.get("calibration"),
+        "calibration_tokens": meta.get("calibration_tokens"),
     }
     model.name_or_path = str(directory)
     return model.to(device).eval()

@@ -9,8 +9,10 @@ fp32 safetensors, which later loads read in about a second.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,14 +113,65 @@ def cache_bundled_model(alias: str = DEFAULT_MODEL, force: bool = False) -> Path
     logger.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
     model, tokenizer = _load_gguf(gguf_path, torch.float32)
     plain = _dequantised_copy(model)
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite=True) as tmp:  # our own cache
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
 
 
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# A hub repository id: NAME or OWNER/NAME (letters, digits, '-', '_', '.').
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _check_model_dir(path: Path) -> None:
+    """A model directory must hold a readable config.json and weights; a brickwork carve also its brickwork.json."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise BrickworkError(
+            f"{path} is a directory but holds no config.json: pass a Hugging Face model directory, "
+            f"a .gguf file, a hub name, or one of {sorted(BUNDLED_MODELS)}."
+        )
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise BrickworkError(
+            f"{config} is damaged or truncated ({exc}); restore the model directory"
+        ) from exc
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise BrickworkError(f"{config} holds no model_type; it is not a transformers model config")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise BrickworkError(
+            f"{path} holds no weights (none of {', '.join(_WEIGHT_FILES)}); restore the model directory"
+        )
+    weights = path / "model.safetensors"
+    if not (path / "brickwork.json").is_file() and weights.is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(weights), "pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError) as exc:
+            raise BrickworkError(f"{weights} is damaged: {str(exc)[:300]}") from exc
+        if metadata.get("format") == "brickwork-carved":
+            raise BrickworkError(
+                f"{path} is a brickwork carve but its brickwork.json is missing; restore it (or carve again): "
+                "without it the experts cannot be rebuilt"
+            )
+
+
 def resolve_model_source(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
-    """Map a user's model argument to (kind, location): kind is 'alias', 'dir', 'gguf' or 'hub'."""
+    """Map a user's model argument to (kind, location): kind is 'alias', 'dir', 'gguf' or 'hub'.
+
+    Checks what can be checked without loading: a directory's config.json and weights, a GGUF file's presence.
+    Only a name shaped like a hub repository id (``name`` or ``owner/name``) whose first part is not a local
+    directory is taken as a hub name; other missing paths are reported as not found.
+    """
     name = str(name_or_path)
     if name in BUNDLED_MODELS:
         return "alias", name
@@ -128,15 +181,40 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> tuple[str, str | No
             raise BrickworkError(f"GGUF file not found: {path}")
         return "gguf", str(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BrickworkError(
-                f"{path} is a directory but holds no config.json: pass a Hugging Face model directory, "
-                f"a .gguf file, a hub name, or one of {sorted(BUNDLED_MODELS)}."
-            )
+        _check_model_dir(path)
         return "dir", str(path)
-    if path.exists() or name.startswith((".", "/", "~")):
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or not _HUB_NAME.match(name)
+    if looks_local or ("/" in name and Path(name.split("/")[0]).is_dir()):
         raise BrickworkError(f"Model path not found: {path}")
     return "hub", name
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: not limited by the config)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_window(model, window: int, option: str = "--window") -> None:
+    """Refuse a window longer than the model's positions, before any work is done on it."""
+    limit = max_positions(model.config)
+    if limit is not None and window > limit:
+        raise BrickworkError(
+            f"{option} {window} is longer than the model's {limit} positions; pass {option} {limit} or less"
+        )
+
+
+def _check_loading_info(name, info: dict) -> None:
+    """Weights the checkpoint lacks (left at random) or holds for no parameter mean the wrong model: refuse."""
+    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        shown = "; ".join(f"{k.replace('_', ' ')}: {v[:5]}" for k, v in problems.items() if v)
+        raise BrickworkError(
+            f"the weights of {name} do not match its config ({shown}); the model would run with random weights"
+        )
 
 
 def load_model(
@@ -174,14 +252,17 @@ def load_model(
             location = str(cache_bundled_model(location))
         try:
             tokenizer = AutoTokenizer.from_pretrained(location)
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                location, dtype=dtype, output_loading_info=True
+            )
         except OSError as exc:
             if kind == "hub":
                 raise BrickworkError(
                     f"Could not load '{location}' from the Hugging Face hub ({exc}). Without network access, "
                     "pass a local model directory or .gguf file."
                 ) from exc
-            raise
+            raise BrickworkError(f"Could not load the model in {location}: {str(exc)[:500]}") from exc
+        _check_loading_info(name_or_path, info)
     model.to(device).eval()
     model.name_or_path = str(name_or_path)
     return model, tokenizer

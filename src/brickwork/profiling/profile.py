@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,14 +132,24 @@ class Profile:
             )
         return rows
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``profile.safetensors`` and ``profile.json`` to ``directory`` (atomically)."""
+    def save(
+        self,
+        directory: str | Path,
+        overwrite: bool = False,
+        extra: Callable[[Path], object] | None = None,
+        inputs: tuple = (),
+    ) -> Path:
+        """Write ``profile.safetensors`` and ``profile.json`` to ``directory`` (atomically); ``extra(tmp)`` may write
+        more files (summary, plots) into the same temporary directory before it replaces ``directory``. An existing
+        profile is replaced; any other non-empty directory only with ``overwrite=True``."""
         tensors = {
             f"layers.{i}.{name}": t.contiguous() for i, s in enumerate(self.layers) for name, t in s.items()
         }
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, "profile", overwrite, inputs) as tmp:
             save_file(tensors, str(tmp / "profile.safetensors"), metadata={"format": "brickwork-profile"})
             atomic_write_text(tmp / "profile.json", json.dumps(self.meta, indent=2))
+            if extra is not None:
+                extra(tmp)
         return Path(directory)
 
     @classmethod
@@ -152,9 +163,11 @@ class Profile:
             )
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version", 0) > PROFILE_FORMAT_VERSION:
+            writer = meta.get("brickwork_version")
+            by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
             raise BrickworkError(
-                f"{directory} was written by a newer brickwork ({meta.get('brickwork_version')}); "
-                "upgrade brickwork to read it."
+                f"{directory} uses profile format {meta.get('format_version')}{by}; this brickwork ({__version__}) "
+                f"reads format {PROFILE_FORMAT_VERSION} and older: upgrade brickwork to read it."
             )
         tensors = load_file(str(tensor_path))
         layers: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_layers"])]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,20 +31,48 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class E2EConfig:
-    tokens: int = 32768  # token budget: training stops after this many tokens
-    window: int = 256
-    batch_size: int = 4  # windows per optimiser step, over all processes
-    lr: float = 5e-5
-    temperature: float = 1.0
-    lm_weight: float = 0.0  # weight of the next-token cross-entropy added to the KL
-    checkpoint_every: int = 0  # steps; 0: no checkpoints
-    seed: int = 0
+    """End-to-end recovery settings; the ``brickwork recover --mode e2e`` options read their help from here."""
+
+    tokens: int = field(default=32768, metadata={"help": "e2e: token budget, training stops after it"})
+    window: int = field(default=256, metadata={"help": "e2e: tokens per training sequence"})
+    batch_size: int = field(
+        default=4, metadata={"help": "e2e: sequences per optimiser step, over all processes"}
+    )
+    lr: float = field(default=5e-5, metadata={"help": "e2e: learning rate (AdamW)"})
+    temperature: float = field(default=1.0, metadata={"help": "e2e: distillation temperature"})
+    lm_weight: float = field(
+        default=0.0, metadata={"help": "e2e: weight of the next-token loss added to the KL"}
+    )
+    checkpoint_every: int = field(default=0, metadata={"help": "e2e: steps between checkpoints (0: none)"})
+    seed: int = field(default=0, metadata={"help": "e2e: seed of the batch order"})
 
     def __post_init__(self):
+        for name, low in (
+            ("tokens", 1),
+            ("window", 2),
+            ("batch_size", 1),
+            ("checkpoint_every", 0),
+            ("seed", 0),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, positive in (("lr", True), ("temperature", True), ("lm_weight", False)):
+            value = getattr(self, name)
+            ok = (
+                isinstance(value, (int, float))
+                and math.isfinite(value)
+                and (value > 0 if positive else value >= 0)
+            )
+            if not ok:
+                raise ValueError(
+                    f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}"
+                )
         if self.tokens < self.window * self.batch_size:
-            raise ValueError("tokens must cover at least one batch (window x batch_size)")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise ValueError("lr and temperature must be positive")
+            raise ValueError(
+                f"tokens ({self.tokens}) must cover at least one batch (window x batch_size = "
+                f"{self.window * self.batch_size})"
+            )
 
 
 def _trainable(model) -> list[torch.nn.Parameter]:
@@ -145,6 +174,11 @@ def recover_e2e_(
             loss = loss + config.lm_weight * torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
             )
+        if not torch.isfinite(loss.detach()).all():
+            raise BrickworkError(
+                f"the distillation loss is {loss.item()} at step {step + 1}: training diverged (lower --lr); "
+                "the model was not saved"
+            )
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,6 +196,9 @@ def recover_e2e_(
                 )
             accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            raise BrickworkError(f"training left non-finite values in {name} (lower --lr); nothing was saved")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -36,19 +37,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LocalRecoveryConfig:
-    tokens: int = 16384  # calibration tokens whose FFN inputs each layer is fitted on
-    window: int = 512
-    ridge: float = 1e-2  # lambda, relative to the mean diagonal of H^T H
+    """Layer-local recovery settings; the ``brickwork recover`` options read their help from here."""
+
+    tokens: int = field(
+        default=16384, metadata={"help": "local: calibration tokens whose FFN inputs each layer is fitted on"}
+    )
+    window: int = field(default=512, metadata={"help": "local: tokens per calibration sequence"})
+    ridge: float = field(default=1e-2, metadata={"help": "lambda, relative to the mean diagonal of H^T H"})
     refit_router: bool = True
-    holdout: float = 0.1  # share of the captured tokens kept out of the fit to measure it
+    holdout: float = field(default=0.1, metadata={"help": "share of the captured tokens kept out of the fit"})
 
     def __post_init__(self):
+        for name, low in (("tokens", 1), ("window", 2)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.tokens < self.window:
             raise ValueError(f"tokens ({self.tokens}) must hold at least one window of {self.window}")
         if not 0 < self.holdout < 0.5:
             raise ValueError(f"holdout must be in (0, 0.5), got {self.holdout}")
-        if self.ridge <= 0:
-            raise ValueError("ridge must be positive")
+        if not (isinstance(self.ridge, (int, float)) and math.isfinite(self.ridge) and self.ridge > 0):
+            raise ValueError(f"ridge must be a finite number > 0, got {self.ridge!r}")
 
 
 @dataclass
