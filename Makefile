@@ -9,9 +9,11 @@ export VENV
 setup:
 	bash scripts/setup.sh
 
+# About 5 minutes on 2 idle cores from a warm cache; every step over a few seconds shows a progress bar and every
+# printed figure says how many tokens it rests on. The full-length runs are the benchmarks below.
 demo: setup
-	$(BIN)/brickwork profile smollm2-135m --calib wiki --tokens 65536 --out runs/profile-smollm2
-	$(BIN)/brickwork eval smollm2-135m --data botchan lee-news --json runs/eval-smollm2.json
+	$(BIN)/brickwork profile smollm2-135m --calib wiki --tokens 16384 --out runs/profile-smollm2
+	$(BIN)/brickwork eval smollm2-135m --data botchan lee-news --max-tokens 16384 --json runs/eval-smollm2.json
 	$(BIN)/brickwork carve smollm2-135m --active-fraction 0.5 --calib wiki --out runs/carved-smollm2-50 \
 		--eval botchan lee-news --eval-tokens 8192 --samples 3
 

