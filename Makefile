@@ -32,7 +32,7 @@ test-fast: lint
 	$(BIN)/pytest -q -m "not slow"
 
 bench-profile: setup
-	$(BIN)/python bench/profile_overhead.py --out bench/results/profile-overhead
+	$(BIN)/python bench/profile_overhead.py --tokens 16384 --out bench/results/profile-overhead
 
 bench-carving: setup
 	$(BIN)/python bench/carving_quality.py --grid --eval-tokens 2048 --out bench/results/carving-quality

@@ -1,12 +1,15 @@
 """Profiling overhead: tokens/s of `brickwork.profile` vs a plain forward pass over the same tokens.
 
-Interleaved repeats on pre-tokenised windows (median of each), then one full profile of the requested token
-count from the corpus, as `brickwork profile` runs it (tokenisation included).
+Interleaved repeats on pre-tokenised windows (median of each), with the co-activation product in each exact
+form (int8 GEMM and float32 products; brickwork picks one by hardware, see
+`brickwork.profiling.stats.int8_gemm_is_fast`), then one full profile of the requested token count from the
+corpus, as `brickwork profile` runs it (tokenisation included).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -18,9 +21,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
+import brickwork.profiling.stats as stats_module  # noqa: E402
 from brickwork.data import token_windows  # noqa: E402
 from brickwork.models.specs import find_ffns  # noqa: E402
 from brickwork.profiling import FFNCapture, NeuronStats  # noqa: E402
+from brickwork.profiling.stats import int8_gemm_is_fast  # noqa: E402
+
+original_counts = stats_module.coactivation_counts
 
 
 def main() -> None:
@@ -47,7 +54,8 @@ def main() -> None:
         for batch in windows:
             model.model(input_ids=batch, use_cache=False)
 
-    def profiling():
+    def profiling(use_int8: bool | None = None):
+        stats_module.coactivation_counts = functools.partial(original_counts, use_int8=use_int8)
         stats = [
             NeuronStats(f.d_ff, config.top_fraction, config.threshold, share_stride=config.share_stride)
             for f in ffns
@@ -59,6 +67,8 @@ def main() -> None:
         "plain forward (logits)": plain_forward,
         "base forward (no LM head)": base_forward,
         "profile": profiling,
+        "profile, int8 co-activation": functools.partial(profiling, use_int8=True),
+        "profile, float32 co-activation": functools.partial(profiling, use_int8=False),
     }
     times = {name: [] for name in runs}
     with torch.no_grad():
@@ -72,6 +82,7 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     ratio_plain = median["plain forward (logits)"] / median["profile"]
     ratio_base = median["base forward (no LM head)"] / median["profile"]
+    stats_module.coactivation_counts = original_counts
 
     start = time.perf_counter()
     prof = bw.profile(model, tokenizer, args.calib, bw.ProfileConfig(tokens=args.tokens), progress=True)
@@ -94,6 +105,7 @@ def main() -> None:
         "profile_speed_vs_base_forward": ratio_base,
         "full_profile_seconds": full_seconds,
         "full_profile_tokens_per_second": prof.tokens / full_seconds,
+        "int8_gemm_chosen": int8_gemm_is_fast("cpu"),
     }
     m = results["machine"]
     table = "\n".join(
@@ -101,6 +113,8 @@ def main() -> None:
             f"# Profiling overhead ({args.model}, {args.calib})",
             "",
             f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}",
+            f"CPU flags: {' '.join(m['cpu_flags'])}; torch CPU capability {m['torch_cpu_capability']}; "
+            f"co-activation form chosen here: {'int8 GEMM' if results['int8_gemm_chosen'] else 'float32'}",
             "",
             f"Interleaved, median of {args.repeats} repeats over the same {tokens} tokens "
             f"(windows of {config.window}, batch {config.batch_size}):",
