@@ -56,6 +56,16 @@ def main() -> None:
     parser.add_argument(
         "--grid", action="store_true", help="every method x router at 25/50/75%% with 16 experts"
     )
+    parser.add_argument(
+        "--granularity",
+        nargs="*",
+        type=int,
+        help="the granularity grid: these experts per FFN (default 16 to the neuron level) at 25%% and 50%% of "
+        "FFN reads, fitted (linear, stock-exportable) and oracle routers, 1/8 of the experts shared",
+    )
+    parser.add_argument(
+        "--accumulate", default="auto", choices=("auto", "float32", "float64"), help="sums (see CarveConfig)"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/carving-quality"))
     parser.add_argument(
         "--replot",
@@ -134,6 +144,9 @@ def main() -> None:
         for active in (306, 690):
             configs.append(dict(experts=1536, shared=0, active=active, method="activation", router="lowrank"))
 
+    if args.granularity is not None:
+        configs += granularity_grid(args.granularity or [16, 32, 64, 96, 192, 384, 768, 1536])
+
     machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
     model, tokenizer = bw.load_model(args.model)
     base = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples)
@@ -151,7 +164,13 @@ def main() -> None:
     print("dense", dense, flush=True)
     rows = []
     for kwargs in configs:
-        config = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples, **kwargs)
+        target = kwargs.pop("target", None)
+        config = bw.CarveConfig(
+            calib_tokens=args.calib_tokens,
+            router_samples=args.router_samples,
+            accumulate=args.accumulate,
+            **kwargs,
+        )
         started = time.perf_counter()
         report = bw.carve_(model, config, calibration=calibration, progress=False)
         carve_seconds = time.perf_counter() - started
@@ -168,7 +187,10 @@ def main() -> None:
             "carve_seconds": carve_seconds,
             "perplexity": perplexity,
             "ratio": {d: perplexity[d] / dense[d] for d in args.eval},
+            "experts_run_fraction": (config.shared + report_active(config)) / config.experts,
         }
+        if target is not None:
+            row["target"] = target
         rows.append(row)
         print(
             f"{row['config']} fraction {report.active_fraction:.3f} ratio "
@@ -185,6 +207,7 @@ def main() -> None:
             "router_samples": args.router_samples,
             "eval": args.eval,
             "eval_tokens": args.eval_tokens,
+            "accumulate": args.accumulate,
             "calibration_seconds": calibration_seconds,
         },
         "dense": dense,
@@ -192,7 +215,83 @@ def main() -> None:
     }
     write_results(args.out, results, render_table(results))
     plot(results, args.out / "quality.png")
+    if args.granularity is not None:
+        plot_granularity(results, args.out / "granularity.png")
     print(render_table(results))
+
+
+def report_active(config) -> int:
+    return (
+        config.active
+        if config.active is not None
+        else round(config.active_fraction * config.experts) - config.shared
+    )
+
+
+def granularity_grid(expert_counts: list[int], d_ff: int = 1536, gated: bool = True) -> list[dict]:
+    """Carves from 16 experts to the neuron level at 25% and 50% of FFN reads (SmolLM2's d_ff by default).
+
+    1/8 of the experts are shared (2 of 16, as the 16-expert default). The fitted router reads an
+    ``[experts, d_model]`` matrix, ``experts / (3 d_ff)`` of a gated FFN's weights, so its rows run fewer experts
+    to read the same total; the oracle rows (the bound on any router: it computes every neuron to choose) run
+    the target fraction of experts.
+    """
+    rows = []
+    for experts in expert_counts:
+        if d_ff % experts:
+            raise SystemExit(f"--granularity: {experts} does not divide d_ff {d_ff}")
+        shared = max(1, experts // 8)
+        router_reads = experts / ((3 if gated else 2) * d_ff)
+        for target in (0.25, 0.5):
+            for router, budget in (("fitted", target - router_reads), ("oracle", target)):
+                active = round(budget * experts) - shared
+                if active < 1:
+                    continue
+                rows.append(
+                    dict(
+                        experts=experts,
+                        shared=shared,
+                        active=active,
+                        method="activation",
+                        router=router,
+                        target=target,
+                    )
+                )
+    return rows
+
+
+def plot_granularity(results: dict, path: Path) -> None:
+    """Perplexity ratio against experts per FFN at each read budget, one line per router and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = results["settings"]["eval"]
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5 * len(corpora), 4.2), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora, strict=True):
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in results["rows"]:
+            if "target" in r:
+                label = f"{r['config']['router']}, {r['target']:.0%} reads"
+                series.setdefault(label, []).append((r["config"]["experts"], r["ratio"][corpus]))
+        for label, points in sorted(series.items()):
+            points.sort()
+            style = "--s" if label.startswith("oracle") else "-o"
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("experts per FFN (1/8 shared; d_ff = neuron level)")
+        ax.set_ylabel(f"perplexity / dense ({corpus})")
+        ax.axhline(1, color="black", linewidth=0.8)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"Carved {results['settings']['model']}, training-free: quality against granularity", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def render_table(results: dict) -> str:
@@ -208,10 +307,10 @@ def render_table(results: dict) -> str:
         "",
         "Perplexity ratio to dense (dense: " + ", ".join(f"{d} {p:.2f}" for d, p in dense.items()) + ")",
         "",
-        "| experts | shared | active | method | router | down rows | FFN weights read | "
+        "| experts | shared | active | method | router | down rows | experts run | FFN weights read | "
         + " | ".join(corpora)
         + " | carve s |",
-        "|" + "---:|" * 3 + "---|---|---:|---:|" + "---:|" * len(corpora) + "---:|",
+        "|" + "---:|" * 3 + "---|---|---:|---:|---:|" + "---:|" * len(corpora) + "---:|",
     ]
     for r in sorted(rows, key=lambda r: (round(r["active_fraction"] * 4) / 4, r["ratio"][corpora[0]])):
         c = r["config"]
@@ -220,7 +319,8 @@ def render_table(results: dict) -> str:
         lines.append(
             f"| {c['experts']} | {c['shared']} | {c['active']} | {c['method']} | {router} | "
             f"{'all' if c.get('down_fraction') is None else format(c['down_fraction'], '.0%')} | "
-            f"{r['active_fraction']:.1%} | "
+            + (f"{r['experts_run_fraction']:.1%} | " if "experts_run_fraction" in r else "| ")
+            + f"{r['active_fraction']:.1%} | "
             + " | ".join(f"x{r['ratio'][d]:.3f}" for d in corpora)
             + f" | {r['carve_seconds']:.1f} |"
         )
