@@ -79,6 +79,15 @@ def isolated_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture
+def tiny_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a Hugging Face model directory, with the test tokenizer."""
+    path = tmp_path / "tiny-llama"
+    build_tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def tiny(model_type: str = "llama", seed: int = 0):
     return build_tiny_model(model_type, seed)
 

@@ -6,20 +6,11 @@ import shlex
 import pytest
 
 from brickwork.cli.main import main
-from brickwork.models.tiny import build_tiny_model
 
 
 def cli(command: str) -> int:
     """Run ``brickwork <command>`` in-process; returns the exit code."""
     return main(shlex.split(command))
-
-
-@pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-llama"
-    build_tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_profile_and_eval_commands(tmp_path, tiny_dir, text_file, capsys):

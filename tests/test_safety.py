@@ -30,14 +30,6 @@ def cli(command: str) -> int:
 
 
 @pytest.fixture
-def tiny_dir(tmp_path, tokenizer):
-    path = tmp_path / "tiny-llama"
-    build_tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture
 def carved_dir(tmp_path, tiny_dir, text_file):
     out = tmp_path / "carved"
     command = (
