@@ -64,6 +64,12 @@ def main() -> None:
         "FFN reads, fitted (linear, stock-exportable) and oracle routers, 1/8 of the experts shared",
     )
     parser.add_argument(
+        "--granularity-routers",
+        nargs="+",
+        default=["fitted", "oracle"],
+        help="linear routers (fitted, trained) and the oracle bound for --granularity",
+    )
+    parser.add_argument(
         "--accumulate", default="auto", choices=("auto", "float32", "float64"), help="sums (see CarveConfig)"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/carving-quality"))
@@ -98,6 +104,8 @@ def main() -> None:
             )
         write_results(args.out, results, render_table(results))
         plot(results, args.out / "quality.png")
+        if any("target" in r for r in results["rows"]):
+            plot_granularity(results, args.out / "granularity.png")
         print(render_table(results))
         return
 
@@ -145,7 +153,8 @@ def main() -> None:
             configs.append(dict(experts=1536, shared=0, active=active, method="activation", router="lowrank"))
 
     if args.granularity is not None:
-        configs += granularity_grid(args.granularity or [16, 32, 64, 96, 192, 384, 768, 1536])
+        experts = args.granularity or [16, 32, 64, 96, 192, 384, 768, 1536]
+        configs += granularity_grid(experts, routers=args.granularity_routers)
 
     machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
     model, tokenizer = bw.load_model(args.model)
@@ -215,7 +224,7 @@ def main() -> None:
     }
     write_results(args.out, results, render_table(results))
     plot(results, args.out / "quality.png")
-    if args.granularity is not None:
+    if any("target" in r for r in results["rows"]):
         plot_granularity(results, args.out / "granularity.png")
     print(render_table(results))
 
@@ -228,13 +237,15 @@ def report_active(config) -> int:
     )
 
 
-def granularity_grid(expert_counts: list[int], d_ff: int = 1536, gated: bool = True) -> list[dict]:
+def granularity_grid(
+    expert_counts: list[int], routers: list[str], d_ff: int = 1536, gated: bool = True
+) -> list[dict]:
     """Carves from 16 experts to the neuron level at 25% and 50% of FFN reads (SmolLM2's d_ff by default).
 
-    1/8 of the experts are shared (2 of 16, as the 16-expert default). The fitted router reads an
-    ``[experts, d_model]`` matrix, ``experts / (3 d_ff)`` of a gated FFN's weights, so its rows run fewer experts
-    to read the same total; the oracle rows (the bound on any router: it computes every neuron to choose) run
-    the target fraction of experts.
+    1/8 of the experts are shared (2 of 16, as the 16-expert default). The linear routers (fitted, trained) read
+    an ``[experts, d_model]`` matrix, ``experts / (3 d_ff)`` of a gated FFN's weights, so their rows run fewer
+    experts to read the same total; the oracle rows (the bound on any router: it computes every neuron to
+    choose) run the target fraction of experts.
     """
     rows = []
     for experts in expert_counts:
@@ -243,7 +254,8 @@ def granularity_grid(expert_counts: list[int], d_ff: int = 1536, gated: bool = T
         shared = max(1, experts // 8)
         router_reads = experts / ((3 if gated else 2) * d_ff)
         for target in (0.25, 0.5):
-            for router, budget in (("fitted", target - router_reads), ("oracle", target)):
+            for router in routers:
+                budget = target if router == "oracle" else target - router_reads
                 active = round(budget * experts) - shared
                 if active < 1:
                     continue

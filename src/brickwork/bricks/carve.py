@@ -183,6 +183,7 @@ def carve_(
                 coactivation=coactivation,
                 inputs=x,
                 hidden=h,
+                active=config.active,
             ),
             **config.router_options,
         )

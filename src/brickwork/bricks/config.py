@@ -25,6 +25,9 @@ ROUTER_OPTION_RULES: dict[str, tuple[type, object, str]] = {
     "rank": (int, lambda v: v >= 1, "an integer >= 1"),
     "input_fraction": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "intercept": (bool, lambda v: True, "true or false"),
+    "steps": (int, lambda v: v >= 0, "an integer >= 0"),
+    "lr": (float, lambda v: v > 0, "a number > 0"),
+    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
 }
 
 

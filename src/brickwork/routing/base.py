@@ -26,6 +26,7 @@ class RouterInputs:
     coactivation: torch.Tensor | None
     inputs: torch.Tensor | None  # [N, D] calibration FFN inputs x
     hidden: torch.Tensor | None  # [N, F] the matching h, original neuron order
+    active: int | None = None  # routed experts run per token (what routers trained to choose need to know)
 
     def expert_mass(self) -> torch.Tensor:
         """[N, E] activation mass of each routed expert on the calibration tokens: sum of |h| over its neurons."""
