@@ -172,6 +172,21 @@ def main() -> None:
     dense = evaluate()
     print("dense", dense, flush=True)
     rows = []
+    results = {
+        "machine": machine,
+        "settings": {
+            "model": args.model,
+            "calib": args.calib,
+            "calib_tokens": args.calib_tokens,
+            "router_samples": args.router_samples,
+            "eval": args.eval,
+            "eval_tokens": args.eval_tokens,
+            "accumulate": args.accumulate,
+            "calibration_seconds": calibration_seconds,
+        },
+        "dense": dense,
+        "rows": rows,  # the same list: rows appended below are in it
+    }
     for kwargs in configs:
         target = kwargs.pop("target", None)
         config = bw.CarveConfig(
@@ -201,27 +216,13 @@ def main() -> None:
         if target is not None:
             row["target"] = target
         rows.append(row)
+        write_results(args.out, results, render_table(results))  # a run stopped early keeps its rows
         print(
             f"{row['config']} fraction {report.active_fraction:.3f} ratio "
             f"{' '.join(f'{d}={r:.3f}' for d, r in row['ratio'].items())} ({carve_seconds:.1f} s)",
             flush=True,
         )
 
-    results = {
-        "machine": machine,
-        "settings": {
-            "model": args.model,
-            "calib": args.calib,
-            "calib_tokens": args.calib_tokens,
-            "router_samples": args.router_samples,
-            "eval": args.eval,
-            "eval_tokens": args.eval_tokens,
-            "accumulate": args.accumulate,
-            "calibration_seconds": calibration_seconds,
-        },
-        "dense": dense,
-        "rows": rows,
-    }
     write_results(args.out, results, render_table(results))
     plot(results, args.out / "quality.png")
     if any("target" in r for r in results["rows"]):
