@@ -26,9 +26,13 @@ def _windows(text_file, tokenizer):
     return token_windows(tokenizer, str(text_file), 64, 256)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-def test_top1_qwen2_moe_export_matches_to_float_rounding(tmp_path, text_file, tokenizer, model_type):
-    model = _carved(text_file, tokenizer, model_type, active=1)
+@pytest.mark.parametrize(
+    "model_type, router",
+    [("llama", "fitted"), ("mistral", "fitted"), ("qwen2", "fitted"), ("llama", "trained")],
+)
+def test_top1_qwen2_moe_export_matches_to_float_rounding(tmp_path, text_file, tokenizer, model_type, router):
+    options = {"intercept": False} if router == "fitted" else {"intercept": False, "steps": 20}
+    model = _carved(text_file, tokenizer, model_type, active=1, router=router, router_options=options)
     report = export(
         model,
         tmp_path / "out",
