@@ -85,7 +85,7 @@ def test_sparse_carve_runs_and_selects_the_configured_experts(model_type, method
         assert len(groups.shared) == TINY_FFN // 8 and groups.experts.shape == (7, TINY_FFN // 8)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "bert", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt", "bert", "phi3", "gemma3_text"])
 @pytest.mark.parametrize("router", ROUTER_KINDS)
 def test_save_load_round_trip(tmp_path, model_type, router, calibrations, tokenizer):
     model = tiny(model_type)

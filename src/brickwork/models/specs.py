@@ -58,6 +58,7 @@ FFN_SPECS: dict[str, FFNSpec] = {
     "qwen3": _GATED,
     "gemma": _GATED,
     "gemma2": _GATED,
+    "gemma3_text": _GATED,  # GeGLU with gelu_pytorch_tanh, like gemma2
     "phi3": FFNSpec(
         layers="layers",
         module="mlp",

@@ -31,6 +31,13 @@ def _config(model_type: str):
         "qwen3": lambda: tf.Qwen3Config(**decoder, head_dim=8),
         "gemma": lambda: tf.GemmaConfig(**decoder, head_dim=8),
         "gemma2": lambda: tf.Gemma2Config(**decoder, head_dim=8),
+        # one sliding-window and one global layer, with a window shorter than the test sequences
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **decoder,
+            head_dim=8,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
         "phi3": lambda: tf.Phi3Config(**decoder),
         "gpt2": lambda: tf.GPT2Config(
             **common, n_embd=TINY_HIDDEN, n_inner=TINY_FFN, n_layer=TINY_LAYERS, n_head=4, n_positions=256
@@ -70,6 +77,7 @@ TINY_MODEL_TYPES = (
     "qwen3",
     "gemma",
     "gemma2",
+    "gemma3_text",
     "phi3",
     "gpt2",
     "opt",
