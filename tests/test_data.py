@@ -83,3 +83,23 @@ def test_gutenberg_header_and_licence_are_removed():
         b"Chapter 1\nIt begins.\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nmore licence\n"
     )
     assert _clean_gutenberg(raw) == "Chapter 1\nIt begins.\n"
+
+
+class _BosTokenizer:
+    """The tiny tokenizer as a Gemma-style one: every text starts with BOS unless special tokens are off."""
+
+    def __init__(self, inner):
+        self.inner, self.bos_token_id, self.eos_token_id = inner, 1, inner.eos_token_id
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = self.inner(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": [self.bos_token_id, *ids] if add_special_tokens else ids}
+
+
+def test_windows_start_with_bos_for_tokenizers_that_always_add_it(tokenizer, text_file):
+    plain = token_windows(tokenizer, str(text_file), window=16)
+    assert (plain[:, 0] != 1).any()  # the tiny tokenizer adds no BOS: windows are plain text
+    bos = token_windows(_BosTokenizer(tokenizer), str(text_file), window=16)
+    assert bos.shape[1] == 16 and (bos[:, 0] == 1).all()
+    # the text after each BOS is the same stream, 15 tokens a window, in order
+    assert torch.equal(bos[:, 1:].flatten()[:60], plain.flatten()[:60])

@@ -10,7 +10,8 @@ A *source* is one of:
 
 Token windows protocol: documents are tokenised without special tokens, joined by the tokenizer's EOS
 token when it has one (else by a blank line's tokens), and the resulting stream is cut into consecutive,
-non-overlapping windows of exactly ``window`` tokens; a final partial window is dropped. Reading stops once
+non-overlapping windows of exactly ``window`` tokens; a final partial window is dropped. Tokenizers that start
+every text with BOS (:func:`window_prefix`) get it as each window's first token, then ``window - 1`` text tokens. Reading stops once
 ``max_tokens`` tokens have been produced, so only as much text is tokenised as is needed.
 """
 
@@ -171,6 +172,21 @@ def describe_source(source: str | Path) -> str:
     return text if text in CORPORA or text.startswith("hf:") else str(Path(text).expanduser().resolve())
 
 
+def window_prefix(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer itself starts every text with its BOS token (Gemma, Llama 2/3), else ``[]``.
+
+    Models trained that way score text without it far worse (Gemma 3 270M: perplexity 113 against 32 on the
+    first botchan window), so each window then starts with BOS; tokenizers that add nothing (SmolLM2, Qwen2.5,
+    GPT-2) keep windows of plain text.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
+
+
 def _separator_ids(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         return [tokenizer.eos_token_id]
@@ -184,16 +200,18 @@ def iter_token_windows(
     if window < 2:
         raise BrickworkError(f"window must be at least 2 tokens, got {window}")
     separator = _separator_ids(tokenizer)
+    prefix = window_prefix(tokenizer)
+    take = window - len(prefix)  # text tokens per window
     buffer: list[int] = []
     produced = 0
     for document in iter_documents(source):
         buffer.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
         buffer.extend(separator)
-        while len(buffer) >= window:
+        while len(buffer) >= take:
             if max_tokens is not None and produced + window > max_tokens:
                 return
-            yield torch.tensor(buffer[:window], dtype=torch.long)
-            del buffer[:window]
+            yield torch.tensor(prefix + buffer[:take], dtype=torch.long)
+            del buffer[:take]
             produced += window
 
 
