@@ -52,7 +52,7 @@ BIGBENCH_ARCHIVE = registry.RegistryFile(
 )
 BIGBENCH_LICENCE = "Apache-2.0 (BIG-bench); see each task's README in the archive for its data sources"
 # Multiple-choice BIG-bench tasks in English with short prompts and few choices, so that a whole benchmark
-# row costs seconds; `brickwork setup` extracts these. The default list is the subset on which the dense
+# row costs seconds; all are extracted together on first use. The default list is the subset on which the dense
 # SmolLM2-135M is clearly above chance on the `select` split (bench/results/task-selection/).
 CANDIDATE_TASKS: tuple[str, ...] = (
     "anachronisms",
@@ -374,7 +374,7 @@ def prepare_tasks(
                     handle = tf.extractfile(member)
                     if handle is not None:
                         found[match.group(1)] = handle.read()
-        absent = sorted(set(names) - set(found) - {n for n in names if paths[n].is_file() and not force})
+        absent = sorted((wanted & set(names)) - set(found))  # asked for, neither cached nor in the archive
         if absent:
             raise BrickworkError(f"{archive} holds no task.json for {absent}")
         for name, data in sorted(found.items()):
