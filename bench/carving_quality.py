@@ -29,6 +29,8 @@ def parse_config(text: str) -> dict:
             kwargs.setdefault("router_options", {})["rank"] = int(value)
         elif key == "input_fraction":
             kwargs.setdefault("router_options", {})["input_fraction"] = float(value)
+        elif key == "target":
+            kwargs.setdefault("router_options", {})["target"] = value
         elif key in ("experts", "shared", "active"):
             kwargs[key] = int(value)
         elif key in ("active_fraction", "down_fraction"):

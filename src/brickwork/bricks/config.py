@@ -28,6 +28,7 @@ ROUTER_OPTION_RULES: dict[str, tuple[type, object, str]] = {
     "steps": (int, lambda v: v >= 0, "an integer >= 0"),
     "lr": (float, lambda v: v > 0, "a number > 0"),
     "seed": (int, lambda v: v >= 0, "an integer >= 0"),
+    "target": (str, lambda v: v in ("mass", "output"), "mass or output"),
 }
 
 

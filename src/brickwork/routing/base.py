@@ -34,6 +34,22 @@ class RouterInputs:
             raise BrickworkError("this router fits on calibration activations: calibrate with samples=True")
         return self.hidden.abs()[:, self.grouping.experts].sum(-1)
 
+    def expert_output_norm(self) -> torch.Tensor:
+        """[N, E] norm of each routed expert's contribution to the FFN output, ``||sum_{i in e} h_i down_i||``:
+        what leaving the expert out changes, where the activation mass ignores the down rows' sizes."""
+        if self.hidden is None:
+            raise BrickworkError("this router fits on calibration activations: calibrate with samples=True")
+        h, down = self.hidden.float(), self.weights.down.float()
+        return torch.stack(
+            [(h[:, neurons] @ down[:, neurons].t()).norm(dim=-1) for neurons in self.grouping.experts], dim=1
+        )
+
+    def expert_importance(self, target: str) -> torch.Tensor:
+        """The per-token expert scores a router is fitted to: ``mass`` or ``output`` (see above)."""
+        if target not in ("mass", "output"):
+            raise BrickworkError(f"router target must be 'mass' or 'output', got {target!r}")
+        return self.expert_mass() if target == "mass" else self.expert_output_norm()
+
 
 class Router(nn.Module):
     """Scores ``[T, E]`` for the routed experts of one BrickFFN; the top ``active`` are run.

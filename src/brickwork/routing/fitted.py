@@ -3,6 +3,7 @@
 Zhang et al. 2022, "MoEfication" (routers trained to predict which experts carry the most activation). Here
 the predictor is linear, ``score = x W + b``, fitted per layer by ridge regression of the experts' true mass
 ``sum_{i in e} |h_i|`` on the calibration FFN inputs: one D x D solve, a second or less per layer on a CPU.
+``target="output"`` regresses the norm of each expert's contribution to the FFN output instead of its mass.
 ``intercept=False`` fits ``score = x W`` alone, the form of the gates of stock MoE architectures (Mixtral,
 Qwen2-MoE), so that the carve can be exported to them.
 """
@@ -51,8 +52,8 @@ class FittedRouter(Router):
         return self.weight, self.bias
 
     @classmethod
-    def build(cls, inputs: RouterInputs, intercept: bool = True) -> FittedRouter:
-        mass = inputs.expert_mass()  # raises a clear error when no samples were kept
+    def build(cls, inputs: RouterInputs, intercept: bool = True, target: str = "mass") -> FittedRouter:
+        mass = inputs.expert_importance(target)  # raises a clear error when no samples were kept
         weight, bias = ridge_fit(inputs.inputs, mass, intercept=intercept)
         dtype = inputs.weights.up.dtype
         return cls(weight.to(dtype), bias.to(dtype))
