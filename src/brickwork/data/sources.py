@@ -11,8 +11,9 @@ A *source* is one of:
 Token windows protocol: documents are tokenised without special tokens, joined by the tokenizer's EOS
 token when it has one (else by a blank line's tokens), and the resulting stream is cut into consecutive,
 non-overlapping windows of exactly ``window`` tokens; a final partial window is dropped. Tokenizers that start
-every text with BOS (:func:`window_prefix`) get it as each window's first token, then ``window - 1`` text tokens. Reading stops once
-``max_tokens`` tokens have been produced, so only as much text is tokenised as is needed.
+every text with BOS (:func:`window_prefix`) get it as each window's first token, then ``window - 1`` text
+tokens. Reading stops once ``max_tokens`` tokens have been produced, so only as much text is tokenised as is
+needed.
 """
 
 from __future__ import annotations
@@ -139,6 +140,13 @@ def check_source(source: str | Path) -> None:
         return
     if text in CORPORA:
         return
+    check_text_file(_existing_file(text))
+
+
+def _existing_file(text: str) -> Path:
+    """``text`` as the path of an existing file (a BrickworkError saying what to pass otherwise)."""
+    from brickwork.data.corpora import CORPORA
+
     path = Path(text).expanduser()
     if not path.exists():
         raise BrickworkError(
@@ -147,7 +155,7 @@ def check_source(source: str | Path) -> None:
         )
     if path.is_dir():
         raise BrickworkError(f"{path} is a directory; pass a .txt or .jsonl file.")
-    check_text_file(path)
+    return path
 
 
 def iter_documents(source: str | Path) -> Iterator[str]:
@@ -159,8 +167,7 @@ def iter_documents(source: str | Path) -> Iterator[str]:
         return _iter_hf(text)
     if text in CORPORA:
         return iter_corpus_documents(text)
-    check_source(text)
-    path = Path(text).expanduser()
+    path = _existing_file(text)  # the readers check the text itself
     return _iter_jsonl(path) if path.suffix == ".jsonl" else iter_text_file(path)
 
 

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 MASS_SHARE_FRACTIONS = (0.10, 0.25, 0.50)
-_FLOAT32_EXACT_ROWS = (
-    1 << 24
-)  # float32 holds every integer up to 2^24: 0/1 products over fewer rows are exact
+# float32 holds every integer up to 2^24: 0/1 products over fewer rows are exact
+_FLOAT32_EXACT_ROWS = 1 << 24
 
 
 @functools.cache
