@@ -213,7 +213,7 @@ def main() -> None:
             "carve_seconds": carve_seconds,
             "perplexity": perplexity,
             "ratio": {d: perplexity[d] / dense[d] for d in args.eval},
-            "experts_run_fraction": (config.shared + report_active(config)) / config.experts,
+            "experts_run_fraction": (config.shared + config.active) / config.experts,
         }
         if target is not None:
             row["target"] = target
@@ -230,14 +230,6 @@ def main() -> None:
     if any("target" in r for r in results["rows"]):
         plot_granularity(results, args.out / "granularity.png")
     print(render_table(results))
-
-
-def report_active(config) -> int:
-    return (
-        config.active
-        if config.active is not None
-        else round(config.active_fraction * config.experts) - config.shared
-    )
 
 
 def granularity_grid(

@@ -261,14 +261,12 @@ def _check_joined(spec: PartedModel, path: Path, size: int, sha256: str, what: s
 
 
 def _wheel_record(wheel: WheelMember, wheel_path: Path) -> dict:
-    digest = hashlib.sha256()
-    with wheel_path.open("rb") as handle:
-        while block := handle.read(_CHUNK):
-            digest.update(block)
+    from brickwork.data.registry import sha256_of
+
     return {
         "requirement": wheel.requirement,
         "wheel": wheel_path.name,
-        "wheel_sha256": digest.hexdigest(),
+        "wheel_sha256": sha256_of(wheel_path),
         "member": wheel.member,
     }
 
