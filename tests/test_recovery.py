@@ -119,6 +119,8 @@ report = recover_e2e_(model, parent, tok, {text!r}, E2EConfig(tokens=64 * 4 * 4,
 digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()
 rank = PartialState().process_index
 open({out!r} + f"/rank{{rank}}.json", "w").write(json.dumps({{"digest": digest, "processes": report["processes"]}}))
+# gloo's threads must be joined before exit, or a rank can abort ("terminate called without an active exception")
+PartialState().destroy_process_group()
 """
 
 

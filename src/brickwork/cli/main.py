@@ -383,6 +383,12 @@ def _cmd_recover(args: argparse.Namespace) -> None:
             inputs=inputs,
         )
         print(f"saved to {out}/")
+    if args.mode != "local":
+        from accelerate import PartialState
+
+        # A rank that exits with gloo's threads still running can abort ("terminate called without an active
+        # exception"); no barrier first, so a failed save on the main rank cannot leave the others waiting.
+        PartialState().destroy_process_group()
 
 
 DEMO_PROMPTS = (
