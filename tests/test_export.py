@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork import kernels
 from brickwork.bricks.carve import carved_layers
 from brickwork.cli.main import main as cli
 from brickwork.errors import BrickworkError
@@ -229,11 +228,83 @@ def test_stock_routing_conversion_makes_topk_exports_exact(tmp_path, text_file, 
     v = report.validation
     assert v["agreement"] == 1.0 and abs(v["kl"]) < 1e-6 and v["max_logit_diff"] < 1e-3
     brick = next(iter(carved_layers(model).values()))
-    assert brick.stock_routing["renormalise"] == (format != "gguf")
-    assert not kernels.supports_fast_path(brick)  # weighted experts run on the reference path
+    assert brick.combine.rule == ("softmax" if format == "gguf" else "softmax_topk")
     bw.save(model, tmp_path / "saved", tokenizer)
     again = bw.load(tmp_path / "saved")
-    assert next(iter(carved_layers(again).values())).stock_routing == brick.stock_routing
+    assert next(iter(carved_layers(again).values())).combine == brick.combine
     ids = torch.randint(3, 100, (1, 30))
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "format, combine",
+    [
+        ("qwen2_moe", "softmax"),
+        ("qwen2_moe", "softmax_topk"),
+        ("mixtral", "softmax_topk"),
+        ("gguf", "softmax"),
+    ],
+)
+def test_weighted_carves_export_exactly_without_conversion(tmp_path, text_file, tokenizer, format, combine):
+    shared = 0 if format == "mixtral" else 1
+    model = _carved(text_file, tokenizer, active=3, shared=shared, combine=combine)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / ("c.gguf" if format == "gguf" else "c")
+    report = export(
+        model, out, format, tokenizer, validate_data=str(text_file), validate_tokens=256, window=64
+    )
+    assert report.conversion is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the carve is untouched
+    v = report.validation
+    assert v["agreement"] == 1.0 and abs(v["kl"]) < 1e-8, v
+    bricks = carved_layers(model)
+    assert report.temperatures == {i: b.combine.temperature for i, b in bricks.items()}
+    if format != "gguf":
+        config = json.loads((out / "config.json").read_text())
+        assert config.get("norm_topk_prob", True) == (combine == "softmax_topk")
+
+
+@pytest.mark.parametrize("format, combine", [("gguf", "softmax_topk"), ("mixtral", "softmax")])
+def test_a_rule_the_format_cannot_compute_is_refused(tmp_path, text_file, tokenizer, format, combine):
+    shared = 0 if format == "mixtral" else 1
+    model = _carved(text_file, tokenizer, active=2, shared=shared, combine=combine)
+    out = tmp_path / ("c.gguf" if format == "gguf" else "c")
+    with pytest.raises(
+        BrickworkError, match=f"--combine {'softmax' if format == 'gguf' else 'softmax_topk'}"
+    ):
+        export(model, out, format, tokenizer, validate_data=str(text_file), validate_tokens=128, window=64)
+    assert not out.exists()
+
+
+def _bpe_tokenizer(text_file, vocab_size: int):
+    """A small byte-level BPE tokenizer (GPT-2 style, as SmolLM and Qwen use) trained on the test text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    bpe.train([str(text_file)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def test_gguf_names_the_pre_tokenizer_llama_cpp_knows(tmp_path, text_file, tokenizer, caplog):
+    import gguf
+
+    from brickwork.io.gguf import _PRE_TOKENIZERS, pre_tokenizer_name
+
+    model = _carved(text_file, tokenizer, active=2, combine="softmax")
+    bpe = _bpe_tokenizer(text_file, model.config.vocab_size)
+    path = tmp_path / "c.gguf"
+    export(model, path, "gguf", bpe, validate_data=str(text_file), validate_tokens=128, window=64)
+    reader = gguf.GGUFReader(str(path))
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    # a BPE tokenizer of no family llama.cpp knows: "default", with a warning saying what that risks
+    assert reader.get_field("tokenizer.ggml.pre").contents() == pre_tokenizer_name(bpe) == "default"
+    assert "may split text differently" in caplog.text
+    # the known families are looked up by llama.cpp's own hash of the test string's token ids
+    assert set(_PRE_TOKENIZERS.values()) >= {"smollm", "qwen2", "llama-bpe"}

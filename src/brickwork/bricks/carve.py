@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from brickwork.bricks.combine import fit_combine
 from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.module import BrickFFN
 from brickwork.data.sources import describe_source
@@ -68,6 +69,8 @@ class CarveReport:
     layer_fractions: list[float]
     seconds: float
     calibration: str | None
+    # weighted combine rules: per carved layer, fit_combine's figures (temperature, scale, relative errors)
+    combine_fits: dict[int, dict] | None = None
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -145,9 +148,14 @@ def carve_(
                 "carve_ needs calibration text and a tokenizer: carve_(model, config, "
                 "calib=..., tokenizer=...)"
             )
-        needs_samples = ROUTERS[config.router].needs_samples
+        needs_samples = ROUTERS[config.router].needs_samples or config.combine != "sum"
         calibration = calibrate(model, tokenizer, calib, config, progress=progress, samples=needs_samples)
     prof, sampler = calibration.profile, calibration.sampler
+    if config.combine != "sum" and sampler is None:
+        raise BrickworkError(
+            f"combine={config.combine} is fitted on calibration samples: calibrate(..., samples=True)"
+        )
+    fits: dict[int, dict] = {}
 
     method = GROUPING_METHODS[config.method]
     build_router = ROUTERS[config.router].build
@@ -191,6 +199,8 @@ def carve_(
         brick = BrickFFN.from_dense(
             weights, grouping, config.active, ffn.activation, router, down_keep, config.resolved_accumulate()
         )
+        if config.combine != "sum":
+            brick.combine, fits[ffn.index] = _fit_combine(brick, config.combine, x)
         bricks.append((ffn, brick.to(device)))
     # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
     dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in find_ffns(model)}
@@ -206,6 +216,7 @@ def carve_(
         layer_fractions=list(fractions.values()),
         seconds=time.perf_counter() - started,
         calibration=calibration.source,
+        combine_fits=fits or None,
     )
     model.brickwork = {
         "config": config.to_dict(),
@@ -213,6 +224,28 @@ def carve_(
         "calibration_tokens": prof.tokens,
     }
     return report
+
+
+def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 64):
+    """The weighted ``rule``'s temperature and scale for ``brick``, fitted on calibration inputs ``x`` so that the
+    weighted sum of the selected experts best reproduces the dense FFN's routed part (:func:`fit_combine`)."""
+    s, e, size, k = brick.num_shared, brick.num_experts, brick.expert_size, brick.active
+    if e == 0 or size == 0:
+        raise BrickworkError(f"combine={rule} needs routed experts to weight; this carve has none")
+    x = x.float()
+    scores = brick.router(x, brick).float()
+    selection = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    down = brick.down_t[s:].view(e, size, brick.d_model)
+    outputs = torch.empty(len(x), k, brick.d_model)
+    target = torch.empty(len(x), brick.d_model)
+    for start in range(0, len(x), chunk):
+        rows = slice(start, start + chunk)
+        h = brick.hidden(x[rows], s, brick.d_ff).view(-1, e, size)
+        target[rows] = h.reshape(len(h), -1) @ brick.down_t[s:]
+        chosen = selection[rows]
+        picked = h.gather(1, chosen[..., None].expand(-1, -1, size))  # [n, k, size]
+        outputs[rows] = torch.einsum("nks,nksd->nkd", picked, down[chosen])
+    return fit_combine(rule, scores, outputs, target, k)
 
 
 def _weights_per_neuron(ffn: FFN) -> int:

@@ -135,7 +135,15 @@ class CarveConfig:
         f"(auto: float64 when more than {EXACT_ABOVE} experts are routed)",
     )
 
+    combine: str = _option(
+        "sum",
+        "how selected experts are combined: sum (weight 1), softmax (router probabilities, as Qwen2-MoE and "
+        "llama.cpp's qwen2moe) or softmax_topk (renormalised over the top-k, as Mixtral); the weighted rules' "
+        "temperature and scale are fitted to the dense FFN on the calibration samples",
+    )
+
     def __post_init__(self) -> None:
+        from brickwork.bricks.combine import COMBINE_RULES
         from brickwork.grouping import GROUPING_METHODS
         from brickwork.routing import ROUTERS
 
@@ -185,6 +193,8 @@ class CarveConfig:
                 raise ValueError(f"layers must not repeat an index, got {self.layers}")
         if self.accumulate != "auto" and self.accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate must be auto, float32 or float64, got {self.accumulate!r}")
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {self.combine!r}")
         _int("seed", self.seed)
         _int("window", self.window, 2)
         _int("router_samples", self.router_samples, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import ACCUMULATE
 from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFNWeights
@@ -16,9 +17,10 @@ class BrickFFN(nn.Module):
 
     Neurons are stored in expert order (``neuron_order[j]`` is the dense index of stored neuron j): shared
     neurons first, then expert 0, expert 1, ... so each expert's gate, up and down rows are one contiguous
-    block (``down_t`` is the down projection transposed, ``[F, D]``). Routed experts' outputs are summed
-    unweighted, so with every expert active the module computes what the dense FFN computed (up to the order
-    of floating-point sums).
+    block (``down_t`` is the down projection transposed, ``[F, D]``). ``combine`` (:mod:`brickwork.bricks.combine`)
+    says how the selected experts' outputs are combined: summed unweighted by default, so that with every expert
+    active the module computes what the dense FFN computed (up to the order of floating-point sums), or weighted
+    by softmax router probabilities as stock MoE formats weight them.
 
     With ``down_keep`` set, only the ``down_keep`` largest |h| among the computed neurons (per token) go through
     the down projection: the exact activations pick which down rows are worth reading (TEAL's h-sparsity,
@@ -82,9 +84,9 @@ class BrickFFN(nn.Module):
         self.down_bias = param(d_model) if down_bias else None
         self.register_buffer("neuron_order", torch.arange(d_ff))
         self.record_selection = False  # when True, keep the latest forward's [T, active] selection
-        # None: selected experts are summed with weight 1. Else {"temperature", "renormalise", "scale"}: they are
-        # weighted as a stock MoE router weights them (see stock_weights; brickwork.io.export sets it).
-        self.stock_routing: dict | None = None
+        self.combine = (
+            Combine()
+        )  # how the selected experts are combined (a frozen value: replace it, never edit)
         self.last_selection: torch.Tensor | None = None
 
     @classmethod
@@ -179,7 +181,6 @@ class BrickFFN(nn.Module):
         return (
             self.accumulate == "float64"
             and x.dtype == torch.float32
-            and self.stock_routing is None
             and not (torch.is_grad_enabled() and (x.requires_grad or self.up.requires_grad))
         )
 
@@ -200,33 +201,34 @@ class BrickFFN(nn.Module):
             h = self.act(nn.functional.linear(xs, part(self.gate), part(self.gate_bias))) * up
         return h.float() if exact else h
 
-    def stock_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Selection and expert weights as stock MoE routers compute them (``stock_routing`` set): softmax of
-        the router's logits / temperature in fp32, top-k of the probabilities, renormalised or not, times
-        ``scale`` (so that equal probabilities give weight 1)."""
-        r = self.stock_routing
-        probs = torch.softmax(self.router(x, self) / r["temperature"], dim=-1, dtype=torch.float32)
-        top = probs.topk(self.active, dim=-1)
-        weights = top.values / top.values.sum(-1, keepdim=True) if r["renormalise"] else top.values
-        return top.indices, weights * r["scale"]
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, E]`` router scores; float64 sums rounded once for linear routers when :meth:`exact`."""
+        form = self.router.linear_form() if self.exact(x) else None
+        if form is None:
+            return self.router(x, self)
+        weight, bias = form
+        scores = x.double() @ weight.double().t()
+        return (scores if bias is None else scores + bias.double()).float()
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(selection [T, active], weights [T, active] or None)``: the routed experts each token runs and, for a
+        weighted ``combine`` rule, the weight of each (None: weight 1)."""
+        if not self.combine.weighted:
+            return self.select(x), None
+        return self.combine.route(self.scores(x), self.active)
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """[T, active] indices of the routed experts each token runs."""
         if (
-            self.active == self.num_experts
+            self.active == self.num_experts and not self.combine.weighted
         ):  # nothing to choose: skip the router (the oracle's costs a full FFN)
             return torch.arange(self.num_experts, device=x.device).expand(x.shape[0], -1)
+        if self.combine.weighted:
+            return self.route(x)[0]
         if not self.exact(x):
             return self.router(x, self).topk(self.active, dim=-1, sorted=False).indices
         # Exact: float64 sums for linear routers too, and ties broken by position, as the kernels break them.
-        form = self.router.linear_form()
-        if form is None:
-            scores = self.router(x, self)
-        else:
-            weight, bias = form
-            scores = x.double() @ weight.double().t()
-            scores = (scores if bias is None else scores + bias.double()).float()
-        return topk_by_position(scores, self.active)
+        return topk_by_position(self.scores(x), self.active)
 
     use_kernels = True  # class-wide switch: False forces the reference path everywhere
 
@@ -261,12 +263,11 @@ class BrickFFN(nn.Module):
         parts = [self.hidden(x, 0, s)] if s else []
         if self.num_experts:
             mask = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-            if self.stock_routing is None:
-                selection = self.select(x)
+            selection, weights = self.route(x)
+            if weights is None:
                 mask.scatter_(1, selection, 1.0)
-            else:
-                selection, weights = self.stock_weights(x)
-                mask.scatter_(1, selection, weights.to(x.dtype))
+            else:  # differentiable: training reaches the router through the weights
+                mask = mask.scatter(1, selection, weights.to(x.dtype))
             if self.record_selection:
                 self.last_selection = selection
             h = (
@@ -284,5 +285,5 @@ class BrickFFN(nn.Module):
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, shared={self.num_shared}, experts={self.num_experts}x"
             f"{self.expert_size}, active={self.active}, router={self.router.kind}, down_keep={self.down_keep}, "
-            f"accumulate={self.accumulate}"
+            f"accumulate={self.accumulate}, combine={self.combine.rule}"
         )

@@ -587,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_profile)
 
+    from brickwork.bricks.combine import COMBINE_RULES
     from brickwork.bricks.config import ACCUMULATE, CarveConfig
     from brickwork.grouping import GROUPING_METHODS
     from brickwork.routing import ROUTERS
@@ -621,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p, "--down-fraction", CarveConfig, "down_fraction", type=float)
     _config_option(p, "--layers", CarveConfig, "layers", type=int, nargs="+")
     _config_option(p, "--accumulate", CarveConfig, "accumulate", choices=("auto", *ACCUMULATE))
+    _config_option(p, "--combine", CarveConfig, "combine", choices=COMBINE_RULES)
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
     _config_option(p, "--calib-tokens", CarveConfig, "calib_tokens", type=int)
     _config_option(p, "--router-samples", CarveConfig, "router_samples", type=int)

@@ -9,8 +9,13 @@
   llama.cpp evaluates the shared gate as silu(z)/z, NaN at z = 0, so the GGUF shared gate is a tiny vector
   (|w . x| about 1e-4) rather than zero; the shared expert is then off by about 5e-5 relative.
 
-Routing. brickwork sums the selected experts with weight 1; stock routers weight them by softmax
-probabilities. Top-1 with renormalisation (``norm_topk_prob``; Mixtral always renormalises) gives weight 1
+Routing. A carve made with a weighted combine rule (``brickwork carve --combine softmax`` or ``softmax_topk``,
+:mod:`brickwork.bricks.combine`) exports exactly by construction: the rule is what the stock router computes, its
+temperature divides the router weights (a power of two) and its scale multiplies the experts' down projections.
+``softmax`` goes to qwen2_moe (``norm_topk_prob=False``) and gguf, ``softmax_topk`` to qwen2_moe and mixtral.
+
+A carve with the default ``sum`` rule sums the selected experts with weight 1; stock routers weight them by
+softmax probabilities. Top-1 with renormalisation (``norm_topk_prob``; Mixtral always renormalises) gives weight 1
 exactly, so top-1 carves export exactly. For top-k > 1 the router logits are divided by a power of two T (exact
 in floating point, and it keeps their order) so that the top-k probabilities are nearly equal, and the experts'
 down projections are multiplied by the number of probabilities they share: k with renormalisation, the number
@@ -39,6 +44,7 @@ from typing import Literal
 import torch
 
 from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.combine import STOCK_RULES, Combine
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
@@ -77,6 +83,7 @@ class _Plan:
     expert_size: int
     active: int
     shared: int
+    rule: str  # the carve's combine rule (one for every layer)
 
 
 def plan_export(model, format: str) -> _Plan:
@@ -115,6 +122,22 @@ def plan_export(model, format: str) -> _Plan:
             "MoE configs hold one value of each for the whole model"
         )
     num_experts, expert_size, active, shared = shapes.pop()
+    rules = {b.combine.rule for b in bricks.values()}
+    if len(rules) > 1:
+        raise BrickworkError(
+            f"carved layers combine experts differently ({sorted(rules)}); a stock MoE config has one router rule"
+        )
+    rule = rules.pop()
+    if rule != "sum" and rule not in STOCK_RULES[format]:
+        fits = [f for f, held in STOCK_RULES.items() if rule in held]
+        hint = {
+            "gguf": "llama.cpp's qwen2moe does not renormalise the top-k weights: carve with --combine softmax",
+            "mixtral": "Mixtral always renormalises the top-k weights: carve with --combine softmax_topk",
+        }.get(format, "")
+        raise BrickworkError(
+            f"this carve weights its experts by '{rule}', which {format} cannot compute ({hint}); "
+            f"export it to {' or '.join(fits)}"
+        )
     for index, brick in bricks.items():
         if brick.down_keep is not None:
             raise BrickworkError(
@@ -153,7 +176,7 @@ def plan_export(model, format: str) -> _Plan:
         raise BrickworkError(
             f"{format} expects a shared expert; this carve has none: export to mixtral, or carve with shared > 0"
         )
-    return _Plan(bricks, num_experts, expert_size, active, shared)
+    return _Plan(bricks, num_experts, expert_size, active, shared, rule)
 
 
 # --- router temperature --------------------------------------------------------------------------------
@@ -235,11 +258,14 @@ def _shared_gate_directions(inputs: dict[int, torch.Tensor]) -> dict[int, torch.
 
 
 def _exact(plan: _Plan, format: str) -> bool:
-    """Top-1 with renormalisation: the selected expert's weight is exactly 1 at any temperature."""
-    return plan.active == 1 and format != "gguf"
+    """A weighted combine rule the format computes (plan_export checked it), or top-1 with renormalisation:
+    the selected expert's weight is exactly 1 at any temperature."""
+    return plan.rule != "sum" or (plan.active == 1 and format != "gguf")
 
 
 def _temperatures(plan: _Plan, format: str, inputs: dict[int, torch.Tensor] | None) -> dict[int, float]:
+    if plan.rule != "sum":
+        return {index: brick.combine.temperature for index, brick in plan.bricks.items()}
     if _exact(plan, format):
         return dict.fromkeys(plan.bricks, 1.0)
     if inputs is None:
@@ -299,8 +325,8 @@ def _stock_config(model, plan: _Plan, format: str):
         shared_expert_intermediate_size=plan.shared,
         num_experts=plan.num_experts,
         num_experts_per_tok=plan.active,
-        # HF and vLLM: renormalise (exact top-1); GGUF: llama.cpp's qwen2moe does not, so neither may we
-        norm_topk_prob=format != "gguf",
+        # a weighted rule says; sum: HF and vLLM renormalise (exact top-1), llama.cpp's qwen2moe does not
+        norm_topk_prob=plan.rule == "softmax_topk" if plan.rule != "sum" else format != "gguf",
         decoder_sparse_step=1,
         mlp_only_layers=sorted(set(range(model.config.num_hidden_layers)) - set(plan.bricks)),
         qkv_bias=True,
@@ -349,7 +375,7 @@ def build_stock_model(
             out[name] = source["model.embed_tokens.weight"]
         else:
             raise BrickworkError(f"no source weight for {name}; cannot export this model")
-    # renormalised top-k probabilities are about 1/k each; llama.cpp's unrenormalised ones about 1/E
+    # sum rule: renormalised top-k probabilities are about 1/k each; llama.cpp's unrenormalised ones about 1/E
     share = plan.num_experts if format == "gguf" else plan.active
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp."
@@ -360,7 +386,9 @@ def build_stock_model(
             continue
         temperature = temperatures[layer]
         weight, _ = brick.router.linear_form()
-        w = _expert_weights(brick, plan, scale=1.0 if _exact(plan, format) else float(share))
+        # a weighted rule's scale; sum: 1 when exact (top-1 renormalised), else the probabilities' share
+        sum_scale = 1.0 if _exact(plan, format) else float(share)
+        w = _expert_weights(brick, plan, scale=brick.combine.scale if plan.rule != "sum" else sum_scale)
         out[prefix + "gate.weight"] = (weight.detach() / temperature).to(dtype)
         out[prefix + "experts.gate_up_proj"] = w["gate_up"]
         out[prefix + "experts.down_proj"] = w["down"]
@@ -415,12 +443,13 @@ def export(
 
     The output is written atomically. With ``validate_data``, the result is loaded back with stock
     ``transformers`` (no remote code) and compared on ``validate_tokens`` tokens of it; those windows also set
-    the router temperature of top-k > 1 carves (and the GGUF shared gate); ``validate=False`` uses them for that
-    only. Without ``validate_data``, only top-1 carves export to qwen2_moe or mixtral.
+    the router temperature of top-k > 1 carves with the ``sum`` rule (and the GGUF shared gate); ``validate=False``
+    uses them for that only. Without ``validate_data``, only carves with a weighted combine rule and top-1 carves
+    export to qwen2_moe or mixtral, and only weighted ones to gguf.
 
-    ``stock_routing=True`` first converts ``model`` itself (in place) to the stock routing form, weighting its
-    selected experts as the exported router will (:meth:`BrickFFN.stock_weights`), so that the export computes
-    what the converted carve computes; ``report.conversion`` says how far the conversion moved the carve.
+    ``stock_routing=True`` first converts a ``sum`` carve itself (in place) to a weighted combine rule with the
+    chosen temperature, so that the export computes what the converted carve computes; ``report.conversion``
+    says how far the conversion moved the carve. Carving with a weighted rule makes this unnecessary.
 
     An existing export at ``out`` is replaced; anything else only with ``overwrite=True`` (see
     :func:`check_export_output`); ``sources`` (paths read) may be neither ``out`` nor inside it. A directory export carries ``brickwork-export.json`` (this report).
@@ -436,9 +465,11 @@ def export(
             raise BrickworkError("validation needs the tokenizer; pass tokenizer= or validate_data=None")
         windows = token_windows(tokenizer, validate_data, window, validate_tokens)
     needs_inputs = windows is not None and not _exact(plan, format)
+    needs_inputs = needs_inputs or (windows is not None and format == "gguf")  # the GGUF shared gate
     inputs = _capture_inputs(model, plan.bricks, windows) if needs_inputs else None
     temperatures = _temperatures(plan, format, inputs)
-    # GGUF is never exact (no renormalisation), so _temperatures has already required the captured inputs
+    if format == "gguf" and inputs is None:
+        raise BrickworkError("a GGUF export needs validation windows (validate_data) to set the shared gate")
     shared_gates = _shared_gate_directions(inputs) if format == "gguf" else None
     report_conversion = None
     if stock_routing and not _exact(plan, format):
@@ -446,12 +477,10 @@ def export(
 
         before = copy.deepcopy(model)
         share = plan.num_experts if format == "gguf" else plan.active
+        rule = "softmax" if format == "gguf" else "softmax_topk"
         for index, brick in plan.bricks.items():
-            brick.stock_routing = {
-                "temperature": temperatures[index],
-                "renormalise": format != "gguf",
-                "scale": float(share),
-            }
+            brick.combine = Combine(rule, temperature=temperatures[index], scale=float(share))
+        plan.rule = rule
         report_conversion = compare_logits(before, model, windows)
         del before
     stock = build_stock_model(model, format, temperatures, shared_gates)

@@ -41,6 +41,39 @@ _PER_LAYER = {
 }
 _KEEP_F32 = ("norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias")
 
+# llama.cpp picks its BPE pre-tokenizer (how text is split before merges) from ``tokenizer.ggml.pre``. Its converter
+# names it by the SHA-256 of the token ids of one test string (_PRE_TOKENIZER_TEXT); these are the values of that
+# table (llama.cpp's conversion/base.py, as vendored by llama-cpp-python 0.3.36) for the BPE families brickwork
+# exports. With "default", llama.cpp splits SmolLM text differently from transformers (1.4-2% more tokens).
+_PRE_TOKENIZER_TEXT = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
+    "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
+    "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? "
+    "'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+_PRE_TOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
+}
+
+
+def pre_tokenizer_name(tokenizer) -> str:
+    """llama.cpp's name for ``tokenizer``'s BPE pre-tokenizer, or ``"default"`` (with a warning) when unknown."""
+    from hashlib import sha256
+
+    ids = tokenizer.encode(_PRE_TOKENIZER_TEXT)  # as llama.cpp's converter encodes it (BOS included)
+    name = _PRE_TOKENIZERS.get(sha256(str(ids).encode()).hexdigest())
+    if name is None:
+        logger.warning(
+            "llama.cpp does not know this tokenizer's pre-tokenizer: the GGUF says 'default', and llama.cpp may "
+            "split text differently from transformers"
+        )
+    return name or "default"
+
 
 def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "float32") -> Path:
     """Write a ``Qwen2MoeForCausalLM`` (every layer MoE) as a GGUF file; atomic (temporary file, rename)."""
@@ -126,7 +159,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     tokens = [tokenizer.convert_ids_to_tokens(i) or f"[PAD{i}]" for i in range(vocab_size)]
     special = set(tokenizer.all_special_ids)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))
     writer.add_token_list(tokens)
     writer.add_token_types([3 if i in special else 1 for i in range(vocab_size)])  # 3 = control, 1 = normal
     merges = model.get("merges", [])

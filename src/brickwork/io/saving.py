@@ -9,7 +9,6 @@ card. It is written to a temporary directory and renamed, so an interrupted save
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 
 from brickwork.bricks.carve import _swap_in, carved_layers
+from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import ACCUMULATE, CarveConfig, check_router_options
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
@@ -47,7 +47,7 @@ def _layer_record(index: int, brick: BrickFFN) -> dict:
         "router_config": brick.router.extra_config(),
         "down_keep": brick.down_keep,
         "accumulate": brick.accumulate,
-        "stock_routing": brick.stock_routing,
+        "combine": brick.combine.to_dict(),
         "active_fraction": brick.active_fraction(),
     }
 
@@ -267,19 +267,26 @@ def _check_record(directory: Path, record, ffns: list, seen: set) -> None:
         bad(f"{index}: down_keep {down_keep!r} is not in [1, {shared + active * size}]")
     if record.get("accumulate", "float32") not in ACCUMULATE:
         bad(f"{index}: accumulate {record.get('accumulate')!r} is not one of {ACCUMULATE}")
+    try:
+        _combine(record)
+    except ValueError as exc:
+        bad(f"{index}: {exc}")
+
+
+def _combine(record: dict) -> Combine:
+    """The brick's combination rule; records written before the rule existed may say ``stock_routing``
+    (``{temperature, renormalise, scale}``, the export conversion's weights) or nothing (``sum``)."""
+    if "combine" in record:
+        return Combine.from_dict(record["combine"])
     stock = record.get("stock_routing")
-    if stock is not None:
-        ok = (
-            isinstance(stock, dict)
-            and set(stock) == {"temperature", "renormalise", "scale"}
-            and isinstance(stock["renormalise"], bool)
-            and all(
-                isinstance(stock[k], (int, float)) and math.isfinite(stock[k]) and stock[k] > 0
-                for k in ("temperature", "scale")
-            )
-        )
-        if not ok:
-            bad(f"{index}: stock_routing {stock!r} is not {{temperature > 0, renormalise, scale > 0}}")
+    if stock is None:
+        return Combine()
+    if not isinstance(stock, dict) or set(stock) != {"temperature", "renormalise", "scale"}:
+        raise ValueError(f"stock_routing {stock!r} is not {{temperature, renormalise, scale}}")
+    if not isinstance(stock["renormalise"], bool):
+        raise ValueError(f"stock_routing renormalise {stock['renormalise']!r} is not true or false")
+    rule = "softmax_topk" if stock["renormalise"] else "softmax"
+    return Combine(rule, temperature=stock["temperature"], scale=stock["scale"])
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -335,7 +342,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             down_keep=record.get("down_keep"),
             accumulate=record.get("accumulate", "float32"),  # saved before the option: float32 sums
         )
-        brick.stock_routing = record.get("stock_routing")
+        brick.combine = _combine(record)
         _swap_in(ffn, brick)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)

@@ -75,7 +75,6 @@ def supports_fast_path(brick) -> bool:
     """Whether ``brick`` can run the CPU kernels: CPU fp32 SwiGLU without biases, numba installed."""
     return (
         HAVE_NUMBA
-        and brick.stock_routing is None
         and brick.gate is not None
         and brick.up_bias is None
         and brick.gate_bias is None
@@ -93,18 +92,20 @@ class Plan:
     Decode runs the per-token kernel once per layer and token, so the Python around it (module attribute
     look-ups, re-checking the brick, tensor wrapping) costs as much as the kernel unless it is precomputed. The
     plan keeps the Parameter objects themselves and compares their storage pointer and version counter on every
-    call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the brick's stock routing or
+    call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the brick's ``combine`` rule or
     ``accumulate`` makes it stale and it is rebuilt.
 
     Linear routers (``fitted``, ``centroid``) and the ``partial`` router run inside the one compiled call
-    (``kernel``); other routers (``kernel`` None) score in torch first, then :func:`cpu._experts_token`.
+    (``kernel``); other routers and weighted combine rules (``kernel`` None) route in torch first
+    (:meth:`BrickFFN.route`), then :func:`cpu._experts_token` or :func:`cpu.weighted_experts_token`.
     """
 
     def __init__(self, brick):
         tensors = (brick.gate, brick.up, brick.down_t, *brick.router.parameters())
         self.tensors = [t for t in tensors if t is not None]
         self.key = self._key()
-        self.stock_routing = brick.stock_routing
+        self.combine = brick.combine
+        self.weighted = brick.combine.weighted
         self.accumulate = brick.accumulate
         self.supported = supports_fast_path(brick)
         self.family = "partial" if brick.router.kind == "partial" else "linear"
@@ -126,6 +127,8 @@ class Plan:
         self.experts_args = (rows, s, size, keep)  # what _experts_token takes besides x, chosen and out
         self.down_sparse = brick.down_keep is not None
         form = brick.router.linear_form() if e else None
+        if self.weighted:  # routed and weighted in torch (BrickFFN.route), as the reference path routes
+            return
         if e == 0 or brick.active == e:
             self.kernel, self.args = cpu._experts_token, (rows, np.arange(e, dtype=np.int64), s, size, keep)
         elif form is not None:
@@ -148,9 +151,7 @@ class Plan:
 
     def current(self, brick) -> bool:
         return (
-            brick.stock_routing is self.stock_routing
-            and brick.accumulate == self.accumulate
-            and self._key() == self.key
+            brick.combine == self.combine and brick.accumulate == self.accumulate and self._key() == self.key
         )
 
 
@@ -175,7 +176,14 @@ def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tenso
     p = p or plan(brick)
     xn = _kernel_inputs(x, p)
     out = np.empty(xn.shape, dtype=np.float32)
-    if p.kernel is None:  # a router scored in torch, as the reference path scores it
+    if p.weighted:
+        with torch.no_grad():
+            chosen, weights = brick.route(x)
+        chosen, weights = chosen.numpy().astype(np.int64), weights.numpy().astype(np.float32)
+        rows, s, size, keep = p.experts_args
+        for t in range(xn.shape[0]):
+            cpu.weighted_experts_token(xn[t], rows, chosen[t], weights[t], s, size, keep, out[t])
+    elif p.kernel is None:  # a router scored in torch, as the reference path scores it
         with torch.no_grad():
             chosen = brick.select(x).numpy().astype(np.int64)
         for t in range(xn.shape[0]):
@@ -196,7 +204,12 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
     xn = _kernel_inputs(x, p)
     rows, s, size, keep = p.experts_args
     size = max(size, 1)  # no routed experts: nothing is listed per expert
-    if brick.num_experts == 0 or brick.active == brick.num_experts:
+    weights = None
+    if p.weighted:
+        with torch.no_grad():
+            selection, weights = brick.route(x)
+        chosen = selection.numpy().astype(np.int64)
+    elif brick.num_experts == 0 or brick.active == brick.num_experts:
         chosen = np.broadcast_to(np.arange(brick.num_experts, dtype=np.int64), (len(xn), brick.num_experts))
         chosen = np.ascontiguousarray(chosen)
     elif p.router_batch is None:  # a router scored in torch, as the reference path scores it
@@ -207,6 +220,10 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
     else:
         chosen = p.router_batch(xn, *p.router_args)
     h = cpu.hidden_batch(xn, chosen, rows, s, size)
+    if weights is not None:  # each expert's h times its weight, in float32 as the reference path multiplies
+        scale = np.zeros((len(xn), brick.num_experts), dtype=np.float32)
+        np.put_along_axis(scale, chosen, weights.numpy().astype(np.float32), axis=1)
+        h[:, s:] *= np.repeat(scale, size, axis=1)
     dense_down = not p.down_sparse and not p.exact  # a float32 matmul cannot give the exact sums
     if dense_down and len(xn) >= switch_point("dense_down_min", p.family, p.fraction):
         with torch.no_grad():
@@ -224,9 +241,11 @@ def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
     if s:
         h = act(x @ brick.gate[:s].t()) * (x @ brick.up[:s].t())
         y = h @ brick.down_t[:s]
-    selection = brick.select(x)  # [T, k]
+    selection, weights = brick.route(x)  # [T, k] each
     flat = selection.flatten()
     order = torch.argsort(flat, stable=True)
+    if weights is not None:
+        weights = weights.flatten()[order]
     tokens = torch.arange(x.shape[0]).repeat_interleave(selection.shape[1])[order]
     counts = torch.bincount(flat, minlength=e).tolist()
     start = 0
@@ -237,6 +256,8 @@ def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
         tok = tokens[start : start + count]
         xe = x.index_select(0, tok)
         h = act(xe @ brick.gate[rows].t()) * (xe @ brick.up[rows].t())
+        if weights is not None:
+            h = h * weights[start : start + count, None]
         y.index_add_(0, tok, h @ brick.down_t[rows])
         start += count
     return y

@@ -350,6 +350,32 @@ if HAVE_NUMBA:
         top = _topk_indices(np.abs(h), keep)
         _down_rows(rows, neurons[top], h[top], out, x)
 
+    @njit(cache=True, parallel=True, fastmath=True)
+    def weighted_experts_token(x, rows, chosen, weights, shared, size, keep, out):
+        """As :func:`_experts_token`, each chosen expert's h multiplied by its weight (float32, as the reference
+        path multiplies) before the down projection (and before the ``keep`` largest |h| are picked)."""
+        neurons = _computed_neurons(chosen, shared, size)
+        m = neurons.shape[0]
+        h = np.empty(m, dtype=np.float32)
+        if x.itemsize == 8:
+            g = np.empty(m, dtype=np.float64)
+            u = np.empty(m, dtype=np.float64)
+            for i in prange(m):
+                g[i], u[i] = _gate_up(rows, neurons[i], x)
+            _silu_product64(g, u, h, False)
+        else:
+            for i in prange(m):
+                h[i] = _neuron_h(rows, neurons[i], x)
+        for c in range(chosen.shape[0]):
+            w = np.float32(weights[c])
+            for i in range(size):
+                h[shared + c * size + i] *= w
+        if keep >= m:
+            _down_rows(rows, neurons, h, out, x)
+        else:
+            top = _topk_indices(np.abs(h), keep)
+            _down_rows(rows, neurons[top], h[top], out, x)
+
     @njit(cache=True, fastmath=True, inline="always")
     def _linear_choice(x, router_w, router_b, active):
         """The ``active`` experts with the largest ``W x + b`` for one token ``x``."""

@@ -1,0 +1,170 @@
+"""How a brick combines the routed experts it selects: part of the brick's saved description.
+
+- ``sum``: the selected experts' outputs summed with weight 1 (MoEfication, Zhang et al. 2022): with every expert
+  selected the brick computes the dense FFN. Stock MoE formats hold it exactly only for top-1 with
+  renormalisation.
+- ``softmax``: ``p = softmax(scores / temperature)`` over all routed experts; the top-k experts by p, each weighted
+  ``scale * p``. Qwen2-MoE with ``norm_topk_prob=False`` and llama.cpp's ``qwen2moe`` compute this (the scale
+  is folded into the experts' down projections on export).
+- ``softmax_topk``: as ``softmax``, with the k weights renormalised to sum to one before ``scale``: Mixtral
+  (Jiang et al. 2024), Qwen2-MoE with ``norm_topk_prob=True``, Qwen3-MoE.
+
+Scores here are the router's (``brick.router(x)``); the temperature divides them before the softmax, and export
+divides the router's weights by it (a power of two when :func:`fit_combine` chose it: exact in floating point).
+Selection is by the float32 probabilities, as the engines select, with exact ties broken by position (the lower
+expert first).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from brickwork.routing.base import topk_by_position
+
+COMBINE_RULES: tuple[str, ...] = ("sum", "softmax", "softmax_topk")
+# The weighted rules each export format computes (top-1 "sum" carves also export exactly to renormalising ones).
+STOCK_RULES: dict[str, tuple[str, ...]] = {
+    "qwen2_moe": ("softmax", "softmax_topk"),
+    "mixtral": ("softmax_topk",),
+    "gguf": ("softmax",),  # llama.cpp's qwen2moe never renormalises
+}
+
+
+# A k-th/(k+1)-th logit gap below this (after the temperature) is "fragile": float32 scores carry relative errors
+# near 2^-24 per term, so sums of hundreds of terms in another order differ by far less than 2^-16 unless the
+# scores themselves are huge.
+FRAGILE_GAP = 2.0**-16
+
+
+@dataclass(frozen=True)
+class Combine:
+    """The combination rule of one brick (see the module docstring)."""
+
+    rule: str = "sum"
+    temperature: float = 1.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.rule not in COMBINE_RULES:
+            raise ValueError(f"combine rule must be one of {COMBINE_RULES}, got {self.rule!r}")
+        for name in ("temperature", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"combine {name} must be a finite number, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"combine {name} must be > 0, got {value!r}")
+        if self.rule == "sum" and (self.temperature != 1.0 or self.scale != 1.0):
+            raise ValueError("the 'sum' rule has no temperature or scale")
+
+    @property
+    def weighted(self) -> bool:
+        return self.rule != "sum"
+
+    @property
+    def renormalise(self) -> bool:
+        return self.rule == "softmax_topk"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record) -> Combine:
+        """From :meth:`to_dict`'s form; ValueError on anything else."""
+        if not isinstance(record, dict) or not set(record) <= {"rule", "temperature", "scale"}:
+            raise ValueError(f"combine must be {{rule, temperature, scale}}, got {record!r}")
+        return cls(**record)
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[T, E]`` float32 softmax of ``scores / temperature`` (the engines' fp32 router probabilities)."""
+        return torch.softmax(scores.float() / self.temperature, dim=-1)
+
+    def route(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(indices [T, k], weights [T, k])`` of a weighted rule from the router's ``scores [T, E]``."""
+        probs = self.probabilities(scores)
+        indices = topk_by_position(probs, k)
+        weights = probs.gather(1, indices)
+        if self.renormalise:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return indices, weights * self.scale
+
+
+def boundary_ties(probs: torch.Tensor, k: int) -> int:
+    """Tokens whose k-th and (k+1)-th largest probabilities are equal: there engines may select differently."""
+    if k >= probs.shape[-1]:
+        return 0
+    top = probs.topk(k + 1, dim=-1).values
+    return int((top[:, k - 1] == top[:, k]).sum())
+
+
+@torch.no_grad()
+def fit_combine(
+    rule: str,
+    scores: torch.Tensor,
+    outputs: torch.Tensor,
+    target: torch.Tensor,
+    k: int,
+    powers: range = range(-8, 21),
+    max_fragile: float = 1e-3,
+) -> tuple[Combine, dict]:
+    """The temperature (a power of two) and scale of ``rule`` that best reproduce ``target`` on calibration tokens.
+
+    ``scores [N, E]``: the router's scores; ``outputs [N, k, D]``: the outputs of the k experts the scores select
+    (in score order; the order of the probabilities is the same, so selection does not depend on the
+    temperature); ``target [N, D]``: what the routed experts should add up to (the dense FFN's routed part). For
+    each temperature the least-squares scale is closed-form, and the relative error ``||c y - r||^2 / ||r||^2``
+    is ``1 - <y, r>^2 / (<y, y> <r, r>)``.
+
+    Robust to rounding: engines sum the router's dot products in other orders, so a token whose k-th and
+    (k+1)-th logits (``scores / T``) are closer than rounding could select differently there. A token is
+    *fragile* at T when that gap is below :data:`FRAGILE_GAP` times ``max(1, |k-th logit|)``; temperatures that make more than
+    ``max(max_fragile, fragile share at the smallest T)`` of the calibration tokens fragile, or that leave exact
+    float32 ties between the k-th and (k+1)-th probabilities, are skipped. Returns the rule and
+    ``{"relative_error", "sum_relative_error", "temperature", "scale", "fragile"}`` (``sum_relative_error``: the
+    unweighted sum's error; ``fragile``: the share of fragile tokens at the chosen temperature).
+    """
+    if rule not in COMBINE_RULES or rule == "sum":
+        raise ValueError(f"fit_combine fits a weighted rule ({COMBINE_RULES[1:]}), got {rule!r}")
+    outputs, target = outputs.double(), target.double()
+    rr = float((target * target).sum())
+    plain = outputs.sum(1)
+    sum_error = float((plain - target).pow(2).sum()) / max(rr, 1e-300)
+    ordered = scores.double().sort(dim=-1, descending=True).values
+    if k < scores.shape[-1]:
+        gaps, size = ordered[:, k - 1] - ordered[:, k], ordered[:, k - 1].abs()
+    else:
+        gaps, size = torch.full((len(scores),), math.inf), torch.zeros(len(scores))
+
+    def fragile_share(temperature: float) -> float:
+        # gap / T below FRAGILE_GAP * max(1, |logit| / T): the threshold grows with the logits' own size
+        return float((gaps < FRAGILE_GAP * size.clamp_min(temperature)).double().mean())
+
+    allowed = max(max_fragile, fragile_share(2.0 ** powers[0]))
+    best = None
+    for power in powers:
+        combine = Combine(rule, temperature=2.0**power)
+        fragile = fragile_share(combine.temperature)
+        if fragile > allowed or boundary_ties(combine.probabilities(scores), k):
+            continue
+        _, weights = combine.route(scores, k)
+        y = (weights.double()[..., None] * outputs).sum(1)
+        yr, yy = float((y * target).sum()), float((y * y).sum())
+        if yy <= 0 or yr <= 0:
+            continue
+        error = 1.0 - yr * yr / (yy * rr) if rr > 0 else 0.0
+        if best is None or error < best[0]:
+            best = (error, combine.temperature, yr / yy, fragile)
+    if best is None:
+        raise ValueError("no temperature separates the router's top-k probabilities without float32 ties")
+    error, temperature, scale, fragile = best
+    scale = float(torch.tensor(scale, dtype=torch.float32))  # a float32 value: what every path multiplies by
+    combine = Combine(rule, temperature=temperature, scale=scale)
+    return combine, {
+        "relative_error": error,
+        "sum_relative_error": sum_error,
+        "temperature": temperature,
+        "scale": scale,
+        "fragile": fragile,
+    }
