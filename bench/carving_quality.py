@@ -31,6 +31,8 @@ def parse_config(text: str) -> dict:
             kwargs.setdefault("router_options", {})["input_fraction"] = float(value)
         elif key == "target":
             kwargs.setdefault("router_options", {})["target"] = value
+        elif key == "intercept":
+            kwargs.setdefault("router_options", {})["intercept"] = value.lower() in ("1", "true", "yes")
         elif key in ("experts", "shared", "active"):
             kwargs[key] = int(value)
         elif key in ("active_fraction", "down_fraction"):
@@ -207,7 +209,17 @@ def main() -> None:
             "config": {
                 k: v
                 for k, v in config.to_dict().items()
-                if k in ("experts", "shared", "active", "method", "router", "router_options", "down_fraction")
+                if k
+                in (
+                    "experts",
+                    "shared",
+                    "active",
+                    "method",
+                    "router",
+                    "router_options",
+                    "down_fraction",
+                    "combine",
+                )
             },
             "active_fraction": report.active_fraction,
             "carve_seconds": carve_seconds,
@@ -217,6 +229,12 @@ def main() -> None:
         }
         if target is not None:
             row["target"] = target
+        if report.combine_fits:  # weighted combine rules: what the fit found, averaged over layers
+            fits = list(report.combine_fits.values())
+            row["combine_fit"] = {
+                key: sum(f[key] for f in fits) / len(fits)
+                for key in ("relative_error", "sum_relative_error", "fragile")
+            } | {"temperatures": sorted({f["temperature"] for f in fits})}
         rows.append(row)
         write_results(args.out, results, render_table(results))  # a run stopped early keeps its rows
         print(
@@ -314,7 +332,7 @@ def render_table(results: dict) -> str:
         "",
         "Perplexity ratio to dense (dense: " + ", ".join(f"{d} {p:.2f}" for d, p in dense.items()) + ")",
         "",
-        "| experts | shared | active | method | router | down rows | experts run | FFN weights read | "
+        "| experts | shared | active | method | router (, combine) | down rows | experts run | FFN weights read | "
         + " | ".join(corpora)
         + " | carve s |",
         "|" + "---:|" * 3 + "---|---|---:|---:|---:|" + "---:|" * len(corpora) + "---:|",
@@ -323,6 +341,8 @@ def render_table(results: dict) -> str:
         c = r["config"]
         options = ", ".join(f"{k} {v}" for k, v in c["router_options"].items())
         router = c["router"] + (f" ({options})" if options else "")
+        if c.get("combine", "sum") != "sum":
+            router += f", {c['combine']}"
         lines.append(
             f"| {c['experts']} | {c['shared']} | {c['active']} | {c['method']} | {router} | "
             f"{'all' if c.get('down_fraction') is None else format(c['down_fraction'], '.0%')} | "

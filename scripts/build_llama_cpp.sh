@@ -38,7 +38,7 @@ cmake --build "$WORK/build" -j "$(nproc)" --target llama-bench llama-perplexity 
 mkdir -p "$WORK/out"
 cp -a "$WORK/build/bin" "$WORK/out/bin"
 # The converter and gguf-py that match this llama.cpp, and the Python binding (used with LLAMA_CPP_LIB_PATH=bin).
-cp -a "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" "$SRC/vendor/llama.cpp/gguf-py" "$WORK/out/"
+cp -a "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" "$SRC/vendor/llama.cpp/conversion" "$SRC/vendor/llama.cpp/gguf-py" "$WORK/out/"
 cp -a "$SRC/llama_cpp" "$WORK/out/llama_cpp"
 echo "llama-cpp-python $VERSION ($SHA256)" > "$WORK/out/SOURCE"
 mkdir -p "$(dirname "$DEST")"

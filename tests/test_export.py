@@ -303,6 +303,9 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_knows(tmp_path, text_file, token
     export(model, path, "gguf", bpe, validate_data=str(text_file), validate_tokens=128, window=64)
     reader = gguf.GGUFReader(str(path))
     assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    # BOS/EOS around encoded text as transformers puts them (this tokenizer adds neither)
+    assert reader.get_field("tokenizer.ggml.add_bos_token").contents() is False
+    assert reader.get_field("tokenizer.ggml.add_eos_token").contents() is False
     # a BPE tokenizer of no family llama.cpp knows: "default", with a warning saying what that risks
     assert reader.get_field("tokenizer.ggml.pre").contents() == pre_tokenizer_name(bpe) == "default"
     assert "may split text differently" in caplog.text

@@ -67,6 +67,17 @@ def test_e2e_distillation_lowers_kl_to_the_parent(text_file, tokenizer):
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
+@pytest.mark.parametrize("combine", ["sum", "softmax_topk"])
+def test_e2e_trains_routers_only_through_combination_weights(text_file, tokenizer, combine):
+    parent = tiny().eval()
+    model = carved_tiny(text_file, tokenizer, **CONFIGS["experts+fitted"], combine=combine)
+    before = {i: b.router.weight.clone() for i, b in carved_layers(model).items()}
+    report = recover_e2e_(model, parent, tokenizer, str(text_file), E2EConfig(**E2E), progress=False)
+    assert report["losses"][-1] < report["losses"][0]
+    moved = [not torch.equal(before[i], b.router.weight) for i, b in carved_layers(model).items()]
+    assert all(moved) if combine != "sum" else not any(moved)
+
+
 def test_e2e_resume_matches_an_uninterrupted_run(tmp_path, text_file, tokenizer):
     parent = tiny().eval()
     carved = carved_tiny(text_file, tokenizer, **CONFIGS["experts+fitted"])

@@ -2,8 +2,10 @@
 
 The carved model's experts (gate, up and down rows of every carved layer, shared neurons included) are
 trained to match the parent's next-token distribution, ``KL(parent || carved)`` at temperature ``T`` (Hinton
-et al. 2015), plus optionally the language-modelling loss. Routing stays as carved: brickwork sums the
-selected experts unweighted, so the top-k choice passes no gradient to the router (the local mode refits it).
+et al. 2015), plus optionally the language-modelling loss. With a weighted combine rule (``carve --combine
+softmax`` or ``softmax_topk``) the routers train too, through the selected experts' weights (as MoE models are
+trained); with the default unweighted sum the top-k choice passes no gradient to the router, so routing stays as
+carved (the local mode refits it).
 
 Built on ``accelerate``: the same code runs on one CPU, one GPU, or many processes (``accelerate launch``,
 DDP; FSDP through an accelerate config). Batches come in a fixed order drawn from ``seed``, so a run resumed
@@ -81,7 +83,8 @@ def _trainable(model) -> list[torch.nn.Parameter]:
         p.requires_grad_(False)
     for brick in carved_layers(model).values():
         for name, p in brick.named_parameters():
-            if not name.startswith("router."):
+            # routers only where the combination weights pass them a gradient
+            if brick.combine.weighted or not name.startswith("router."):
                 p.requires_grad_(True)
                 params.append(p)
     return params
