@@ -32,8 +32,8 @@ def test_rules_weight_as_the_stock_formats_do():
     # exact ties in the probabilities go to the lower expert, whatever the order torch.topk would give
     idx, _ = Combine("softmax").route(torch.tensor([[0.0, 1.0, 1.0, 1.0]]), 2)
     assert idx.tolist() == [[1, 2]]
-    assert boundary_ties(torch.tensor([[0.5, 0.25, 0.25]]), 2) == 1
-    assert boundary_ties(torch.tensor([[0.5, 0.3, 0.2]]), 2) == 0
+    ties = boundary_ties(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]), 2)
+    assert ties.tolist() == [True, False, False]  # a tie at zero (underflow) weighs nothing either way
 
 
 @pytest.mark.parametrize(
@@ -169,3 +169,20 @@ def test_cli_carves_with_a_weighted_rule(tmp_path, tiny_dir, text_file, capsys):
     with pytest.raises(SystemExit):  # argparse: an unknown rule is a usage error
         cli([*args.split()[:-3], "--combine", "max", "--out", str(tmp_path / "x")])
     assert "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_fit_avoids_temperatures_where_rounding_could_reorder_experts():
+    """Near-uniform weights (a huge temperature) would reproduce an unweighted target best, but they leave the
+    k-th and (k+1)-th logits closer than rounding: the fit must not take them."""
+    torch.manual_seed(0)
+    n, e, k, d = 400, 8, 3, 4
+    scores = torch.randn(n, e) * 1e-2
+    outputs = torch.randn(n, k, d)
+    target = outputs.sum(1)  # what equal weights give
+    fitted, info = fit_combine("softmax_topk", scores, outputs, target, k)
+    close = Combine("softmax_topk", temperature=2.0**20)
+    _, near_equal = close.route(scores, k)
+    assert torch.allclose(near_equal, torch.full_like(near_equal, 1 / k), atol=1e-5)  # the tempting choice
+    assert info["fragile"] <= 1e-3 and fitted.temperature < 2.0**20
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(fitted.route(scores, k)[0], order)

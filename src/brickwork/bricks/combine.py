@@ -91,12 +91,13 @@ class Combine:
         return indices, weights * self.scale
 
 
-def boundary_ties(probs: torch.Tensor, k: int) -> int:
-    """Tokens whose k-th and (k+1)-th largest probabilities are equal: there engines may select differently."""
+def boundary_ties(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """``[T]`` bool: the k-th and (k+1)-th largest probabilities are equal and not zero, so engines may select
+    different experts with different weights (ties at zero, from underflow, weigh nothing either way)."""
     if k >= probs.shape[-1]:
-        return 0
+        return torch.zeros(len(probs), dtype=torch.bool)
     top = probs.topk(k + 1, dim=-1).values
-    return int((top[:, k - 1] == top[:, k]).sum())
+    return (top[:, k - 1] == top[:, k]) & (top[:, k] > 0)
 
 
 @torch.no_grad()
@@ -119,9 +120,10 @@ def fit_combine(
 
     Robust to rounding: engines sum the router's dot products in other orders, so a token whose k-th and
     (k+1)-th logits (``scores / T``) are closer than rounding could select differently there. A token is
-    *fragile* at T when that gap is below :data:`FRAGILE_GAP` times ``max(1, |k-th logit|)``; temperatures that make more than
-    ``max(max_fragile, fragile share at the smallest T)`` of the calibration tokens fragile, or that leave exact
-    float32 ties between the k-th and (k+1)-th probabilities, are skipped. Returns the rule and
+    *fragile* at T when that gap is below :data:`FRAGILE_GAP` times ``max(1, |k-th logit|)``, or when its k-th and
+    (k+1)-th float32 probabilities tie exactly (and are not zero). Temperatures that make more than
+    ``max(max_fragile, the least fragile share over all temperatures)`` of the calibration tokens fragile are
+    skipped. Returns the rule and
     ``{"relative_error", "sum_relative_error", "temperature", "scale", "fragile"}`` (``sum_relative_error``: the
     unweighted sum's error; ``fragile``: the share of fragile tokens at the chosen temperature).
     """
@@ -137,16 +139,19 @@ def fit_combine(
     else:
         gaps, size = torch.full((len(scores),), math.inf), torch.zeros(len(scores))
 
-    def fragile_share(temperature: float) -> float:
-        # gap / T below FRAGILE_GAP * max(1, |logit| / T): the threshold grows with the logits' own size
-        return float((gaps < FRAGILE_GAP * size.clamp_min(temperature)).double().mean())
+    def fragile_share(combine: Combine) -> float:
+        # gap / T below FRAGILE_GAP * max(1, |logit| / T) (the threshold grows with the logits' own size), or
+        # an exact tie of non-zero float32 probabilities
+        close = gaps < FRAGILE_GAP * size.clamp_min(combine.temperature)
+        return float((close | boundary_ties(combine.probabilities(scores), k)).double().mean())
 
-    allowed = max(max_fragile, fragile_share(2.0 ** powers[0]))
+    shares = {power: fragile_share(Combine(rule, temperature=2.0**power)) for power in powers}
+    allowed = max(max_fragile, min(shares.values()))
     best = None
     for power in powers:
         combine = Combine(rule, temperature=2.0**power)
-        fragile = fragile_share(combine.temperature)
-        if fragile > allowed or boundary_ties(combine.probabilities(scores), k):
+        fragile = shares[power]
+        if fragile > allowed:
             continue
         _, weights = combine.route(scores, k)
         y = (weights.double()[..., None] * outputs).sum(1)
@@ -157,7 +162,9 @@ def fit_combine(
         if best is None or error < best[0]:
             best = (error, combine.temperature, yr / yy, fragile)
     if best is None:
-        raise ValueError("no temperature separates the router's top-k probabilities without float32 ties")
+        raise ValueError(
+            "the router's scores give no usable weights at any temperature (all zero or negative)"
+        )
     error, temperature, scale, fragile = best
     scale = float(torch.tensor(scale, dtype=torch.float32))  # a float32 value: what every path multiplies by
     combine = Combine(rule, temperature=temperature, scale=scale)
