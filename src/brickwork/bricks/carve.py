@@ -226,7 +226,7 @@ def carve_(
     return report
 
 
-def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 64):
+def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024):
     """The weighted ``rule``'s temperature and scale for ``brick``, fitted on calibration inputs ``x`` so that the
     weighted sum of the selected experts best reproduces the dense FFN's routed part (:func:`fit_combine`)."""
     s, e, size, k = brick.num_shared, brick.num_experts, brick.expert_size, brick.active
@@ -235,16 +235,19 @@ def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 64):
     x = x.float()
     scores = brick.router(x, brick).float()
     selection = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    down = brick.down_t[s:].view(e, size, brick.d_model)
     outputs = torch.empty(len(x), k, brick.d_model)
     target = torch.empty(len(x), brick.d_model)
     for start in range(0, len(x), chunk):
         rows = slice(start, start + chunk)
-        h = brick.hidden(x[rows], s, brick.d_ff).view(-1, e, size)
-        target[rows] = h.reshape(len(h), -1) @ brick.down_t[s:]
+        h = brick.hidden(x[rows], s, brick.d_ff)  # [n, E * size]
+        target[rows] = h @ brick.down_t[s:]
         chosen = selection[rows]
-        picked = h.gather(1, chosen[..., None].expand(-1, -1, size))  # [n, k, size]
-        outputs[rows] = torch.einsum("nks,nksd->nkd", picked, down[chosen])
+        for expert in range(e):  # each expert's output for the tokens that selected it, grouped
+            tokens, slots = (chosen == expert).nonzero(as_tuple=True)
+            if len(tokens):
+                neurons = slice(expert * size, (expert + 1) * size)
+                part = h[tokens, neurons] @ brick.down_t[s + expert * size : s + (expert + 1) * size]
+                outputs[start + tokens, slots] = part
     return fit_combine(rule, scores, outputs, target, k)
 
 

@@ -33,10 +33,14 @@ STOCK_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-# A k-th/(k+1)-th logit gap below this (after the temperature) is "fragile": float32 scores carry relative errors
-# near 2^-24 per term, so sums of hundreds of terms in another order differ by far less than 2^-16 unless the
-# scores themselves are huge.
-FRAGILE_GAP = 2.0**-16
+# A k-th/(k+1)-th logit gap (scores / temperature) below this is "fragile": float32 probabilities 2^-21 apart
+# differ by about 8 units in the last place, within reach of another engine's exp() and summation order. (How
+# close the scores themselves are does not depend on the temperature: that is the router's own fragility, the
+# same for the unweighted sum.)
+FRAGILE_GAP = 2.0**-21
+# fit_combine takes the smallest temperature whose error is within this factor of the best one: a larger one
+# buys nothing measurable and makes more tokens fragile.
+NEAR_BEST = 1.01
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,7 @@ def fit_combine(
     target: torch.Tensor,
     k: int,
     powers: range = range(-8, 21),
-    max_fragile: float = 1e-3,
+    max_fragile: float = 2e-3,
 ) -> tuple[Combine, dict]:
     """The temperature (a power of two) and scale of ``rule`` that best reproduce ``target`` on calibration tokens.
 
@@ -123,7 +127,8 @@ def fit_combine(
     *fragile* at T when that gap is below :data:`FRAGILE_GAP` times ``max(1, |k-th logit|)``, or when its k-th and
     (k+1)-th float32 probabilities tie exactly (and are not zero). Temperatures that make more than
     ``max(max_fragile, the least fragile share over all temperatures)`` of the calibration tokens fragile are
-    skipped. Returns the rule and
+    skipped; of the rest, the smallest temperature whose error is within :data:`NEAR_BEST` of the least. Returns
+    the rule and
     ``{"relative_error", "sum_relative_error", "temperature", "scale", "fragile"}`` (``sum_relative_error``: the
     unweighted sum's error; ``fragile``: the share of fragile tokens at the chosen temperature).
     """
@@ -147,11 +152,10 @@ def fit_combine(
 
     shares = {power: fragile_share(Combine(rule, temperature=2.0**power)) for power in powers}
     allowed = max(max_fragile, min(shares.values()))
-    best = None
+    candidates = []  # (error, temperature, scale, fragile) in increasing temperature
     for power in powers:
         combine = Combine(rule, temperature=2.0**power)
-        fragile = shares[power]
-        if fragile > allowed:
+        if shares[power] > allowed:
             continue
         _, weights = combine.route(scores, k)
         y = (weights.double()[..., None] * outputs).sum(1)
@@ -159,13 +163,13 @@ def fit_combine(
         if yy <= 0 or yr <= 0:
             continue
         error = 1.0 - yr * yr / (yy * rr) if rr > 0 else 0.0
-        if best is None or error < best[0]:
-            best = (error, combine.temperature, yr / yy, fragile)
-    if best is None:
+        candidates.append((error, combine.temperature, yr / yy, shares[power]))
+    if not candidates:
         raise ValueError(
             "the router's scores give no usable weights at any temperature (all zero or negative)"
         )
-    error, temperature, scale, fragile = best
+    least = min(c[0] for c in candidates)
+    error, temperature, scale, fragile = next(c for c in candidates if c[0] <= least * NEAR_BEST + 1e-12)
     scale = float(torch.tensor(scale, dtype=torch.float32))  # a float32 value: what every path multiplies by
     combine = Combine(rule, temperature=temperature, scale=scale)
     return combine, {
