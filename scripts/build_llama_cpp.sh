@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds llama.cpp's command-line tools (llama-bench, llama-perplexity, llama-completion, llama-tokenize,
-# llama-quantize) from the
-# llama.cpp that the PyPI sdist of llama-cpp-python vendors: the package registries are the only network here.
-# A benchmark dependency, never a test one. Idempotent: the finished build lives under
-# $BRICKWORK_HOME/llama.cpp/<version>/ and is only ever moved into place complete. Prints that folder.
-# About 15 minutes on 2 idle cores, an hour on busy ones.
+# llama-quantize) from the llama.cpp that the PyPI sdist of llama-cpp-python vendors (the package registries are
+# the only network here), with its converter, gguf-py and Python binding beside them. A benchmark dependency,
+# never a test one. Idempotent: the finished build lives under $BRICKWORK_HOME/llama.cpp/<version>-<cpu flags
+# hash>/ and is only ever moved into place complete. Prints that folder.
+# About 25 minutes on 2 lightly loaded cores (measured 2026-11-26), an hour on busy ones.
 set -euo pipefail
 
 VERSION=0.3.36
@@ -15,7 +15,7 @@ CPU_KEY="$(grep -m1 '^flags' /proc/cpuinfo | sha256sum | cut -c1-12)"
 DEST="$HOME_DIR/llama.cpp/$VERSION-$CPU_KEY"
 PIP="${PIP:-${VENV:-.venv}/bin/pip}"
 
-if [ -x "$DEST/bin/llama-bench" ] && [ -x "$DEST/bin/llama-quantize" ]; then
+if [ -x "$DEST/bin/llama-bench" ] && [ -x "$DEST/bin/llama-quantize" ] && [ -d "$DEST/conversion" ]; then
     echo "$DEST"
     exit 0
 fi
