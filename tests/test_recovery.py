@@ -76,6 +76,25 @@ def test_e2e_trains_routers_only_through_combination_weights(text_file, tokenize
     assert report["losses"][-1] < report["losses"][0]
     moved = [not torch.equal(before[i], b.router.weight) for i, b in carved_layers(model).items()]
     assert all(moved) if combine != "sum" else not any(moved)
+    load = report["expert_load"]
+    if combine == "sum":
+        assert load is None
+    else:  # every selection of every step counted: 2 layers x 7 experts, min <= 1 <= max
+        assert load["experts"] == 14 and load["min_vs_uniform"] <= 1 <= load["max_vs_uniform"]
+
+
+def test_the_balance_loss_is_one_for_a_uniform_load_and_grows_as_experts_starve(text_file, tokenizer):
+    model = carved_tiny(text_file, tokenizer, **CONFIGS["experts+fitted"], combine="softmax")
+    brick = next(iter(carved_layers(model).values()))
+    x = torch.randn(70, brick.d_model)
+    with torch.no_grad():  # uniform probabilities: the loss is E * sum(f_e / E) = 1 whatever the load
+        brick.router.weight.zero_()
+        uniform = torch.arange(70).remainder(brick.num_experts)[:, None]
+        assert float(brick.balance_loss(x, uniform)) == pytest.approx(1.0)
+        brick.router.weight.normal_()
+        probs = brick.combine.probabilities(brick.scores(x))
+        favourite = torch.full((70, 1), int(probs.mean(0).argmax()))
+        assert float(brick.balance_loss(x, favourite)) > float(brick.balance_loss(x, uniform))
 
 
 def test_e2e_resume_matches_an_uninterrupted_run(tmp_path, text_file, tokenizer):

@@ -84,9 +84,11 @@ class BrickFFN(nn.Module):
         self.down_bias = param(d_model) if down_bias else None
         self.register_buffer("neuron_order", torch.arange(d_ff))
         self.record_selection = False  # when True, keep the latest forward's [T, active] selection
-        self.combine = (
-            Combine()
-        )  # how the selected experts are combined (a frozen value: replace it, never edit)
+        # how the selected experts are combined (a frozen value: replace it, never edit it)
+        self.combine = Combine()
+        # training a weighted rule: the latest forward's load-balancing term (see balance_loss), else None
+        self.last_balance: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None  # and the selections per expert it counted
         self.last_selection: torch.Tensor | None = None
 
     @classmethod
@@ -230,6 +232,19 @@ class BrickFFN(nn.Module):
         # Exact: float64 sums for linear routers too, and ties broken by position, as the kernels break them.
         return topk_by_position(self.scores(x), self.active)
 
+    def balance_loss(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2022), ``E * sum_e f_e P_e``: ``f_e`` the
+        share of selections that went to expert e, ``P_e`` its mean router probability. It is 1 when the load is
+        uniform and grows as experts starve; its gradient reaches the router through ``P``. (DeepSeek-V3's
+        loss-free balancing bias has no place in the stock formats' bias-free gates.)"""
+        probs = self.combine.probabilities(self.scores(x))
+        counts = torch.zeros(self.num_experts, device=x.device).index_add_(
+            0, selection.reshape(-1), torch.ones(selection.numel(), device=x.device)
+        )
+        self.last_load = counts
+        share = counts / counts.sum()
+        return self.num_experts * (share * probs.mean(0)).sum()
+
     use_kernels = True  # class-wide switch: False forces the reference path everywhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,6 +283,8 @@ class BrickFFN(nn.Module):
                 mask.scatter_(1, selection, 1.0)
             else:  # differentiable: training reaches the router through the weights
                 mask = mask.scatter(1, selection, weights.to(x.dtype))
+                if torch.is_grad_enabled() and self.training:
+                    self.last_balance = self.balance_loss(x, selection)
             if self.record_selection:
                 self.last_selection = selection
             h = (

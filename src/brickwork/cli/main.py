@@ -304,7 +304,7 @@ def _cmd_recover(args: argparse.Namespace) -> None:
     from brickwork.recovery import LocalRecoveryConfig, recover_local_
     from brickwork.recovery.e2e import E2EConfig
 
-    e2e_only = ("lr", "batch_size", "checkpoint_every", "temperature", "lm_weight")
+    e2e_only = ("lr", "batch_size", "checkpoint_every", "temperature", "lm_weight", "balance")
     if args.mode == "e2e":
         if args.device != "cpu":
             raise BrickworkError(
@@ -714,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p, "--batch-size", E2EConfig, "batch_size", type=int)
     _config_option(p, "--temperature", E2EConfig, "temperature", type=float)
     _config_option(p, "--lm-weight", E2EConfig, "lm_weight", type=float)
+    _config_option(p, "--balance", E2EConfig, "balance", type=float)
     p.add_argument("--device", default="cpu", help="local: where to refit (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--checkpoint-dir", type=Path, help="e2e: where to save accelerate checkpoints")
     _config_option(p, "--checkpoint-every", E2EConfig, "checkpoint_every", type=int)

@@ -45,6 +45,13 @@ class E2EConfig:
     lm_weight: float = field(
         default=0.0, metadata={"help": "e2e: weight of the next-token loss added to the KL"}
     )
+    balance: float = field(
+        default=0.01,
+        metadata={
+            "help": "e2e: weight of the load-balancing loss (Switch Transformer's) of carves with a weighted "
+            "combine rule, whose routers train"
+        },
+    )
     checkpoint_every: int = field(default=0, metadata={"help": "e2e: steps between checkpoints (0: none)"})
     seed: int = field(default=0, metadata={"help": "e2e: seed of the batch order"})
 
@@ -59,7 +66,7 @@ class E2EConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, positive in (("lr", True), ("temperature", True), ("lm_weight", False)):
+        for name, positive in (("lr", True), ("temperature", True), ("lm_weight", False), ("balance", False)):
             value = getattr(self, name)
             ok = (
                 isinstance(value, (int, float))
@@ -156,6 +163,8 @@ def recover_e2e_(
         accelerator.load_state(str(latest))
         start_step = json.loads((latest / "brickwork-step.json").read_text())["step"]
     losses = []
+    weighted = [b for b in carved_layers(accelerator.unwrap_model(model)).values() if b.combine.weighted]
+    load = [torch.zeros(b.num_experts, device=accelerator.device) for b in weighted]  # selections per expert
     rank, world = accelerator.process_index, accelerator.num_processes
     t = config.temperature
     bar = tqdm(
@@ -177,6 +186,13 @@ def recover_e2e_(
             loss = loss + config.lm_weight * torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
             )
+        balance = [b.last_balance for b in weighted if b.last_balance is not None]
+        if config.balance and balance:
+            loss = loss + config.balance * torch.stack(balance).mean()
+        for i, b in enumerate(weighted):
+            if b.last_load is not None:
+                load[i] += b.last_load
+            b.last_balance = b.last_load = None
         if not torch.isfinite(loss.detach()).all():
             raise BrickworkError(
                 f"the distillation loss is {loss.item()} at step {step + 1}: training diverged (lower --lr); "
@@ -213,6 +229,22 @@ def recover_e2e_(
         "losses": losses,
         "seconds": time.perf_counter() - started,
         "processes": world,
+        "expert_load": _load_summary(load),
+    }
+
+
+def _load_summary(load: list[torch.Tensor]) -> dict | None:
+    """Over the weighted layers trained here, each layer's least and most selected expert's share of the
+    selections relative to a uniform share (1 = uniform), averaged; and the experts never selected."""
+    seen = [counts for counts in load if counts.sum() > 0]
+    if not seen:
+        return None
+    relative = [counts / counts.mean() for counts in seen]
+    return {
+        "min_vs_uniform": float(torch.stack([r.min() for r in relative]).mean()),
+        "max_vs_uniform": float(torch.stack([r.max() for r in relative]).mean()),
+        "never_selected": int(sum(int((counts == 0).sum()) for counts in seen)),
+        "experts": int(sum(len(counts) for counts in seen)),
     }
 
 
