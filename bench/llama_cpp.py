@@ -115,6 +115,24 @@ def carved_ggufs(lcpp: Path, carved: Path, tokenizer, data: str, work: Path) -> 
     return out, reports
 
 
+def carve_here(model, tokenizer, specs: list[str], calib: str, work: Path) -> list[Path]:
+    """Carve ``model`` as each spec says (one calibration pass), save each under ``work``; return the folders."""
+    from carving_quality import parse_config
+
+    from brickwork.bricks import calibrate
+
+    configs = [bw.CarveConfig(**parse_config(spec)) for spec in specs]
+    calibration = calibrate(model, tokenizer, calib, configs[0])
+    out = []
+    for spec, config in zip(specs, configs, strict=True):
+        bw.carve_(model, config, calibration=calibration)
+        folder = work / f"e{config.experts}-s{config.shared}-k{config.active}-{config.combine}"
+        bw.save(model, folder, tokenizer, overwrite=True)
+        bw.uncarve_(model)
+        out.append(folder)
+    return out
+
+
 # --- quality -----------------------------------------------------------------------------------------------------
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
@@ -240,9 +258,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--carved", nargs="*", type=Path, default=[], help="carved model folders (bw.save)")
     parser.add_argument(
-        "--carved", nargs="+", type=Path, required=True, help="carved model folders (bw.save)"
+        "--carve",
+        action="append",
+        default=[],
+        help="carve the dense model here (repeatable; one calibration for all), as bench/carving_quality.py's "
+        "--config: e.g. experts=64,shared=8,active=24,router=fitted,intercept=false,combine=softmax",
     )
+    parser.add_argument("--calib", default="wiki", help="calibration text of --carve")
     parser.add_argument("--model", default="smollm2-135m", help="the dense parent")
     parser.add_argument("--data", default="botchan")
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
@@ -268,6 +292,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
+    if args.carve:
+        args.carved = [*args.carved, *carve_here(dense_model, tokenizer, args.carve, args.calib, work)]
+    if not args.carved:
+        parser.error("give carved models (--carved) or configurations to carve (--carve)")
     models = {"dense": (dense_model, dense_ggufs(lcpp, args.model, work), None)}
     for carved in args.carved:
         files, export_checks = carved_ggufs(lcpp, carved, tokenizer, args.data, work)

@@ -112,17 +112,16 @@ def fit_combine(
     target: torch.Tensor,
     k: int,
     powers: range = range(-8, 21),
-    max_fragile: float = 2e-3,
+    max_fragile: float = 1e-2,
 ) -> tuple[Combine, dict]:
     """The temperature (a power of two) and scale of ``rule`` that best reproduce ``target`` on calibration tokens.
 
     ``scores [N, E]``: the router's scores; ``outputs [N, k, D]``: the outputs of the k experts the scores select
     (in score order; the order of the probabilities is the same, so selection does not depend on the
-    temperature); ``target [N, D]``: what the routed experts should add up to (the dense FFN's routed part). The
-    error is per token, ``mean_t ||c y_t - r_t||^2 / ||r_t||^2`` (a few tokens with huge activations must not
-    set the weights for the rest); for each temperature the scale c minimising it is closed-form:
-    ``c = A / B`` with ``A = mean_t <y_t, r_t> / ||r_t||^2`` and ``B = mean_t ||y_t||^2 / ||r_t||^2``, and the
-    error is then ``1 - A^2 / B``.
+    temperature); ``target [N, D]``: what the routed experts should add up to (the dense FFN's routed part). For
+    each temperature the least-squares scale is closed-form, and the relative error ``||c y - r||^2 / ||r||^2``
+    over all tokens is ``1 - <y, r>^2 / (<y, y> <r, r>)``. (Measured on SmolLM2, 64 experts at 50%: this global
+    error picks temperatures that evaluate better than a per-token relative error does, x3.9 against x6.1.)
 
     Robust to rounding: engines sum the router's dot products in other orders, so a token whose k-th and
     (k+1)-th logits (``scores / T``) are closer than rounding could select differently there. A token is
@@ -137,16 +136,8 @@ def fit_combine(
     if rule not in COMBINE_RULES or rule == "sum":
         raise ValueError(f"fit_combine fits a weighted rule ({COMBINE_RULES[1:]}), got {rule!r}")
     outputs, target = outputs.float(), target.float()
-    inverse = 1.0 / target.double().pow(2).sum(-1).clamp_min(1e-30)  # 1 / ||r_t||^2
-
-    def moments(y: torch.Tensor) -> tuple[float, float]:
-        y = y.double()
-        a = float(((y * target.double()).sum(-1) * inverse).mean())
-        b = float((y.pow(2).sum(-1) * inverse).mean())
-        return a, b
-
-    plain = outputs.sum(1).double()
-    sum_error = float(((plain - target.double()).pow(2).sum(-1) * inverse).mean())
+    rr = float(target.double().pow(2).sum())
+    sum_error = float((outputs.sum(1).double() - target.double()).pow(2).sum()) / max(rr, 1e-300)
     ordered = scores.double().sort(dim=-1, descending=True).values
     if k < scores.shape[-1]:
         gaps, size = ordered[:, k - 1] - ordered[:, k], ordered[:, k - 1].abs()
@@ -167,10 +158,12 @@ def fit_combine(
         if shares[power] > allowed:
             continue
         _, weights = combine.route(scores, k)
-        a, b = moments(torch.bmm(weights[:, None, :], outputs)[:, 0])
-        if b <= 0 or a <= 0:
+        y = torch.bmm(weights[:, None, :], outputs)[:, 0].double()
+        yr, yy = float((y * target.double()).sum()), float(y.pow(2).sum())
+        if yy <= 0 or yr <= 0:
             continue
-        candidates.append((1.0 - a * a / b, combine.temperature, a / b, shares[power]))
+        error = 1.0 - yr * yr / (yy * rr) if rr > 0 else 0.0
+        candidates.append((error, combine.temperature, yr / yy, shares[power]))
     if not candidates:
         raise ValueError(
             "the router's scores give no usable weights at any temperature (all zero or negative)"
