@@ -124,7 +124,7 @@ def carve_here(model, tokenizer, specs: list[str], calib: str, work: Path) -> li
     configs = [bw.CarveConfig(**parse_config(spec)) for spec in specs]
     calibration = calibrate(model, tokenizer, calib, configs[0])
     out = []
-    for spec, config in zip(specs, configs, strict=True):
+    for config in configs:
         bw.carve_(model, config, calibration=calibration)
         folder = work / f"e{config.experts}-s{config.shared}-k{config.active}-{config.combine}"
         bw.save(model, folder, tokenizer, overwrite=True)

@@ -187,3 +187,69 @@ def test_fit_avoids_temperatures_where_rounding_could_reorder_experts():
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
     same = (fitted.route(scores, k)[0].sort(-1).values == order.sort(-1).values).all(-1)
     assert float(same.double().mean()) >= 0.99  # at most the allowed share of fragile tokens choose otherwise
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_stock_preset_reads_about_what_was_asked_and_exports(tmp_path, text_file, tokenizer, fraction):
+    from brickwork.bricks.presets import stock_recommended
+    from brickwork.io.export import plan_export
+
+    config = stock_recommended(fraction, d_ff=1536)
+    assert config.experts == 64 and config.shared == 8 and config.combine == "softmax"
+    assert abs((config.shared + config.active) / config.experts - fraction) < 1 / 64
+    assert stock_recommended(0.5, d_ff=4864).experts == 64  # Qwen2.5-0.5B: 76 neurons per expert
+    assert stock_recommended(0.5, d_ff=1000).experts in (50, 40)  # no 64: the nearest divisor in ratio
+    tiny_config = stock_recommended(
+        fraction, d_ff=64, method="random", calib_tokens=512, router_samples=256, window=64
+    )
+    model = carved_tiny(
+        text_file,
+        tokenizer,
+        **{
+            k: getattr(tiny_config, k)
+            for k in ("experts", "shared", "active", "router", "router_options", "combine")
+        },
+    )
+    for format in ("qwen2_moe", "gguf"):
+        plan_export(model, format)  # stock-exportable: no refusal
+
+
+def test_cli_stock_needs_a_budget_and_chooses_active(tmp_path, tiny_dir, text_file, capsys):
+    from brickwork.cli.main import main as cli
+
+    base = f"carve {tiny_dir} --calib {text_file} --calib-tokens 512 --router-samples 256 --window 64 -q"
+    assert cli([*base.split(), "--stock", "--out", str(tmp_path / "a")]) == 2
+    assert "give --active-fraction" in capsys.readouterr().err
+    assert (
+        cli(
+            [
+                *base.split(),
+                "--stock",
+                "--active-fraction",
+                "0.5",
+                "--active",
+                "2",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        cli(
+            [
+                *base.split(),
+                "--stock",
+                "--active-fraction",
+                "0.5",
+                "--method",
+                "random",
+                "--out",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 0
+    )
+    assert "combine softmax" in capsys.readouterr().out
+    bricks = carved_layers(bw.load(tmp_path / "c"))
+    assert {b.combine.rule for b in bricks.values()} == {"softmax"}

@@ -68,3 +68,41 @@ def recommended(
         # shared neurons run for every token: route that many fewer, so the budget still holds
         options["active"] = max(1, options["active"] - given["shared"])
     return CarveConfig(**options)
+
+
+# Stock-exportable carves: expert-level, a bias-free linear router and the softmax combine rule, which qwen2_moe
+# (transformers, vLLM) and GGUF (llama.cpp) compute exactly. Per budget, the number of experts per FFN that
+# evaluated best on SmolLM2 (bench/results/combine-smollm2); 1/8 of them shared.
+MEASURED_STOCK = ((0.25, 64), (0.50, 64))
+
+
+def stock_recommended(active_fraction: float, d_ff: int, **overrides) -> CarveConfig:
+    """The best measured stock-exportable configuration reading about ``active_fraction`` of the FFN per token
+    (``brickwork carve --active-fraction F --stock``): ``experts`` from :data:`MEASURED_STOCK` at the nearest
+    budget (or the divisor of ``d_ff`` nearest to it, in ratio, with at least 4 neurons per expert), 1/8 of them
+    shared, method ``activation``, the ``fitted`` router without intercept, ``combine="softmax"``.
+    ``overrides`` (CarveConfig fields; None: not given) replace them."""
+    if not 0 < active_fraction <= 1:
+        raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction}")
+    _, measured = min(MEASURED_STOCK, key=lambda best: abs(best[0] - active_fraction))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    divisors = [e for e in range(2, d_ff // 4 + 1) if d_ff % e == 0]
+    if not divisors:
+        raise ValueError(f"d_ff = {d_ff} has no divisor giving experts of at least 4 neurons")
+    experts = given.pop("experts", None) or min(divisors, key=lambda e: abs(math.log(e / measured)))
+    shared = given.pop("shared", None)
+    shared = max(1, experts // 8) if shared is None else shared
+    active = given.pop("active", None) or max(1, round(active_fraction * experts) - shared)
+    options = {
+        "experts": experts,
+        "shared": shared,
+        "active": active,
+        "method": "activation",
+        "router": "fitted",
+        "router_options": {"intercept": False},
+        "combine": "softmax",
+    }
+    router_options = given.pop("router_options", None) or {}
+    options.update(given)
+    options["router_options"] = {**options["router_options"], **router_options}
+    return CarveConfig(**options)

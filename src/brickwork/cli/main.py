@@ -466,7 +466,15 @@ def _cmd_carve(args: argparse.Namespace) -> None:
     from brickwork.models.loading import check_window
 
     options = _carve_options(args)
-    preset = "active_fraction" in options and "active" not in options and "experts" not in options
+    if args.stock and "active_fraction" not in options:
+        raise BrickworkError("--stock picks a configuration for a budget: give --active-fraction too")
+    if args.stock and "active" in options:
+        raise BrickworkError(
+            "--stock chooses --active from --active-fraction; give one of --stock and --active"
+        )
+    preset = (
+        "active_fraction" in options and "active" not in options and (args.stock or "experts" not in options)
+    )
     if preset:  # checked now; the measured configuration needs the model's shapes
         check_router_options(options.get("router", "partial"), options.get("router_options", {}))
         config = None
@@ -482,17 +490,21 @@ def _cmd_carve(args: argparse.Namespace) -> None:
     _check_model(args.model)
     model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     if preset:
-        from brickwork.bricks.presets import recommended
+        from brickwork.bricks.presets import recommended, stock_recommended
 
         first = bw.find_ffns(model)[0]
         fraction = options.pop("active_fraction")
-        config = recommended(
-            fraction, d_ff=first.d_ff, d_model=first.read().d_model, gated=first.is_gated, **options
-        )
+        if args.stock:
+            config = stock_recommended(fraction, d_ff=first.d_ff, **options)
+        else:
+            config = recommended(
+                fraction, d_ff=first.d_ff, d_model=first.read().d_model, gated=first.is_gated, **options
+            )
         print(
-            f"--active-fraction {fraction}: the measured default is {config.experts} experts of "
-            f"{first.d_ff // config.experts} neuron(s), {config.active} active, method {config.method}, router "
-            f"{config.router} {config.router_options or ''}"
+            f"--active-fraction {fraction}{' --stock' if args.stock else ''}: the measured default is "
+            f"{config.experts} experts of {first.d_ff // config.experts} neuron(s), {config.shared} shared, "
+            f"{config.active} active, method {config.method}, router {config.router} "
+            f"{config.router_options or ''}, combine {config.combine}"
         )
     check_window(model, config.window)
     if args.eval and args.eval_tokens < config.window:
@@ -605,6 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fraction of the FFN per token; without --experts and --active, it picks the best measured "
         "configuration for that fraction (the other options given override it)",
         type=float,
+    )
+    p.add_argument(
+        "--stock",
+        action="store_true",
+        help="with --active-fraction: the best measured configuration that stock MoE engines run exactly "
+        "(expert-level, fitted bias-free router, softmax combine; exports to qwen2_moe and gguf)",
     )
     _config_option(p, "--method", CarveConfig, "method", choices=sorted(GROUPING_METHODS))
     _config_option(p, "--router", CarveConfig, "router", choices=sorted(ROUTERS))
