@@ -18,6 +18,7 @@ from conftest import CAUSAL_TYPES, carved_tiny, tiny
 
 CONFIGS = {
     "experts+fitted": dict(experts=8, shared=1, active=2, router="fitted"),
+    "experts+fitted+softmax": dict(experts=8, shared=1, active=2, router="fitted", combine="softmax"),
     "experts+centroid": dict(experts=8, shared=0, active=3, router="centroid"),
     "neurons+partial+down rows": dict(experts=64, shared=0, active=16, router="partial", down_fraction=0.15),
 }

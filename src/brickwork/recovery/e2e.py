@@ -186,6 +186,7 @@ def recover_e2e_(
             loss = loss + config.lm_weight * torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
             )
+        distillation = loss.detach()  # what `losses` reports: the balance term is a regulariser
         balance = [b.last_balance for b in weighted if b.last_balance is not None]
         if config.balance and balance:
             loss = loss + config.balance * torch.stack(balance).mean()
@@ -201,7 +202,7 @@ def recover_e2e_(
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+        losses.append(accelerator.gather(distillation[None]).mean().item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
         if callback is not None:

@@ -6,7 +6,8 @@ the target is the dense FFN's output on those same inputs, ``y = W_down (act(W_g
 layer's original weights. Then, in closed form (no back-propagation, seconds per layer on a CPU):
 
 1. a ``fitted`` router is refitted (ridge regression of each expert's dense activation mass on ``x``, with or
-   without intercept as the router had), so routing follows the inputs the carved model really produces;
+   without intercept as the router had), so routing follows the inputs the carved model really produces; a
+   weighted combine rule's temperature and scale are fitted again to it;
 2. the down projection is refitted to the routed activations: with ``H`` the ``[N, F]`` activations the
    carved layer passes to its down projection (zero for unselected experts and dropped down rows),
    ``W = argmin ||H W - y||^2 + lambda ||W - W0||^2``, one ``F x F`` solve. The neurons that remain carry
@@ -189,6 +190,11 @@ def _refit_layer(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor, h_dense: tor
         weight, bias = ridge_fit(x, mass, intercept=intercept)
         brick.router.weight.copy_(weight.to(brick.router.weight.dtype))
         brick.router.bias.copy_(bias.to(brick.router.bias.dtype))
+    if brick.combine.weighted:  # the weights follow the (refitted) router: fit their temperature and scale again
+        from brickwork.bricks.carve import _fit_combine
+
+        step = max(1, len(x) // 8192)  # what carving fits them on, at most
+        brick.combine, _ = _fit_combine(brick, brick.combine.rule, x[::step])
     h = brick.masked_hidden(x).float()
     target = y.float() - (brick.down_bias.float() if brick.down_bias is not None else 0)
     # The [F, F] and [F, D] products in fp32 (N x F x F is the cost; the relative rounding of the sums is
