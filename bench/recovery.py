@@ -24,11 +24,11 @@ from _common import machine_info, write_results  # noqa: E402
 import brickwork as bw  # noqa: E402
 from brickwork.benchmarks.quality import HeldOut  # noqa: E402
 from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.presets import recommended  # noqa: E402
+from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
 from brickwork.recovery import LocalRecoveryConfig, recover_local_  # noqa: E402
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_  # noqa: E402
 
-KEYS = ("experts", "shared", "active", "method", "router", "router_options", "down_fraction")
+KEYS = ("experts", "shared", "active", "method", "router", "router_options", "down_fraction", "combine")
 
 
 @contextlib.contextmanager
@@ -167,6 +167,10 @@ def main() -> None:
         configs[f"activation+fitted (2+{round(fraction * 16) - 2} of 16)"] = dict(
             experts=16, shared=2, active=round(fraction * 16) - 2, method="activation", router="fitted"
         )
+        stock = stock_recommended(fraction, d_ff=1536)  # carve --stock: exports exactly to qwen2_moe and gguf
+        configs[f"stock {stock.shared}+{stock.active} of {stock.experts}, softmax"] = {
+            k: v for k, v in stock.to_dict().items() if k in KEYS
+        }
     if args.configs:
         configs = {k: v for k, v in configs.items() if k in args.configs}
     rows = []

@@ -15,7 +15,7 @@ For the dense parent (converted by llama.cpp's own ``convert_hf_to_gguf.py``) an
 Needs llama.cpp built by ``scripts/build_llama_cpp.sh`` (or ``--llama-cpp DIR`` holding ``bin/``, ``llama_cpp/``,
 ``convert_hf_to_gguf.py`` and ``gguf-py/``) and the ``llama-cpp`` extra (``pip install -e .[llama-cpp]``).
 
-    python bench/llama_cpp.py --carved runs/a runs/b --out bench/results/llama-cpp-smollm2
+    python bench/llama_cpp_serving.py --carved runs/a runs/b --out bench/results/llama-cpp-smollm2
 """
 
 from __future__ import annotations
