@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp
 
 setup:
 	bash scripts/setup.sh
@@ -62,3 +62,14 @@ bench-recovery-gpu: setup
 	$(GPU_RECOVERY) --e2e-tokens 524288 1048576 2097152 4194304 --e2e-lr 3e-5 --configs "neuron-level default 25%" "neuron-level default 50%" --out bench/results/recovery-gpu/4m
 	$(GPU_RECOVERY) --e2e-tokens 1048576 2097152 4194304 8388608 --e2e-lr 3e-5 --configs "neuron-level default 50%" --out bench/results/recovery-gpu/8m
 	$(BIN)/python bench/recovery.py --merge-only bench/results/recovery-gpu/1m/results.json bench/results/recovery-gpu/4m/results.json bench/results/recovery-gpu/8m/results.json --merge-into bench/results/quality-smollm2
+
+bench-combine: setup
+	$(BIN)/python bench/carving_quality.py --eval-tokens 4096 --accumulate float32 --out bench/results/combine-smollm2 \
+		$(foreach e,16:2:6 64:8:24 192:24:72 16:2:2 64:8:8,$(foreach c,sum softmax,--config experts=$(word 1,$(subst :, ,$(e))),shared=$(word 2,$(subst :, ,$(e))),active=$(word 3,$(subst :, ,$(e))),router=fitted,intercept=false,combine=$(c)))
+
+# llama.cpp itself (scripts/build_llama_cpp.sh builds it once, ~25 min on 2 cores): the --stock carves and 16-expert
+# ones at f32/f16/Q8_0 against brickwork's forward, greedy output, llama-bench speed against dense
+bench-llama-cpp: setup
+	$(BIN)/pip install -q -e '.[llama-cpp]'
+	$(BIN)/python bench/llama_cpp_serving.py --out bench/results/llama-cpp-smollm2 \
+		$(foreach e,64:8:24 64:8:8 16:2:6 16:2:2,--carve experts=$(word 1,$(subst :, ,$(e))),shared=$(word 2,$(subst :, ,$(e))),active=$(word 3,$(subst :, ,$(e))),router=fitted,intercept=false,combine=softmax)
