@@ -204,7 +204,7 @@ def greedy_llama(llm, tokenizer, new_tokens: int) -> list[list[int]]:
         generated = []
         for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
             generated.append(int(token))
-            if len(generated) == new_tokens:
+            if len(generated) == new_tokens or token == llm.token_eos():
                 break
         out.append(generated)
     return out
@@ -215,7 +215,8 @@ def greedy_brickwork(model, tokenizer, new_tokens: int) -> list[list[int]]:
     out = []
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        full = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        # both stop at the end-of-sequence token (forcing a length would forbid it here and not in llama.cpp)
+        full = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
         out.append(full[0, ids.shape[1] :].tolist())
     return out
 
