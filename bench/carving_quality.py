@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
+from brickwork.benchmarks.common import CONFIG_KEYS  # noqa: E402
 from brickwork.bricks import calibrate  # noqa: E402
 
 
@@ -206,21 +207,7 @@ def main() -> None:
             perplexity = evaluate()
         bw.uncarve_(model)
         row = {
-            "config": {
-                k: v
-                for k, v in config.to_dict().items()
-                if k
-                in (
-                    "experts",
-                    "shared",
-                    "active",
-                    "method",
-                    "router",
-                    "router_options",
-                    "down_fraction",
-                    "combine",
-                )
-            },
+            "config": {k: v for k, v in config.to_dict().items() if k in CONFIG_KEYS},
             "active_fraction": report.active_fraction,
             "carve_seconds": carve_seconds,
             "perplexity": perplexity,

@@ -22,13 +22,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
+from brickwork.benchmarks.common import CONFIG_KEYS as KEYS  # noqa: E402
 from brickwork.benchmarks.quality import HeldOut  # noqa: E402
 from brickwork.bricks import calibrate  # noqa: E402
 from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
 from brickwork.recovery import LocalRecoveryConfig, recover_local_  # noqa: E402
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_  # noqa: E402
-
-KEYS = ("experts", "shared", "active", "method", "router", "router_options", "down_fraction", "combine")
 
 
 @contextlib.contextmanager

@@ -13,6 +13,18 @@ import torch
 import brickwork
 
 # The instruction-set flags that change which kernels are fast (machines of one class have differed by day).
+# The CarveConfig fields that name a carved configuration in benchmark results.
+CONFIG_KEYS = (
+    "experts",
+    "shared",
+    "active",
+    "method",
+    "router",
+    "router_options",
+    "down_fraction",
+    "combine",
+)
+
 _SIMD_FLAGS = (
     "avx2",
     "fma",

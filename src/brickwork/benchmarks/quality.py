@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from brickwork.benchmarks.common import CONFIG_KEYS
+
 logger = logging.getLogger(__name__)
 
 
@@ -184,20 +186,7 @@ def _carve_configs(
             out.append(
                 (
                     f"neuron+partial (default {fraction:.0%})",
-                    {
-                        k: v
-                        for k, v in c.to_dict().items()
-                        if k
-                        in (
-                            "experts",
-                            "shared",
-                            "active",
-                            "method",
-                            "router",
-                            "router_options",
-                            "down_fraction",
-                        )
-                    },
+                    {k: v for k, v in c.to_dict().items() if k in CONFIG_KEYS},
                 )
             )
     return out

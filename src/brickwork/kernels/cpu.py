@@ -333,28 +333,17 @@ if HAVE_NUMBA:
         """The shared neurons and the chosen experts' neurons; with down-row sparsity (``keep`` < their number)
         h of all of them first, then the down sum over the ``keep`` largest |h|."""
         neurons = _computed_neurons(chosen, shared, size)
-        m = neurons.shape[0]
-        if keep >= m:
+        if keep >= neurons.shape[0]:
             _fused_rows(x, rows, neurons, out)
             return
-        h = np.empty(m, dtype=np.float32)
-        if x.itemsize == 8:  # float64: the dot products first, then one vectorised pass of silu
-            g = np.empty(m, dtype=np.float64)
-            u = np.empty(m, dtype=np.float64)
-            for i in prange(m):
-                g[i], u[i] = _gate_up(rows, neurons[i], x)
-            _silu_product64(g, u, h, False)
-        else:
-            for i in prange(m):
-                h[i] = _neuron_h(rows, neurons[i], x)
+        h = _token_hidden(x, rows, neurons)
         top = _topk_indices(np.abs(h), keep)
         _down_rows(rows, neurons[top], h[top], out, x)
 
     @njit(cache=True, parallel=True, fastmath=True)
-    def weighted_experts_token(x, rows, chosen, weights, shared, size, keep, out):
-        """As :func:`_experts_token`, each chosen expert's h multiplied by its weight (float32, as the reference
-        path multiplies) before the down projection (and before the ``keep`` largest |h| are picked)."""
-        neurons = _computed_neurons(chosen, shared, size)
+    def _token_hidden(x, rows, neurons):
+        """float32 h of ``neurons`` for one token ``x`` (float64 inputs: the dot products first, then one
+        vectorised pass of silu)."""
         m = neurons.shape[0]
         h = np.empty(m, dtype=np.float32)
         if x.itemsize == 8:
@@ -366,6 +355,15 @@ if HAVE_NUMBA:
         else:
             for i in prange(m):
                 h[i] = _neuron_h(rows, neurons[i], x)
+        return h
+
+    @njit(cache=True, parallel=True, fastmath=True)
+    def weighted_experts_token(x, rows, chosen, weights, shared, size, keep, out):
+        """As :func:`_experts_token`, each chosen expert's h multiplied by its weight (float32, as the reference
+        path multiplies) before the down projection (and before the ``keep`` largest |h| are picked)."""
+        neurons = _computed_neurons(chosen, shared, size)
+        m = neurons.shape[0]
+        h = _token_hidden(x, rows, neurons)
         for c in range(chosen.shape[0]):
             w = np.float32(weights[c])
             for i in range(size):

@@ -190,7 +190,9 @@ def _refit_layer(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor, h_dense: tor
         weight, bias = ridge_fit(x, mass, intercept=intercept)
         brick.router.weight.copy_(weight.to(brick.router.weight.dtype))
         brick.router.bias.copy_(bias.to(brick.router.bias.dtype))
-    if brick.combine.weighted:  # the weights follow the (refitted) router: fit their temperature and scale again
+    if (
+        brick.combine.weighted
+    ):  # the weights follow the (refitted) router: fit their temperature and scale again
         from brickwork.bricks.carve import _fit_combine
 
         step = max(1, len(x) // 8192)  # what carving fits them on, at most
