@@ -24,6 +24,7 @@ from brickwork.grouping import GROUPING_METHODS, GroupingInputs
 from brickwork.models.specs import FFN, FFNWeights, _resolve, find_ffns
 from brickwork.profiling.profile import Profile, ProfileConfig, TokenSampler, profile
 from brickwork.routing import ROUTERS, RouterInputs
+from brickwork.routing.base import topk_by_position
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024)
         raise BrickworkError(f"combine={rule} needs routed experts to weight; this carve has none")
     x = x.float()
     scores = brick.router(x, brick).float()
-    selection = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    selection = topk_by_position(scores, k)
     outputs = torch.empty(len(x), k, brick.d_model)
     target = torch.empty(len(x), brick.d_model)
     for start in range(0, len(x), chunk):

@@ -232,14 +232,15 @@ class BrickFFN(nn.Module):
         # Exact: float64 sums for linear routers too, and ties broken by position, as the kernels break them.
         return topk_by_position(self.scores(x), self.active)
 
-    def balance_loss(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
-        """Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2022), ``E * sum_e f_e P_e``: ``f_e`` the
-        share of selections that went to expert e, ``P_e`` its mean router probability. It is 1 when the load is
-        uniform and grows as experts starve; its gradient reaches the router through ``P``. (DeepSeek-V3's
-        loss-free balancing bias has no place in the stock formats' bias-free gates.)"""
-        probs = self.combine.probabilities(self.scores(x))
-        counts = torch.zeros(self.num_experts, device=x.device).index_add_(
-            0, selection.reshape(-1), torch.ones(selection.numel(), device=x.device)
+    def balance_loss(self, scores: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        """Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2022) from the router's ``scores`` and the
+        ``selection`` made from them, ``E * sum_e f_e P_e``: ``f_e`` the share of selections that went to expert e,
+        ``P_e`` its mean router probability. It is 1 when the load is uniform and grows as experts starve; its
+        gradient reaches the router through ``P``. (DeepSeek-V3's loss-free balancing bias has no place in the stock
+        formats' bias-free gates.)"""
+        probs = self.combine.probabilities(scores)
+        counts = torch.zeros(self.num_experts, device=scores.device).index_add_(
+            0, selection.reshape(-1), torch.ones(selection.numel(), device=scores.device)
         )
         self.last_load = counts
         share = counts / counts.sum()
@@ -278,13 +279,15 @@ class BrickFFN(nn.Module):
         parts = [self.hidden(x, 0, s)] if s else []
         if self.num_experts:
             mask = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-            selection, weights = self.route(x)
-            if weights is None:
+            if not self.combine.weighted:
+                selection = self.select(x)
                 mask.scatter_(1, selection, 1.0)
             else:  # differentiable: training reaches the router through the weights
+                scores = self.scores(x)  # once, for the weights and the balance term
+                selection, weights = self.combine.route(scores, self.active)
                 mask = mask.scatter(1, selection, weights.to(x.dtype))
                 if torch.is_grad_enabled() and self.training:
-                    self.last_balance = self.balance_loss(x, selection)
+                    self.last_balance = self.balance_loss(scores, selection)
             if self.record_selection:
                 self.last_selection = selection
             h = (

@@ -464,8 +464,8 @@ def export(
         if tokenizer is None:
             raise BrickworkError("validation needs the tokenizer; pass tokenizer= or validate_data=None")
         windows = token_windows(tokenizer, validate_data, window, validate_tokens)
-    needs_inputs = windows is not None and not _exact(plan, format)
-    needs_inputs = needs_inputs or (windows is not None and format == "gguf")  # the GGUF shared gate
+    # inputs set the sum rule's temperature, and the GGUF shared gate
+    needs_inputs = windows is not None and (format == "gguf" or not _exact(plan, format))
     inputs = _capture_inputs(model, plan.bricks, windows) if needs_inputs else None
     temperatures = _temperatures(plan, format, inputs)
     if format == "gguf" and inputs is None:
@@ -480,7 +480,6 @@ def export(
         rule = "softmax" if format == "gguf" else "softmax_topk"
         for index, brick in plan.bricks.items():
             brick.combine = Combine(rule, temperature=temperatures[index], scale=float(share))
-        plan.rule = rule
         report_conversion = compare_logits(before, model, windows)
         del before
     stock = build_stock_model(model, format, temperatures, shared_gates)

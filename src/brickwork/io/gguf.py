@@ -176,7 +176,7 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     # differs by tokenizer family), so that llama.cpp sees the token sequences transformers sees.
     plain = tokenizer.encode("a", add_special_tokens=False)
     full = tokenizer.encode("a")
-    writer.add_add_bos_token(bool(full[: len(full) - len(plain)]) and full[0] == tokenizer.bos_token_id)
+    writer.add_add_bos_token(len(full) > len(plain) and full[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(len(full) > len(plain) and full[-1] == tokenizer.eos_token_id)
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
