@@ -75,6 +75,12 @@ def main() -> None:
         help="linear routers (fitted, trained) and the oracle bound for --granularity",
     )
     parser.add_argument(
+        "--granularity-combine",
+        nargs="+",
+        default=["sum"],
+        help="combine rules for the linear-router rows of --granularity (sum, softmax, softmax_topk)",
+    )
+    parser.add_argument(
         "--accumulate", default="auto", choices=("auto", "float32", "float64"), help="sums (see CarveConfig)"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/carving-quality"))
@@ -157,12 +163,26 @@ def main() -> None:
         for active in (306, 690):
             configs.append(dict(experts=1536, shared=0, active=active, method="activation", router="lowrank"))
 
-    if args.granularity is not None:
-        experts = args.granularity or [16, 32, 64, 96, 192, 384, 768, 1536]
-        configs += granularity_grid(experts, routers=args.granularity_routers)
-
     machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
     model, tokenizer = bw.load_model(args.model)
+    if args.granularity is not None:
+        from brickwork.models.specs import find_ffns
+
+        ffn = find_ffns(model)[0]
+        d_ff, d_model, gated = (
+            ffn.d_ff,
+            ffn.d_model,
+            ffn.spec.gate is not None or ffn.spec.gate_up is not None,
+        )
+        experts = args.granularity or [16, 32, 64, 96, 192, 384, 768, 1536]
+        configs += granularity_grid(
+            experts,
+            routers=args.granularity_routers,
+            combines=args.granularity_combine,
+            d_ff=d_ff,
+            gated=gated,
+        )
+        configs += neuron_level_defaults(d_ff=d_ff, d_model=d_model, gated=gated)
     base = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples)
     started = time.perf_counter()
     calibration = calibrate(model, tokenizer, args.calib, base)
@@ -237,8 +257,35 @@ def main() -> None:
     print(render_table(results))
 
 
+def neuron_level_defaults(d_ff: int, d_model: int, gated: bool) -> list[dict]:
+    """The measured default carve (``presets.recommended``: neuron level, partial router) at 25% and 50% reads,
+    the quality that no stock format can hold, as the reference line of the granularity grid."""
+    from brickwork.bricks.presets import recommended
+
+    rows = []
+    for target in (0.25, 0.5):
+        c = recommended(target, d_ff=d_ff, d_model=d_model, gated=gated)
+        rows.append(
+            dict(
+                experts=c.experts,
+                shared=c.shared,
+                active=c.active,
+                method=c.method,
+                router=c.router,
+                down_fraction=c.down_fraction,
+                router_options=c.router_options,
+                target=target,
+            )
+        )
+    return rows
+
+
 def granularity_grid(
-    expert_counts: list[int], routers: list[str], d_ff: int = 1536, gated: bool = True
+    expert_counts: list[int],
+    routers: list[str],
+    combines: tuple[str, ...] | list[str] = ("sum",),
+    d_ff: int = 1536,
+    gated: bool = True,
 ) -> list[dict]:
     """Carves from 16 experts to the neuron level at 25% and 50% of FFN reads (SmolLM2's d_ff by default).
 
@@ -259,16 +306,18 @@ def granularity_grid(
                 active = round(budget * experts) - shared
                 if active < 1:
                     continue
-                rows.append(
-                    dict(
-                        experts=experts,
-                        shared=shared,
-                        active=active,
-                        method="activation",
-                        router=router,
-                        target=target,
+                for combine in ["sum"] if router == "oracle" else combines:
+                    rows.append(
+                        dict(
+                            experts=experts,
+                            shared=shared,
+                            active=active,
+                            method="activation",
+                            router=router,
+                            combine=combine,
+                            target=target,
+                        )
                     )
-                )
     return rows
 
 
@@ -285,7 +334,9 @@ def plot_granularity(results: dict, path: Path) -> None:
         series: dict[str, list[tuple[int, float]]] = {}
         for r in results["rows"]:
             if "target" in r:
-                label = f"{r['config']['router']}, {r['target']:.0%} reads"
+                c = r["config"]
+                combine = "" if c.get("combine", "sum") == "sum" else f" {c['combine']}"
+                label = f"{c['router']}{combine}, {r['target']:.0%} reads"
                 series.setdefault(label, []).append((r["config"]["experts"], r["ratio"][corpus]))
         for label, points in sorted(series.items()):
             points.sort()
