@@ -169,11 +169,7 @@ def main() -> None:
         from brickwork.models.specs import find_ffns
 
         ffn = find_ffns(model)[0]
-        d_ff, d_model, gated = (
-            ffn.d_ff,
-            ffn.d_model,
-            ffn.spec.gate is not None or ffn.spec.gate_up is not None,
-        )
+        d_ff, d_model, gated = ffn.d_ff, ffn.read().d_model, ffn.is_gated
         experts = args.granularity or [16, 32, 64, 96, 192, 384, 768, 1536]
         configs += granularity_grid(
             experts,
