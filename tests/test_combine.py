@@ -12,7 +12,7 @@ from brickwork.bricks.combine import Combine, boundary_ties, fit_combine
 from brickwork.errors import BrickworkError
 from conftest import carved_tiny
 
-WEIGHTED = ("softmax", "softmax_topk")
+WEIGHTED = ("softmax", "softmax_topk", "sigmoid")
 
 
 def _brick(text_file, tokenizer, combine="softmax_topk", **overrides):
@@ -32,6 +32,12 @@ def test_rules_weight_as_the_stock_formats_do():
     # exact ties in the probabilities go to the lower expert, whatever the order torch.topk would give
     idx, _ = Combine("softmax").route(torch.tensor([[0.0, 1.0, 1.0, 1.0]]), 2)
     assert idx.tolist() == [[1, 2]]
+    # sigmoid (DeepSeek-V3, GLM-4.5): each expert's own probability, not renormalised
+    idx, w = Combine("sigmoid", temperature=2.0, scale=3.0).route(scores, 2)
+    assert idx.tolist() == [[0, 2]]
+    torch.testing.assert_close(w, torch.sigmoid(scores[:, [0, 2]] / 2) * 3)
+    shares = Combine("sigmoid").shares(scores)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(1))  # a distribution, for the balance loss
     ties = boundary_ties(torch.tensor([[0.5, 0.25, 0.25], [0.5, 0.3, 0.2], [1.0, 0.0, 0.0]]), 2)
     assert ties.tolist() == [True, False, False]  # a tie at zero (underflow) weighs nothing either way
 
@@ -169,6 +175,35 @@ def test_cli_carves_with_a_weighted_rule(tmp_path, tiny_dir, text_file, capsys):
     with pytest.raises(SystemExit):  # argparse: an unknown rule is a usage error
         cli([*args.split()[:-3], "--combine", "max", "--out", str(tmp_path / "x")])
     assert "invalid choice: 'max'" in capsys.readouterr().err
+
+
+def test_sigmoid_fit_recovers_its_rule_and_approaches_the_sum_where_that_is_better():
+    torch.manual_seed(0)
+    n, e, k, d = 300, 8, 3, 5
+    scores = torch.randn(n, e) * 2
+    outputs = torch.randn(n, k, d)
+    truth = Combine("sigmoid", temperature=2.0, scale=1.5)
+    _, weights = truth.route(scores, k)
+    target = (weights[..., None] * outputs).sum(1)
+    fitted, info = fit_combine("sigmoid", scores, outputs, target, k)
+    assert fitted.temperature == 2.0 and abs(fitted.scale - 1.5) < 1e-5 and info["relative_error"] < 1e-10
+    # an unweighted target: large temperatures flatten sigmoid weights towards scale / 2 each
+    fitted, info = fit_combine("sigmoid", scores, outputs, outputs.sum(1), k)
+    assert info["relative_error"] < 1e-3 * info["sum_relative_error"] + 1e-6 or info["relative_error"] < 1e-4
+    assert info["fragile"] <= 1e-2 and 1.9 < fitted.scale < 2.1
+
+
+def test_sigmoid_fit_counts_saturated_probabilities_as_fragile():
+    """Large logits saturate sigmoid in float32 (1.0 for logits above about 17): experts whose logits differ then
+    tie exactly, and engines may break the tie differently. The fit must not choose such small temperatures."""
+    torch.manual_seed(0)
+    n, e, k, d = 400, 6, 2, 4
+    scores = torch.randn(n, e) * 40 + 60  # mostly above the saturation point at temperature 1
+    outputs = torch.randn(n, k, d)
+    target = (Combine("sigmoid").route(scores, k)[1][..., None] * outputs).sum(1)
+    assert float(boundary_ties(Combine("sigmoid").probabilities(scores), k).double().mean()) > 0.05
+    fitted, info = fit_combine("sigmoid", scores, outputs, target, k)
+    assert fitted.temperature > 1.0 and info["fragile"] <= 1e-2
 
 
 def test_fit_avoids_temperatures_where_rounding_could_reorder_experts():

@@ -244,6 +244,8 @@ def test_stock_routing_conversion_makes_topk_exports_exact(tmp_path, text_file, 
         ("qwen2_moe", "softmax_topk"),
         ("mixtral", "softmax_topk"),
         ("gguf", "softmax"),
+        ("glm4_moe", "sigmoid"),
+        ("gguf", "sigmoid"),
     ],
 )
 def test_weighted_carves_export_exactly_without_conversion(tmp_path, text_file, tokenizer, format, combine):
@@ -263,16 +265,52 @@ def test_weighted_carves_export_exactly_without_conversion(tmp_path, text_file, 
     if format != "gguf":
         config = json.loads((out / "config.json").read_text())
         assert config.get("norm_topk_prob", True) == (combine == "softmax_topk")
+    else:
+        from brickwork.io.gguf import gguf_architecture
+
+        assert gguf_architecture(out) == ("glm4moe" if combine == "sigmoid" else "qwen2moe")
 
 
-@pytest.mark.parametrize("format, combine", [("gguf", "softmax_topk"), ("mixtral", "softmax")])
-def test_a_rule_the_format_cannot_compute_is_refused(tmp_path, text_file, tokenizer, format, combine):
+def test_glm4_moe_holds_attention_biases_leading_dense_layers_and_no_shared_experts(
+    tmp_path, text_file, tokenizer
+):
+    """qwen2 attention (q/k/v biases), the first layer left dense (first_k_dense_replace), shared experts or none."""
+    for shared, layers in ((1, [1]), (0, None)):
+        model = _carved(
+            text_file, tokenizer, "qwen2", active=3, shared=shared, combine="sigmoid", layers=layers
+        )
+        out = tmp_path / f"g{shared}"
+        report = export(
+            model, out, "glm4_moe", tokenizer, validate_data=str(text_file), validate_tokens=256, window=64
+        )
+        assert report.validation["agreement"] == 1.0 and abs(report.validation["kl"]) < 1e-8, (
+            report.validation
+        )
+        config = json.loads((out / "config.json").read_text())
+        assert config["model_type"] == "glm4_moe" and config["attention_bias"] is True
+        assert config["first_k_dense_replace"] == (1 if layers else 0)
+        assert config["n_shared_experts"] == shared and config["norm_topk_prob"] is False
+        assert config["rope_parameters"]["partial_rotary_factor"] == 1.0
+    model = _carved(
+        text_file, tokenizer, active=3, combine="sigmoid", layers=[0]
+    )  # a dense layer after a MoE one
+    with pytest.raises(BrickworkError, match="first_k_dense_replace"):
+        export(model, tmp_path / "x", "glm4_moe", tokenizer, validate_data=None)
+
+
+@pytest.mark.parametrize(
+    "format, combine, use",
+    [
+        ("gguf", "softmax_topk", "softmax"),
+        ("mixtral", "softmax", "softmax_topk"),
+        ("glm4_moe", "softmax", "sigmoid"),
+    ],
+)
+def test_a_rule_the_format_cannot_compute_is_refused(tmp_path, text_file, tokenizer, format, combine, use):
     shared = 0 if format == "mixtral" else 1
     model = _carved(text_file, tokenizer, active=2, shared=shared, combine=combine)
     out = tmp_path / ("c.gguf" if format == "gguf" else "c")
-    with pytest.raises(
-        BrickworkError, match=f"--combine {'softmax' if format == 'gguf' else 'softmax_topk'}"
-    ):
+    with pytest.raises(BrickworkError, match=f"--combine {use}"):
         export(model, out, format, tokenizer, validate_data=str(text_file), validate_tokens=128, window=64)
     assert not out.exists()
 

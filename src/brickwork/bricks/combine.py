@@ -8,6 +8,11 @@
   is folded into the experts' down projections on export).
 - ``softmax_topk``: as ``softmax``, with the k weights renormalised to sum to one before ``scale``: Mixtral
   (Jiang et al. 2024), Qwen2-MoE with ``norm_topk_prob=True``, Qwen3-MoE.
+- ``sigmoid``: ``p = sigmoid(scores / temperature)`` for each expert on its own; the top-k experts by p, each
+  weighted ``scale * p`` (no renormalisation): DeepSeek-V3's gate (DeepSeek-AI 2024) as GLM-4.5's ``glm4_moe``
+  computes it with ``norm_topk_prob=False``, one expert group, and a zero selection bias (llama.cpp's
+  ``glm4moe``). Weights do not compete, so at a large temperature every selected expert weighs about
+  ``scale / 2`` and the rule approaches the unweighted sum, which the fit can choose where it is better.
 
 Scores here are the router's (``brick.router(x)``); the temperature divides them before the softmax, and export
 divides the router's weights by it (a power of two when :func:`fit_combine` chose it: exact in floating point).
@@ -24,12 +29,14 @@ import torch
 
 from brickwork.routing.base import topk_by_position
 
-COMBINE_RULES: tuple[str, ...] = ("sum", "softmax", "softmax_topk")
+COMBINE_RULES: tuple[str, ...] = ("sum", "softmax", "softmax_topk", "sigmoid")
 # The weighted rules each export format computes (top-1 "sum" carves also export exactly to renormalising ones).
 STOCK_RULES: dict[str, tuple[str, ...]] = {
     "qwen2_moe": ("softmax", "softmax_topk"),
     "mixtral": ("softmax_topk",),
-    "gguf": ("softmax",),  # llama.cpp's qwen2moe never renormalises
+    "glm4_moe": ("sigmoid",),
+    # llama.cpp's qwen2moe (softmax, never renormalised) or glm4moe (sigmoid)
+    "gguf": ("softmax", "sigmoid"),
 }
 
 
@@ -38,6 +45,10 @@ STOCK_RULES: dict[str, tuple[str, ...]] = {
 # close the scores themselves are does not depend on the temperature: that is the router's own fragility, the
 # same for the unweighted sum.)
 FRAGILE_GAP = 2.0**-21
+# sigmoid: the largest |k-th logit| / temperature allowed on the calibration tokens. Beyond it the top experts'
+# probabilities crowd towards 1, where float32 barely orders them (sigmoid(17) rounds to 1), and held-out tokens
+# with larger logits than any calibration token would tie; sigmoid(8) = 1 - 3.4e-4 leaves a margin of two.
+SIGMOID_SATURATION = 8.0
 # fit_combine takes the smallest temperature whose error is within this factor of the best one: a larger one
 # buys nothing measurable and makes more tokens fragile.
 NEAR_BEST = 1.01
@@ -82,8 +93,17 @@ class Combine:
         return cls(**record)
 
     def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
-        """``[T, E]`` float32 softmax of ``scores / temperature`` (the engines' fp32 router probabilities)."""
+        """``[T, E]`` float32 softmax (``sigmoid``: sigmoid) of ``scores / temperature``: the engines' fp32 router
+        probabilities, by which they select and weight."""
+        if self.rule == "sigmoid":
+            return torch.sigmoid(scores.float() / self.temperature)
         return torch.softmax(scores.float() / self.temperature, dim=-1)
+
+    def shares(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[T, E]`` each token's router probabilities as a distribution over the experts (sigmoid scores are
+        normalised to sum to one, as DeepSeek-V3's balance loss normalises them): what a balance loss averages."""
+        probs = self.probabilities(scores)
+        return probs / probs.sum(-1, keepdim=True) if self.rule == "sigmoid" else probs
 
     def route(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(indices [T, k], weights [T, k])`` of a weighted rule from the router's ``scores [T, E]``."""
@@ -128,7 +148,8 @@ def fit_combine(
     *fragile* at T when that gap is below :data:`FRAGILE_GAP` times ``max(1, |k-th logit|)``, or when its k-th and
     (k+1)-th float32 probabilities tie exactly (and are not zero). Temperatures that make more than
     ``max(max_fragile, the least fragile share over all temperatures)`` of the calibration tokens fragile are
-    skipped; of the rest, the smallest temperature whose error is within :data:`NEAR_BEST` of the least. Returns
+    skipped (``sigmoid``: also those where a token's k-th logit exceeds :data:`SIGMOID_SATURATION`); of the rest,
+    the smallest temperature whose error is within :data:`NEAR_BEST` of the least. Returns
     the rule and
     ``{"relative_error", "sum_relative_error", "temperature", "scale", "fragile"}`` (``sum_relative_error``: the
     unweighted sum's error; ``fragile``: the share of fragile tokens at the chosen temperature).
@@ -148,14 +169,22 @@ def fit_combine(
         # gap / T below FRAGILE_GAP * max(1, |logit| / T) (the threshold grows with the logits' own size), or
         # an exact tie of non-zero float32 probabilities
         close = gaps < FRAGILE_GAP * size.clamp_min(combine.temperature)
+        if rule == "sigmoid" and k < scores.shape[-1]:
+            # sigmoid flattens large logits: near 1 (and near 1/2 at large T) distinct logits give probabilities
+            # within a few units in the last place, so the gap is measured where engines compare, in probability
+            p = torch.sigmoid(ordered[:, k - 1 : k + 1] / combine.temperature)
+            close |= (p[:, 0] - p[:, 1]) < FRAGILE_GAP * p[:, 0]
         return float((close | boundary_ties(combine.probabilities(scores), k)).double().mean())
 
     shares = {power: fragile_share(Combine(rule, temperature=2.0**power)) for power in powers}
     allowed = max(max_fragile, min(shares.values()))
     candidates = []  # (error, temperature, scale, fragile) in increasing temperature
+    kth = ordered[:, k - 1].abs().max() if len(scores) else torch.tensor(0.0)
     for power in powers:
         combine = Combine(rule, temperature=2.0**power)
         if shares[power] > allowed:
+            continue
+        if rule == "sigmoid" and float(kth) / combine.temperature > SIGMOID_SATURATION:
             continue
         _, weights = combine.route(scores, k)
         y = torch.bmm(weights[:, None, :], outputs)[:, 0].double()
@@ -169,7 +198,8 @@ def fit_combine(
             "the router's scores give no usable weights at any temperature (all zero or negative)"
         )
     least = min(c[0] for c in candidates)
-    error, temperature, scale, fragile = next(c for c in candidates if c[0] <= least * NEAR_BEST + 1e-12)
+    near = [c for c in candidates if c[0] <= least * NEAR_BEST + 1e-12]
+    error, temperature, scale, fragile = near[0]
     scale = float(torch.tensor(scale, dtype=torch.float32))  # a float32 value: what every path multiplies by
     combine = Combine(rule, temperature=temperature, scale=scale)
     return combine, {

@@ -235,10 +235,10 @@ class BrickFFN(nn.Module):
     def balance_loss(self, scores: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         """Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2022) from the router's ``scores`` and the
         ``selection`` made from them, ``E * sum_e f_e P_e``: ``f_e`` the share of selections that went to expert e,
-        ``P_e`` its mean router probability. It is 1 when the load is uniform and grows as experts starve; its
+        ``P_e`` its mean router probability (:meth:`Combine.shares`). It is 1 when the load is uniform and grows as experts starve; its
         gradient reaches the router through ``P``. (DeepSeek-V3's loss-free balancing bias has no place in the stock
         formats' bias-free gates.)"""
-        probs = self.combine.probabilities(scores)
+        probs = self.combine.shares(scores)
         counts = torch.zeros(self.num_experts, device=scores.device).index_add_(
             0, selection.reshape(-1), torch.ones(selection.numel(), device=scores.device)
         )

@@ -5,9 +5,16 @@
   experts and a linear router map to ``mlp.experts`` and ``mlp.gate``; uncarved layers are listed in
   ``mlp_only_layers``; q/k/v biases are zero where the source had none.
 - ``mixtral``: ``MixtralForCausalLM``, for carves without shared neurons that carve every layer.
-- ``gguf``: a GGUF file in llama.cpp's ``qwen2moe`` architecture (f32 or f16 tensors; the router stays f32).
-  llama.cpp evaluates the shared gate as silu(z)/z, NaN at z = 0, so the GGUF shared gate is a tiny vector
-  (|w . x| about 1e-4) rather than zero; the shared expert is then off by about 5e-5 relative.
+- ``glm4_moe``: ``Glm4MoeForCausalLM`` (GLM-4.5; transformers, vLLM, llama.cpp's ``glm4moe``): DeepSeek-V3's
+  gate (sigmoid scores, a selection bias, shared experts; DeepSeek-AI 2024) with Llama-style attention, so it
+  holds many fine-grained experts plus shared ones exactly (``carve --combine sigmoid``). Shared neurons become
+  ``n_shared_experts`` ungated experts (their count must be a multiple of the expert size), the selection bias is
+  zero, one expert group, no renormalisation, no partial rotary embedding or q/k norm; leading dense layers
+  become ``first_k_dense_replace``.
+- ``gguf``: a GGUF file in llama.cpp's ``qwen2moe`` architecture (``softmax`` and ``sum`` carves) or ``glm4moe``
+  (``sigmoid`` carves); f32 or f16 tensors, the router stays f32. llama.cpp evaluates the qwen2moe shared gate
+  as silu(z)/z, NaN at z = 0, so the GGUF shared gate is a tiny vector (|w . x| about 1e-4) rather than zero; the
+  shared expert is then off by about 5e-5 relative. glm4moe's shared experts have no gate.
 
 Routing. A carve made with a weighted combine rule (``brickwork carve --combine softmax`` or ``softmax_topk``,
 :mod:`brickwork.bricks.combine`) exports exactly by construction: the rule is what the stock router computes, its
@@ -52,8 +59,8 @@ from brickwork.version import __version__
 
 logger = logging.getLogger(__name__)
 
-ExportFormat = Literal["qwen2_moe", "mixtral", "gguf"]
-EXPORT_FORMATS: tuple[str, ...] = ("qwen2_moe", "mixtral", "gguf")
+ExportFormat = Literal["qwen2_moe", "mixtral", "glm4_moe", "gguf"]
+EXPORT_FORMATS: tuple[str, ...] = ("qwen2_moe", "mixtral", "glm4_moe", "gguf")
 EXPORT_MARKER = "brickwork-export"  # brickwork-export.json's format: what check_output_dir recognises
 _SOURCE_TYPES = ("llama", "mistral", "qwen2")
 # GGUF only: typical |w . x| of the shared expert's gate (see _shared_gate_directions). At 1e-7, sigmoid(w . x)
@@ -84,6 +91,12 @@ class _Plan:
     active: int
     shared: int
     rule: str  # the carve's combine rule (one for every layer)
+
+    def stock_format(self, format: str) -> str:
+        """The transformers architecture built for ``format``: a GGUF file of a ``sigmoid`` carve is glm4moe."""
+        if format == "gguf":
+            return "glm4_moe" if self.rule == "sigmoid" else "qwen2_moe"
+        return format
 
 
 def plan_export(model, format: str) -> _Plan:
@@ -131,8 +144,10 @@ def plan_export(model, format: str) -> _Plan:
     if rule != "sum" and rule not in STOCK_RULES[format]:
         fits = [f for f, held in STOCK_RULES.items() if rule in held]
         hint = {
-            "gguf": "llama.cpp's qwen2moe does not renormalise the top-k weights: carve with --combine softmax",
+            "gguf": "llama.cpp's qwen2moe does not renormalise the top-k weights: carve with --combine softmax "
+            "(or sigmoid, for its glm4moe)",
             "mixtral": "Mixtral always renormalises the top-k weights: carve with --combine softmax_topk",
+            "glm4_moe": "GLM-4.5's gate weights experts by sigmoid scores: carve with --combine sigmoid",
         }.get(format, "")
         raise BrickworkError(
             f"this carve weights its experts by '{rule}', which {format} cannot compute ({hint}); "
@@ -162,6 +177,25 @@ def plan_export(model, format: str) -> _Plan:
     if num_experts < 2 or active >= num_experts:
         raise BrickworkError("export needs routed experts to choose from (active < experts)")
     n_layers = config.num_hidden_layers
+    if format == "glm4_moe" and rule == "sum":
+        raise BrickworkError(
+            "glm4_moe weights experts by sigmoid scores, never exactly 1 each: carve with --combine sigmoid"
+        )
+    if format == "glm4_moe" or (format == "gguf" and rule == "sigmoid"):
+        dense = sorted(set(range(n_layers)) - set(bricks))
+        if dense != list(range(len(dense))):
+            raise BrickworkError(
+                f"glm4_moe keeps only leading layers dense (first_k_dense_replace); layers {dense} are dense. "
+                "Carve every layer after the first dense ones."
+            )
+        if dense and format == "gguf":
+            raise BrickworkError(f"layers {dense} are dense: carve every layer for a GGUF export")
+        if shared % expert_size:
+            raise BrickworkError(
+                f"glm4_moe's shared experts are whole experts: {shared} shared neurons is not a multiple of the "
+                f"expert size {expert_size}; carve with --shared (a number of experts)"
+            )
+        return _Plan(bricks, num_experts, expert_size, active, shared, rule)
     if format in ("mixtral", "gguf") and len(bricks) != n_layers:
         dense = sorted(set(range(n_layers)) - set(bricks))
         raise BrickworkError(
@@ -310,6 +344,26 @@ def _stock_config(model, plan: _Plan, format: str):
     import transformers as tf
 
     common = _common_config(model.config)
+    if plan.stock_format(format) == "glm4_moe":
+        rope = dict(common.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
+        dense = sorted(set(range(model.config.num_hidden_layers)) - set(plan.bricks))
+        return tf.Glm4MoeConfig(
+            **common,
+            rope_parameters=rope | {"partial_rotary_factor": 1.0},  # GLM-4.5 rotates half; Llama all
+            attention_bias=model.config.model_type == "qwen2",
+            intermediate_size=model.config.intermediate_size,
+            moe_intermediate_size=plan.expert_size,
+            n_shared_experts=plan.shared // plan.expert_size,
+            n_routed_experts=plan.num_experts,
+            num_experts_per_tok=plan.active,
+            routed_scaling_factor=1.0,  # each layer's scale is folded into its experts' down projections
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=len(dense),
+            norm_topk_prob=False,
+            use_qk_norm=False,
+            num_nextn_predict_layers=0,
+        )
     if format == "mixtral":
         return tf.MixtralConfig(
             **common,
@@ -356,9 +410,14 @@ def build_stock_model(
     ``shared_gates`` (GGUF): each carved layer's shared-expert gate vector instead of zeros."""
     import transformers as tf
 
-    plan = plan_export(model, "qwen2_moe" if format == "gguf" else format)
+    plan = plan_export(model, format)
+    stock_format = plan.stock_format(format)
     config = _stock_config(model, plan, format)
-    cls = tf.MixtralForCausalLM if format == "mixtral" else tf.Qwen2MoeForCausalLM
+    cls = {
+        "mixtral": tf.MixtralForCausalLM,
+        "glm4_moe": tf.Glm4MoeForCausalLM,
+        "qwen2_moe": tf.Qwen2MoeForCausalLM,
+    }[stock_format]
     dtype = next(model.parameters()).dtype
     stock = cls(config).to(dtype).eval()
     source = model.state_dict()
@@ -392,7 +451,15 @@ def build_stock_model(
         out[prefix + "gate.weight"] = (weight.detach() / temperature).to(dtype)
         out[prefix + "experts.gate_up_proj"] = w["gate_up"]
         out[prefix + "experts.down_proj"] = w["down"]
-        if format != "mixtral":
+        if stock_format == "glm4_moe":
+            out[prefix + "gate.e_score_correction_bias"] = torch.zeros(plan.num_experts)
+            # ungated: the shared neurons as they are (transformers makes 0-sized ones when there are none)
+            out[prefix + "shared_experts.gate_proj.weight"] = w["shared_gate"]
+            out[prefix + "shared_experts.up_proj.weight"] = w["shared_up"]
+            out[prefix + "shared_experts.down_proj.weight"] = (
+                brick.down_t.detach()[: plan.shared].t().contiguous()
+            )
+        elif format != "mixtral":
             out[prefix + "shared_expert.gate_proj.weight"] = w["shared_gate"]
             out[prefix + "shared_expert.up_proj.weight"] = w["shared_up"]
             out[prefix + "shared_expert.down_proj.weight"] = w["shared_down"]
@@ -464,13 +531,14 @@ def export(
         if tokenizer is None:
             raise BrickworkError("validation needs the tokenizer; pass tokenizer= or validate_data=None")
         windows = token_windows(tokenizer, validate_data, window, validate_tokens)
-    # inputs set the sum rule's temperature, and the GGUF shared gate
-    needs_inputs = windows is not None and (format == "gguf" or not _exact(plan, format))
+    # inputs set the sum rule's temperature, and the qwen2moe GGUF shared gate
+    gated_gguf = format == "gguf" and plan.stock_format(format) == "qwen2_moe"
+    needs_inputs = windows is not None and (gated_gguf or not _exact(plan, format))
     inputs = _capture_inputs(model, plan.bricks, windows) if needs_inputs else None
     temperatures = _temperatures(plan, format, inputs)
-    if format == "gguf" and inputs is None:
+    if gated_gguf and inputs is None:
         raise BrickworkError("a GGUF export needs validation windows (validate_data) to set the shared gate")
-    shared_gates = _shared_gate_directions(inputs) if format == "gguf" else None
+    shared_gates = _shared_gate_directions(inputs) if gated_gguf else None
     report_conversion = None
     if stock_routing and not _exact(plan, format):
         import copy
@@ -488,9 +556,9 @@ def export(
         format=format, path=str(out), seconds=0.0, temperatures=temperatures, conversion=report_conversion
     )
     if format == "gguf":
-        from brickwork.io.gguf import write_qwen2moe_gguf
+        from brickwork.io.gguf import write_gguf
 
-        write_qwen2moe_gguf(stock, out, tokenizer, dtype=dtype)
+        write_gguf(stock, out, tokenizer, dtype=dtype)
         if windows is not None and validate:
             report.validation = compare_logits(model, load_exported(out, format), windows)
     else:
@@ -545,6 +613,10 @@ def load_exported(path: str | Path, format: str):
 
     path = Path(path)
     if format == "gguf":
+        from brickwork.io.gguf import gguf_architecture, read_glm4moe_gguf
+
+        if gguf_architecture(path) == "glm4moe":  # transformers has no glm4moe GGUF reader
+            return read_glm4moe_gguf(path)
         return AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, config=_gguf_config(path), dtype=torch.float32
         ).eval()

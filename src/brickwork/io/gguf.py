@@ -1,9 +1,11 @@
-"""GGUF files in llama.cpp's ``qwen2moe`` architecture, written with the ``gguf`` package.
+"""GGUF files in llama.cpp's ``qwen2moe`` or ``glm4moe`` architecture, written with the ``gguf`` package.
 
-Tensor names and metadata keys follow llama.cpp's qwen2moe loader: every block is MoE with a shared expert,
-the output projection is stored even when the source ties it to the embeddings, q/k/v have biases, and the
-routed experts are stacked as ``ffn_{gate,up,down}_exps`` ([experts, rows, columns]). llama.cpp does not
-renormalise the top-k router probabilities, which :mod:`brickwork.io.export` compensates for.
+Tensor names and metadata keys follow llama.cpp's loaders. qwen2moe: every block is MoE with a gated shared
+expert, the output projection is stored even when the source ties it to the embeddings, q/k/v have biases, and
+the routed experts are stacked as ``ffn_{gate,up,down}_exps`` ([experts, rows, columns]); llama.cpp does not
+renormalise the top-k router probabilities. glm4moe (GLM-4.5, DeepSeek-V3's gate): sigmoid gating with a
+selection bias (``exp_probs_b``, zero here), ungated shared experts, the post-attention norm named
+``post_attention_norm``, NeoX rotary embedding over the whole head, q/k/v biases only where the source has them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from brickwork.io_utils import clean_stale
 
 logger = logging.getLogger(__name__)
 ARCH = "qwen2moe"
+GLM_ARCH = "glm4moe"
 
 _PER_LAYER = {
     "input_layernorm.weight": "attn_norm.weight",
@@ -38,6 +41,22 @@ _PER_LAYER = {
     "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
     "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
     "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
+}
+_GLM_PER_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
 }
 _KEEP_F32 = ("norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias")
 
@@ -75,13 +94,17 @@ def pre_tokenizer_name(tokenizer) -> str:
     return name or "default"
 
 
-def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "float32") -> Path:
-    """Write a ``Qwen2MoeForCausalLM`` (every layer MoE) as a GGUF file; atomic (temporary file, rename)."""
+def write_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "float32") -> Path:
+    """Write a ``Qwen2MoeForCausalLM`` or ``Glm4MoeForCausalLM`` (every layer MoE) as a GGUF file in llama.cpp's
+    qwen2moe or glm4moe architecture; atomic (temporary file, rename)."""
     import gguf
 
     config = stock.config
-    if config.mlp_only_layers:
-        raise BrickworkError("llama.cpp's qwen2moe needs every layer to be MoE")
+    glm = config.model_type == "glm4_moe"
+    if not glm and config.model_type != "qwen2_moe":
+        raise BrickworkError(f"GGUF export writes Qwen2-MoE or GLM-4-MoE models, not {config.model_type}")
+    if config.first_k_dense_replace if glm else config.mlp_only_layers:
+        raise BrickworkError(f"llama.cpp's {GLM_ARCH if glm else ARCH} export needs every layer to be MoE")
     path = Path(path)
     if path.suffix != ".gguf":
         raise BrickworkError(f"a GGUF output path must end in .gguf, got {path}")
@@ -90,7 +113,7 @@ def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "f
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.brickwork-tmp-{os.getpid()}-", dir=path.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, GLM_ARCH if glm else ARCH)
         writer.add_name("brickwork export")
         writer.add_block_count(config.num_hidden_layers)
         writer.add_context_length(config.max_position_embeddings)
@@ -100,10 +123,23 @@ def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "f
         writer.add_head_count_kv(config.num_key_value_heads)
         writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_expert_count(config.num_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+        if glm:
+            head_dim = config.head_dim
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+            writer.add_rope_dimension_count(head_dim)  # the whole head rotates (GLM-4.5 rotates half)
+            writer.add_expert_count(config.n_routed_experts)
+            writer.add_expert_shared_count(config.n_shared_experts)
+            writer.add_leading_dense_block_count(0)
+            writer.add_expert_weights_scale(1.0)
+            writer.add_expert_weights_norm(False)
+            writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+            writer.add_nextn_predict_layers(0)
+        else:
+            writer.add_expert_count(config.num_experts)
+            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
         writer.add_file_type(
             gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32
         )
@@ -131,9 +167,12 @@ def write_qwen2moe_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "f
 def _tensors(stock):
     state = stock.state_dict()
     yield "token_embd.weight", state["model.embed_tokens.weight"]
+    per_layer = _GLM_PER_LAYER if stock.config.model_type == "glm4_moe" else _PER_LAYER
     for layer in range(stock.config.num_hidden_layers):
         prefix = f"model.layers.{layer}."
-        for hf, name in _PER_LAYER.items():
+        for hf, name in per_layer.items():
+            if prefix + hf not in state or state[prefix + hf].numel() == 0:  # glm4moe: optional q/k/v biases
+                continue  # and shared experts
             tensor = state[prefix + hf]
             if name == "ffn_gate_inp_shexp.weight":
                 tensor = tensor.reshape(-1)  # llama.cpp holds it as a vector
@@ -181,6 +220,86 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str):
         writer.add_chat_template(template)
+
+
+def gguf_architecture(path: str | Path) -> str:
+    """``general.architecture`` of a GGUF file."""
+    import gguf
+
+    return gguf.GGUFReader(str(path)).fields["general.architecture"].contents()
+
+
+def read_glm4moe_gguf(path: str | Path):
+    """A ``Glm4MoeForCausalLM`` (float32) from a glm4moe GGUF file that :func:`write_gguf` wrote: its metadata and
+    tensors mapped back by the writer's names (transformers has no glm4moe GGUF reader). It checks the file's
+    contents round trip; what llama.cpp computes from them is checked by bench/llama_cpp_serving.py."""
+    import gguf
+    import transformers as tf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    if arch != GLM_ARCH:
+        raise BrickworkError(f"{path} is a '{arch}' GGUF file, not {GLM_ARCH}")
+
+    def field(key: str):
+        f = reader.fields.get(f"{GLM_ARCH}.{key}")
+        if f is None:
+            raise BrickworkError(f"{path} has no '{GLM_ARCH}.{key}' metadata; was it written by brickwork?")
+        return f.contents()
+
+    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
+    vocab, hidden = tensors["token_embd.weight"].shape
+    heads, layers = int(field("attention.head_count")), int(field("block_count"))
+    expert_size = int(field("expert_feed_forward_length"))
+    config = tf.Glm4MoeConfig(
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(field("feed_forward_length")),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(field("attention.head_count_kv")),
+        head_dim=int(field("attention.key_length")),
+        max_position_embeddings=int(field("context_length")),
+        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": float(field("rope.freq_base")),
+            "partial_rotary_factor": int(field("rope.dimension_count")) / int(field("attention.key_length")),
+        },
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        moe_intermediate_size=expert_size,
+        n_shared_experts=int(field("expert_shared_count")),
+        n_routed_experts=int(field("expert_count")),
+        num_experts_per_tok=int(field("expert_used_count")),
+        routed_scaling_factor=float(field("expert_weights_scale")),
+        norm_topk_prob=bool(field("expert_weights_norm")),
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=int(field("leading_dense_block_count")),
+        use_qk_norm=False,
+        num_nextn_predict_layers=0,
+        tie_word_embeddings="output.weight" not in tensors,
+    )
+    model = tf.Glm4MoeForCausalLM(config).float().eval()
+    state = {
+        "model.embed_tokens.weight": tensors["token_embd.weight"],
+        "model.norm.weight": tensors["output_norm.weight"],
+    }
+    state["lm_head.weight"] = tensors.get("output.weight", tensors["token_embd.weight"])
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}."
+        for hf, name in _GLM_PER_LAYER.items():
+            if f"blk.{layer}.{name}" in tensors:
+                state[prefix + hf] = tensors[f"blk.{layer}.{name}"]
+        gate, up = (tensors[f"blk.{layer}.ffn_{p}_exps.weight"] for p in ("gate", "up"))
+        state[prefix + "mlp.experts.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        state[prefix + "mlp.experts.down_proj"] = tensors[f"blk.{layer}.ffn_down_exps.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BrickworkError(f"{path}: tensors do not match a glm4moe model ({sorted(missing)[:3]} missing)")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model
 
 
 def read_qwen2moe_config(path: str | Path):
