@@ -10,7 +10,7 @@ The whole job in a few lines::
     model = bw.load("carved/")
 """
 
-from brickwork.bricks import BrickFFN, CarveConfig, CarveReport, carve_, uncarve_
+from brickwork.bricks import BrickFFN, CarveConfig, CarveReport, carve_, set_budget, uncarve_
 from brickwork.errors import BrickworkError
 from brickwork.evaluation import EvalResult, evaluate
 from brickwork.io import load, save
@@ -37,5 +37,6 @@ __all__ = [
     "load_model",
     "profile",
     "save",
+    "set_budget",
     "uncarve_",
 ]

@@ -35,6 +35,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {value}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -147,6 +154,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         _check_model(args.parent)
     model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     check_window(model, args.window)
+    if args.budget is not None:
+        from brickwork.bricks.carve import carved_layers
+
+        if not carved_layers(model):
+            raise BrickworkError(f"--budget re-budgets a carved model; {args.model} is dense")
+        fractions = bw.set_budget(model, args.budget)
+        print(
+            f"budget {args.budget:.1%}: FFN weights read per token {sum(fractions.values()) / len(fractions):.1%}"
+        )
     parent = bw.load_model(args.parent, progress=not args.quiet)[0] if args.parent else None
     results = []
     for data in args.data:
@@ -670,6 +686,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.add_argument(
+        "--budget",
+        type=_fraction,
+        help="carved models: evaluate at this fraction of FFN weights read per token instead of the carved one "
+        "(set_budget; no re-carving)",
+    )
     p.set_defaults(func=_cmd_eval)
 
     from brickwork.io.export import EXPORT_FORMATS

@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 
+from brickwork.bricks.budget import calibrated
 from brickwork.bricks.carve import _swap_in, carved_layers
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import ACCUMULATE, CarveConfig, check_router_options
@@ -49,6 +50,7 @@ def _layer_record(index: int, brick: BrickFFN) -> dict:
         "accumulate": brick.accumulate,
         "combine": brick.combine.to_dict(),
         "active_fraction": brick.active_fraction(),
+        "calibrated": calibrated(brick),  # the carved settings, which set_budget(model, None) restores
     }
 
 
@@ -343,6 +345,19 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             accumulate=record.get("accumulate", "float32"),  # saved before the option: float32 sums
         )
         brick.combine = _combine(record)
+        carved = record.get("calibrated")  # written since run-time budgets: the settings set_budget restores
+        if carved is not None:
+            if not (
+                isinstance(carved, dict)
+                and isinstance(carved.get("active"), int)
+                and 0 < carved["active"] <= max(1, record["num_experts"])
+                and (carved.get("down_keep") is None or isinstance(carved["down_keep"], int))
+                and set(carved) <= {"active", "down_keep", "input_fraction"}
+            ):
+                raise BrickworkError(
+                    f"{directory}/brickwork.json: layer {index}'s 'calibrated' record is damaged"
+                )
+            brick.__dict__["_calibrated"] = carved
         _swap_in(ffn, brick)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)

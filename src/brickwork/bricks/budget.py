@@ -1,0 +1,149 @@
+"""Run-time budgets: set how much of each carved FFN a token reads, without carving again.
+
+One carved model serves many budgets (MatFormer, Devvrit et al. 2023; Flextron, Cai et al. 2024; SortedNet,
+Valipour et al. 2023 train nested sub-models for this; brickwork's bricks are nested without training, because a
+router's top-k of a smaller budget is inside its top-k of a larger one). A layer's budget is the fraction of its
+dense FFN weights a token reads, router included (:meth:`BrickFFN.active_fraction`), as at carve time:
+
+- routers that score experts on their own (``fitted``, ``trained``, ``centroid``, ``representative``,
+  ``lowrank``, ``oracle``): the number of routed experts per token (top-k) changes. Selections are nested: the
+  experts a token runs at a smaller budget are among those it runs at a larger one. Down-row sparsity, where the
+  carve has it, keeps its share of the computed neurons.
+- the ``partial`` router (the neuron-level defaults of :func:`brickwork.bricks.presets.recommended`): the number
+  of neurons computed, the down rows read and the router's input fraction are set as that preset sets them for
+  the budget, so that a carve re-budgeted to 25% is the carve the preset makes for 25% (same calibration, same
+  neuron order). Selections are nested only while the input fraction stays the same.
+
+Weighted combine rules (``softmax``, ``sigmoid``) keep the temperature and scale fitted for the carve's own top-k;
+away from it the weights are no longer least-squares fitted (``softmax_topk`` renormalises, so its total weight
+does not depend on k). Every layer records the settings it was carved with, and a budget equal to a layer's
+carved one restores them exactly: ``set_budget(model, None)`` returns to the carved budgets, bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.module import BrickFFN
+from brickwork.errors import BrickworkError
+
+# relative slack when comparing a requested budget with a layer's fraction (floating-point noise only)
+_TOLERANCE = 1e-9
+
+
+def _settings(brick: BrickFFN) -> dict:
+    settings = {"active": brick.active, "down_keep": brick.down_keep}
+    if hasattr(brick.router, "input_fraction"):
+        settings["input_fraction"] = brick.router.input_fraction
+    return settings
+
+
+def _apply(brick: BrickFFN, settings: dict) -> None:
+    brick.active = settings["active"]
+    brick.down_keep = settings["down_keep"]
+    if "input_fraction" in settings:
+        brick.router.input_fraction = settings["input_fraction"]
+    brick.__dict__.pop("_plan", None)  # the kernels' prepared call holds the old top-k: rebuild it
+
+
+def calibrated(brick: BrickFFN) -> dict:
+    """The settings ``brick`` was carved with (recorded on its first re-budgeting)."""
+    record = brick.__dict__.get("_calibrated")
+    return dict(record) if record is not None else _settings(brick)
+
+
+def _fraction_with(brick: BrickFFN, settings: dict) -> float:
+    current = _settings(brick)
+    _apply(brick, settings)
+    try:
+        return brick.active_fraction()
+    finally:
+        _apply(brick, current)
+
+
+def layer_settings(brick: BrickFFN, budget: float) -> dict:
+    """The settings that make ``brick`` read at most ``budget`` of its dense FFN per token (the most it can read
+    within it), or its carved settings when ``budget`` is its carved fraction."""
+    if not 0 < budget <= 1:
+        raise BrickworkError(f"a budget is a fraction of the dense FFN in (0, 1], got {budget}")
+    carved = calibrated(brick)
+    if abs(_fraction_with(brick, carved) - budget) <= _TOLERANCE * budget:
+        return carved
+    if brick.num_experts == 0:
+        raise BrickworkError("this layer has only shared neurons: it has no budget to set")
+    if brick.router.kind == "partial":
+        from brickwork.bricks.presets import recommended
+
+        d_model = brick.d_model
+        preset = recommended(budget, d_ff=brick.d_ff, d_model=d_model, gated=brick.gate is not None)
+        down_fraction = preset.down_fraction
+        base = {"input_fraction": preset.router_options["input_fraction"]}
+
+        def settings_for(k: int) -> dict:
+            computed = brick.num_shared + k * brick.expert_size
+            keep = None if down_fraction is None else max(1, math.floor(down_fraction * brick.d_ff))
+            return base | {"active": k, "down_keep": None if keep is None or keep >= computed else keep}
+
+    else:
+        computed0 = brick.num_shared + carved["active"] * brick.expert_size
+        share = None if carved["down_keep"] is None else carved["down_keep"] / computed0
+
+        def settings_for(k: int) -> dict:
+            computed = brick.num_shared + k * brick.expert_size
+            keep = None if share is None else max(1, round(share * computed))
+            settings = {"active": k, "down_keep": None if keep is None or keep >= computed else keep}
+            return settings | (
+                {"input_fraction": carved["input_fraction"]} if "input_fraction" in carved else {}
+            )
+
+    # the fraction grows with k: the largest k within the budget, by bisection
+    low, high = 1, brick.num_experts
+    least = _fraction_with(brick, settings_for(low))
+    if least > budget * (1 + _TOLERANCE):
+        raise BrickworkError(
+            f"a budget of {budget:.1%} is below what this layer reads with one routed expert ({least:.1%}: "
+            "shared neurons and the router included); choose a larger budget"
+        )
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _fraction_with(brick, settings_for(middle)) <= budget * (1 + _TOLERANCE):
+            low = middle
+        else:
+            high = middle - 1
+    return settings_for(low)
+
+
+def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dict[int, float]:
+    """Set the fraction of each carved FFN a token reads: one ``budget`` for every carved layer, a dict
+    ``{layer: budget}`` (layers not named keep theirs), or None for the budgets the model was carved with
+    (restored exactly). Returns each carved layer's fraction after the change. See the module docstring."""
+    bricks = carved_layers(model)
+    if not bricks:
+        raise BrickworkError("set_budget needs a carved model (brickwork.carve_ or brickwork.load)")
+    if isinstance(budget, dict):
+        unknown = sorted(set(budget) - set(bricks))
+        if unknown:
+            raise BrickworkError(f"layers {unknown} are not carved; carved layers are {sorted(bricks)}")
+        wanted = dict(budget)
+    elif budget is None:
+        wanted = dict.fromkeys(bricks)
+    elif isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        wanted = dict.fromkeys(bricks, float(budget))
+    else:
+        raise BrickworkError(f"a budget is a fraction, a {{layer: fraction}} dict or None; got {budget!r}")
+    # every layer's new settings first: a refused budget leaves the model as it was
+    plans = {
+        index: calibrated(bricks[index]) if value is None else layer_settings(bricks[index], value)
+        for index, value in wanted.items()
+    }
+    for index, settings in plans.items():
+        brick = bricks[index]
+        brick.__dict__.setdefault("_calibrated", _settings(brick))
+        _apply(brick, settings)
+    fractions = {index: brick.active_fraction() for index, brick in sorted(bricks.items())}
+    if hasattr(model, "brickwork"):
+        model.brickwork["budget"] = fractions
+    return fractions

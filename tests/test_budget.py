@@ -1,0 +1,122 @@
+"""Run-time budgets: one carve re-budgeted without carving again, nested, exact on return, saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import brickwork as bw
+from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.presets import recommended
+from brickwork.errors import BrickworkError
+from conftest import carved_tiny
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(experts=8, shared=1, active=3, router="fitted"),
+        dict(
+            experts=8,
+            shared=1,
+            active=3,
+            router="fitted",
+            combine="softmax",
+            router_options={"intercept": False},
+        ),
+        dict(experts=16, shared=0, active=8, router="centroid", down_fraction=0.3),
+    ],
+)
+def test_budgets_change_reads_nest_and_return_bit_for_bit(text_file, tokenizer, options):
+    model = carved_tiny(text_file, tokenizer, **options)
+    ids = torch.randint(3, 100, (2, 24))
+    carved = _logits(model, ids)
+    bricks = carved_layers(model)
+    before = {i: b.active_fraction() for i, b in bricks.items()}
+    small = bw.set_budget(model, min(before.values()) * 0.6)
+    assert all(small[i] < before[i] and small[i] <= min(before.values()) * 0.6 + 1e-12 for i in small)
+    assert model.brickwork["budget"] == small
+    for brick in bricks.values():  # nested: a smaller budget's experts are among the larger one's
+        x = torch.randn(10, brick.d_model)
+        few = brick.select(x)
+        bw.set_budget(model, {i: before[i] for i in bricks})
+        many = brick.select(x)
+        bw.set_budget(model, small)
+        assert all(set(f.tolist()) <= set(m.tolist()) for f, m in zip(few, many, strict=True))
+    assert not torch.equal(_logits(model, ids), carved)
+    back = bw.set_budget(model, None)
+    assert back == before
+    assert torch.equal(_logits(model, ids), carved)  # the kernels' prepared calls were rebuilt, bit for bit
+    bw.set_budget(model, 0.9)
+    bw.set_budget(model, before)  # the carved fraction itself restores the carved settings
+    assert torch.equal(_logits(model, ids), carved)
+
+
+def test_a_partial_router_carve_rebudgeted_is_the_preset_carve_for_that_budget(text_file, tokenizer):
+    d_ff, d_model = 64, 32  # the tiny llama's FFN
+    at = {f: recommended(f, d_ff=d_ff, d_model=d_model) for f in (0.5, 0.3)}
+    keys = ("experts", "shared", "active", "router", "router_options", "down_fraction")
+    model, other = (
+        carved_tiny(text_file, tokenizer, method="activation", **{k: getattr(at[f], k) for k in keys})
+        for f in (0.5, 0.3)
+    )
+    bw.set_budget(model, 0.3)
+    for a, b in zip(carved_layers(model).values(), carved_layers(other).values(), strict=True):
+        assert (a.active, a.down_keep, a.router.input_fraction) == (
+            b.active,
+            b.down_keep,
+            b.router.input_fraction,
+        )
+    ids = torch.randint(3, 100, (1, 20))
+    assert torch.equal(_logits(model, ids), _logits(other, ids))
+
+
+def test_saved_rebudgeted_carves_remember_their_carved_settings(tmp_path, text_file, tokenizer):
+    model = carved_tiny(text_file, tokenizer, experts=8, shared=1, active=4, router="fitted")
+    ids = torch.randint(3, 100, (1, 20))
+    carved = _logits(model, ids)
+    bw.set_budget(model, 0.4)
+    smaller = _logits(model, ids)
+    bw.save(model, tmp_path / "m", tokenizer)
+    again = bw.load(tmp_path / "m")
+    assert torch.equal(_logits(again, ids), smaller)
+    bw.set_budget(again, None)
+    assert torch.equal(_logits(again, ids), carved)
+
+
+def test_bad_budgets_are_refused_and_leave_the_model_as_it_was(text_file, tokenizer):
+    model = carved_tiny(text_file, tokenizer, experts=8, shared=2, active=3, router="fitted")
+    before = {i: b.active for i, b in carved_layers(model).items()}
+    for budget in (0.0, 1.5, "half", True):
+        with pytest.raises(BrickworkError, match="budget"):
+            bw.set_budget(model, budget)
+    with pytest.raises(BrickworkError, match="below what this layer reads"):
+        bw.set_budget(model, {0: 0.9, 1: 0.01})  # layer 1 refused: layer 0 must not have changed either
+    with pytest.raises(BrickworkError, match="not carved"):
+        bw.set_budget(model, {7: 0.5})
+    assert {i: b.active for i, b in carved_layers(model).items()} == before
+    with pytest.raises(BrickworkError, match="carved model"):
+        bw.set_budget(torch.nn.Linear(2, 2), 0.5)
+
+
+def test_cli_eval_at_another_budget(tmp_path, tiny_dir, text_file, capsys):
+    from brickwork.cli.main import main as cli
+
+    out = tmp_path / "carved"
+    carve = (
+        f"carve {tiny_dir} --calib {text_file} --experts 8 --shared 1 --active 4 --method random "
+        f"--calib-tokens 512 --router-samples 256 --window 64 --out {out} -q"
+    )
+    assert cli(carve.split()) == 0
+    assert cli(["eval", str(out), "--data", str(text_file), "--window", "64", "--budget", "0.4", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "budget 40.0%" in printed and "perplexity" in printed
+    assert (
+        cli(["eval", str(tiny_dir), "--data", str(text_file), "--window", "64", "--budget", "0.4", "-q"]) == 2
+    )
+    assert "dense" in capsys.readouterr().err
