@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget
 
 setup:
 	bash scripts/setup.sh
@@ -66,6 +66,10 @@ bench-recovery-gpu: setup
 bench-combine: setup
 	$(BIN)/python bench/carving_quality.py --eval-tokens 4096 --accumulate float32 --out bench/results/combine-smollm2 \
 		$(foreach e,16:2:6 64:8:24 192:24:72 16:2:2 64:8:8,$(foreach c,sum softmax sigmoid,--config experts=$(word 1,$(subst :, ,$(e))),shared=$(word 2,$(subst :, ,$(e))),active=$(word 3,$(subst :, ,$(e))),router=fitted,intercept=false,combine=$(c)))
+
+# one carved artefact re-budgeted (bw.set_budget) against carves made for each budget (SmolLM2-135M)
+bench-budget: setup
+	$(BIN)/python bench/budget_curve.py --out bench/results/budget-smollm2
 
 # llama.cpp itself (scripts/build_llama_cpp.sh builds it once, ~25 min on 2 cores): the --stock carves and 16-expert
 # ones at f32/f16/Q8_0 against brickwork's forward, greedy output, llama-bench speed against dense

@@ -1,0 +1,183 @@
+"""One carved artefact at many budgets (bw.set_budget) against models carved separately for each budget.
+
+One calibration pass serves every carve. For each family, the model is carved once at --carve-at and evaluated at
+every --budgets value by re-budgeting it (no re-carving), then carved afresh at each budget with the same
+calibration and evaluated on the same held-out windows. Writes results.json, results.md and budget.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_results  # noqa: E402
+
+import brickwork as bw  # noqa: E402
+from brickwork.bricks import calibrate  # noqa: E402
+from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
+from brickwork.models.specs import find_ffns  # noqa: E402
+
+
+def family_config(family: str, budget: float, d_ff: int, d_model: int) -> bw.CarveConfig:
+    if family == "neuron-level default":
+        return recommended(budget, d_ff=d_ff, d_model=d_model)
+    if family == "stock 64 experts softmax":
+        return stock_recommended(budget, d_ff=d_ff)
+    if family == "16 experts sum":
+        return bw.CarveConfig(
+            experts=16, shared=2, active=max(1, round(budget * 16) - 2), method="activation", router="fitted"
+        )
+    raise SystemExit(f"unknown family {family!r}")
+
+
+FAMILIES = ("neuron-level default", "stock 64 experts softmax", "16 experts sum")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--router-samples", type=int, default=8192)
+    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
+    parser.add_argument("--eval-tokens", type=int, default=2048)
+    parser.add_argument("--carve-at", type=float, default=0.5, help="the artefact's own budget")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/budget-smollm2"))
+    args = parser.parse_args()
+
+    machine = machine_info()
+    model, tokenizer = bw.load_model(args.model, progress=False)
+    ffn = find_ffns(model)[0]
+    d_ff, d_model = ffn.d_ff, ffn.read().d_model
+    base = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples)
+    started = time.perf_counter()
+    calibration = calibrate(model, tokenizer, args.calib, base)
+
+    def evaluate() -> dict:
+        with torch.no_grad():
+            return {
+                d: bw.evaluate(model, tokenizer, d, max_tokens=args.eval_tokens, progress=False).perplexity
+                for d in args.eval
+            }
+
+    def carve(config: bw.CarveConfig) -> float:
+        config = bw.CarveConfig(
+            **config.to_dict()
+            | {
+                "calib_tokens": args.calib_tokens,
+                "router_samples": args.router_samples,
+                "accumulate": "float32",
+            }
+        )
+        return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
+
+    dense = evaluate()
+    results = {
+        "machine": machine,
+        "settings": vars(args) | {"out": str(args.out)},
+        "dense": dense,
+        "rows": [],
+    }
+    for family in args.families:
+        carve(family_config(family, args.carve_at, d_ff, d_model))
+        artefact = {}
+        for budget in args.budgets:
+            fractions = bw.set_budget(model, budget)
+            artefact[budget] = {
+                "fraction": sum(fractions.values()) / len(fractions),
+                "perplexity": evaluate(),
+            }
+        bw.uncarve_(model)
+        for budget in args.budgets:
+            fraction = carve(family_config(family, budget, d_ff, d_model))
+            separate = {"fraction": fraction, "perplexity": evaluate()}
+            bw.uncarve_(model)
+            row = {
+                "family": family,
+                "budget": budget,
+                "artefact": artefact[budget],
+                "separate": separate,
+                "ratio_artefact": {d: artefact[budget]["perplexity"][d] / dense[d] for d in args.eval},
+                "ratio_separate": {d: separate["perplexity"][d] / dense[d] for d in args.eval},
+            }
+            results["rows"].append(row)
+            write_results(args.out, results, render(results))
+            print(family, budget, row["ratio_artefact"], row["ratio_separate"], flush=True)
+    results["seconds"] = time.perf_counter() - started
+    write_results(args.out, results, render(results))
+    plot(results, args.out / "budget.png")
+    print(render(results))
+
+
+def render(results: dict) -> str:
+    s, m = results["settings"], results["machine"]
+    corpora = s["eval"]
+    lines = [
+        f"# One carve, many budgets ({s['model']})",
+        "",
+        f"commit `{m['commit']}`, {m['date']}, {m['cpu']} ({', '.join(m.get('cpu_flags', []))}); calibration "
+        f"`{s['calib']}` {s['calib_tokens']} tokens; {s['eval_tokens']} held-out tokens per corpus; artefact "
+        f"carved at {s['carve_at']:.0%} and re-budgeted with `bw.set_budget`",
+        "",
+        "Perplexity ratio to dense, " + " / ".join(corpora) + "; *gap*: artefact over separately carved - 1",
+        "",
+        "| family | budget | artefact reads | artefact | separately carved reads | separately carved | gap |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        a, b = r["ratio_artefact"], r["ratio_separate"]
+        gap = " / ".join(f"{a[d] / b[d] - 1:+.1%}" for d in corpora)
+        lines.append(
+            f"| {r['family']} | {r['budget']:.0%} | {r['artefact']['fraction']:.1%} | "
+            + " / ".join(f"x{a[d]:.3f}" for d in corpora)
+            + f" | {r['separate']['fraction']:.1%} | "
+            + " / ".join(f"x{b[d]:.3f}" for d in corpora)
+            + f" | {gap} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpus = results["settings"]["eval"][0]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, family in enumerate(dict.fromkeys(r["family"] for r in results["rows"])):
+        rows = [r for r in results["rows"] if r["family"] == family]
+        color = f"C{i}"
+        ax.plot(
+            [r["artefact"]["fraction"] for r in rows],
+            [r["ratio_artefact"][corpus] for r in rows],
+            "-o",
+            color=color,
+            label=f"{family}: one artefact",
+        )
+        ax.plot(
+            [r["separate"]["fraction"] for r in rows],
+            [r["ratio_separate"][corpus] for r in rows],
+            "--s",
+            color=color,
+            alpha=0.6,
+            label=f"{family}: carved per budget",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("FFN weights read per token")
+    ax.set_ylabel(f"perplexity / dense ({corpus})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+if __name__ == "__main__":
+    main()
