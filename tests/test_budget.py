@@ -120,3 +120,28 @@ def test_cli_eval_at_another_budget(tmp_path, tiny_dir, text_file, capsys):
         cli(["eval", str(tiny_dir), "--data", str(text_file), "--window", "64", "--budget", "0.4", "-q"]) == 2
     )
     assert "dense" in capsys.readouterr().err
+
+
+def test_layer_budgets_move_reads_from_the_least_to_the_most_sensitive_layers(text_file, tokenizer):
+    from brickwork.bricks.budget import allocate_budgets
+
+    model = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=8, router="fitted")
+    chosen = allocate_budgets(
+        model, tokenizer, str(text_file), 0.5, step=0.15, tokens=256, window=64, progress=False
+    )
+    record = model.brickwork["budget_allocation"]
+    assert set(chosen.values()) <= {0.35, 0.5, 0.65}
+    assert sum(v > 0.5 for v in chosen.values()) == sum(v < 0.5 for v in chosen.values())  # same average
+    for up in (i for i, v in chosen.items() if v > 0.5):  # every move was a measured net gain
+        assert any(record["gain"][up] > record["cost"][down] for down, v in chosen.items() if v < 0.5)
+    fractions = {i: b.active_fraction() for i, b in carved_layers(model).items()}
+    assert all(fractions[i] <= chosen[i] + 1e-9 for i in chosen)  # the allocation is applied
+    again = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=8, router="fitted")
+    assert (
+        allocate_budgets(
+            again, tokenizer, str(text_file), 0.5, step=0.15, tokens=256, window=64, progress=False
+        )
+        == chosen
+    )
+    with pytest.raises(BrickworkError, match="step"):
+        allocate_budgets(model, tokenizer, str(text_file), 0.1, step=0.2, tokens=256, window=64)
