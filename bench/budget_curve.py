@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
+from brickwork.bricks import calibrate, carved_layers  # noqa: E402
+from brickwork.bricks.budget import allocate_budgets  # noqa: E402
 from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
 from brickwork.models.specs import find_ffns  # noqa: E402
 
@@ -49,6 +50,15 @@ def main() -> None:
     parser.add_argument("--carve-at", type=float, default=0.5, help="the artefact's own budget")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    parser.add_argument(
+        "--layer-budgets",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.5],
+        help="at these budgets also evaluate the artefact with per-layer budgets (allocate_budgets on the "
+        "calibration text) against the uniform one",
+    )
+    parser.add_argument("--layer-step", type=float, default=0.1, help="allocate_budgets' step")
     parser.add_argument("--out", type=Path, default=Path("bench/results/budget-smollm2"))
     args = parser.parse_args()
 
@@ -94,6 +104,22 @@ def main() -> None:
                 "fraction": sum(fractions.values()) / len(fractions),
                 "perplexity": evaluate(),
             }
+        for budget in args.layer_budgets:
+            chosen = allocate_budgets(
+                model, tokenizer, args.calib, budget, step=args.layer_step, progress=False
+            )
+            fractions = {i: b.active_fraction() for i, b in carved_layers(model).items()}
+            per_layer = {
+                "family": family,
+                "budget": budget,
+                "layers": chosen,
+                "fraction": sum(fractions.values()) / len(fractions),
+                "perplexity": evaluate(),
+                "allocation": model.brickwork["budget_allocation"],
+            }
+            per_layer["ratio"] = {d: per_layer["perplexity"][d] / dense[d] for d in args.eval}
+            results.setdefault("per_layer", []).append(per_layer)
+            print(family, budget, "per-layer", per_layer["ratio"], flush=True)
         bw.uncarve_(model)
         for budget in args.budgets:
             fraction = carve(family_config(family, budget, d_ff, d_model))
@@ -141,6 +167,31 @@ def render(results: dict) -> str:
             + " / ".join(f"x{b[d]:.3f}" for d in corpora)
             + f" | {gap} |"
         )
+    if results.get("per_layer"):
+        lines += [
+            "",
+            f"## Per-layer budgets (allocate_budgets, step {s['layer_step']}) against the uniform budget, same "
+            "artefact",
+            "",
+            "| family | budget | uniform reads | uniform | per-layer reads | per-layer | per-layer / uniform | "
+            "layers lowered / raised |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for p in results["per_layer"]:
+            uniform = next(
+                r for r in results["rows"] if r["family"] == p["family"] and r["budget"] == p["budget"]
+            )
+            u = uniform["ratio_artefact"]
+            moved = [v - p["budget"] for v in p["layers"].values()]
+            lines.append(
+                f"| {p['family']} | {p['budget']:.0%} | {uniform['artefact']['fraction']:.1%} | "
+                + " / ".join(f"x{u[d]:.3f}" for d in corpora)
+                + f" | {p['fraction']:.1%} | "
+                + " / ".join(f"x{p['ratio'][d]:.3f}" for d in corpora)
+                + " | "
+                + " / ".join(f"{p['ratio'][d] / u[d]:.3f}" for d in corpora)
+                + f" | {sum(m < 0 for m in moved)} / {sum(m > 0 for m in moved)} |"
+            )
     return "\n".join(lines)
 
 
