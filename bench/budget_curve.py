@@ -179,8 +179,11 @@ def render(results: dict) -> str:
         ]
         for p in results["per_layer"]:
             uniform = next(
-                r for r in results["rows"] if r["family"] == p["family"] and r["budget"] == p["budget"]
+                (r for r in results["rows"] if r["family"] == p["family"] and r["budget"] == p["budget"]),
+                None,
             )
+            if uniform is None:  # a run in progress: its uniform row comes later
+                continue
             u = uniform["ratio_artefact"]
             moved = [v - p["budget"] for v in p["layers"].values()]
             lines.append(
