@@ -227,3 +227,26 @@ def test_carve_command_sequential(tmp_path, tiny_dir, text_file, capsys):
     assert main(shlex.split(command)) == 2
     assert "brickwork eval OUT --parent MODEL" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_carve_in_memory_bench_runs_on_a_small_shape(tmp_path, monkeypatch):
+    import runpy
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "results"
+    argv = (
+        "carve_in_memory.py --skip-real --simulate-hidden 64 --simulate-dff 128 --simulate-vocab 256 --layers 2 "
+        f"--calib-tokens 512 --experts 8 --shared 1 --out {out} -q"
+    )
+    monkeypatch.setattr(sys, "argv", argv.split())
+    runpy.run_path(str(Path(__file__).parents[1] / "bench" / "carve_in_memory.py"), run_name="__main__")
+    results = json.loads((out / "results.json").read_text())
+    simulated = results["simulated"]
+    assert [row["layer"] for row in simulated["layers"]] == [0, 1]
+    assert (
+        simulated["projected_layers"] == 32
+        and simulated["projected_seconds"] > simulated["seconds_per_layer"]
+    )
+    assert simulated["config"]["experts"] == 8 and simulated["dtype"] == "bfloat16"
+    assert "Projected 32-layer carve" in (out / "results.md").read_text()

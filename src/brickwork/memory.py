@@ -40,7 +40,8 @@ def rss_bytes() -> int:
 
 
 def lifetime_peak_rss_bytes() -> int:
-    """The largest RSS this process has had (``getrusage``: kilobytes on Linux, bytes on macOS)."""
+    """The largest RSS this process has had (``getrusage``: kilobytes on Linux, bytes on macOS); on Linux
+    :func:`reset_peak_rss` resets it too."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
