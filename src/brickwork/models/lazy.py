@@ -84,6 +84,7 @@ class LazyModel:
     model: nn.Module
     checkpoint: LazyCheckpoint
     location: Path
+    _tied: dict[str, list[str]] | None = None
 
     def prefix(self, module: nn.Module) -> str:
         """``module``'s state-dict prefix in the whole model (``"model.layers.3."``; ``""`` for the model)."""
@@ -93,11 +94,16 @@ class LazyModel:
         raise BrickworkError(f"{type(module).__name__} is not part of this model")
 
     def tied_names(self) -> dict[str, list[str]]:
-        """Parameters held under several names (tied embeddings): each name -> all names of its tensor."""
-        groups: dict[int, list[str]] = {}
-        for name, param in self.model.named_parameters(remove_duplicate=False):
-            groups.setdefault(id(param), []).append(name)
-        return {name: sorted(names) for names in groups.values() if len(names) > 1 for name in names}
+        """Parameters held under several names (tied embeddings): each name -> all names of its tensor, sorted.
+        Read from the skeleton as built (materialising replaces parameters, which unties them)."""
+        if self._tied is None:
+            groups: dict[int, list[str]] = {}
+            for name, param in self.model.named_parameters(remove_duplicate=False):
+                groups.setdefault(id(param), []).append(name)
+            self._tied = {
+                name: sorted(names) for names in groups.values() if len(names) > 1 for name in names
+            }
+        return self._tied
 
     def source_name(self, name: str) -> str:
         """Where the model's tensor ``name`` is in the checkpoint (a tied tensor may be stored under another name)."""
@@ -127,7 +133,7 @@ def open_lazy_model(location: str | os.PathLike) -> LazyModel:
     model.tie_weights()  # tying is done by from_pretrained, not from_config, under init_empty_weights
     model.eval()
     lazy = LazyModel(model=model, checkpoint=checkpoint, location=location)
-    tied = lazy.tied_names()
+    tied = lazy.tied_names()  # now, while tied parameters are one object
     absent = [
         name
         for name, _ in model.named_parameters(remove_duplicate=False)
