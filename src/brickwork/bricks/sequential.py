@@ -57,6 +57,7 @@ from brickwork.io.stream_writer import SafetensorsStreamWriter
 from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
 from brickwork.memory import GIB, StepMemory, StepMeter
 from brickwork.models.lazy import LazyModel, materialise, materialise_parameters, open_lazy_model, release
+from brickwork.models.loading import check_window
 from brickwork.models.specs import find_ffns
 from brickwork.profiling.hooks import FFNCapture
 from brickwork.profiling.profile import Profile, capture_callbacks, iter_batches, layer_stats
@@ -252,8 +253,6 @@ def carve_sequential(
         out = check_output_dir(out, "carve", overwrite, [location])
         lazy = open_lazy_model(location)
         skeleton = lazy.model
-        from brickwork.models.loading import check_window
-
         check_window(skeleton, config.window)
         chosen = plan_layers(skeleton, config)
         ffns = find_ffns(skeleton)
