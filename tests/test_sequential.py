@@ -162,6 +162,13 @@ def test_bad_inputs_are_refused_clearly(tmp_path, tokenizer, text_file):
     carve(out=tmp_path / "carved")
     with pytest.raises(BrickworkError, match="already carved"):
         carve(model=tmp_path / "carved", out=tmp_path / "again")
+    big = tmp_path / "big"
+    model = build_tiny_model("llama")
+    torch.nn.init.constant_(model.model.norm.weight, 1e6)
+    model.save_pretrained(big)
+    with pytest.raises(BrickworkError, match="overflows torch.float16; store the carve in bfloat16"):
+        carve(model=big, out=tmp_path / "big-out", dtype="float16")
+    assert not (tmp_path / "big-out").exists()
     neox = _model_dir(tmp_path, tokenizer, "gpt_neox")  # transformers renames its head on load
     with pytest.raises(BrickworkError, match="under the model's own names"):
         carve(model=neox, out=tmp_path / "neox")

@@ -213,9 +213,14 @@ def _capture_inputs(lazy: LazyModel, blocks: nn.ModuleList, batches, last: int) 
 
 def _write(writer: SafetensorsStreamWriter, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
     if tensor.is_floating_point():
-        if not bool(torch.isfinite(tensor).all()):
+        stored = tensor.to(dtype)
+        if not bool(torch.isfinite(stored).all()):
+            if bool(torch.isfinite(tensor).all()):
+                raise BrickworkError(
+                    f"the weight {name} overflows {dtype}; store the carve in bfloat16 or float32"
+                )
             raise BrickworkError(f"the weight {name} holds NaN or infinite values; nothing was saved")
-        tensor = tensor.to(dtype)
+        tensor = stored
     writer.add(name, tensor)
 
 
