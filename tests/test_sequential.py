@@ -257,3 +257,19 @@ def test_carve_in_memory_bench_runs_on_a_small_shape(tmp_path, monkeypatch):
     )
     assert simulated["config"]["experts"] == 8 and simulated["dtype"] == "bfloat16"
     assert "Projected 32-layer carve" in (out / "results.md").read_text()
+
+
+def test_sharded_checkpoints_are_read_shard_by_shard(tmp_path, tokenizer, text_file):
+    model = build_tiny_model("qwen2")
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    model.save_pretrained(single)
+    model.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    config = bw.CarveConfig(**SMALL)
+    for path in (single, sharded):
+        tokenizer.save_pretrained(path)
+        carve_sequential(
+            path, config, text_file, tmp_path / f"{path.name}-out", tokenizer=tokenizer, progress=False
+        )
+    a, b = bw.load(tmp_path / "single-out").state_dict(), bw.load(tmp_path / "sharded-out").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
