@@ -11,6 +11,7 @@ The whole job in a few lines::
 """
 
 from brickwork.bricks import BrickFFN, CarveConfig, CarveReport, carve_, set_budget, uncarve_
+from brickwork.bricks.sequential import carve_sequential
 from brickwork.errors import BrickworkError
 from brickwork.evaluation import EvalResult, evaluate
 from brickwork.io import load, save
@@ -31,6 +32,7 @@ __all__ = [
     "ProfileConfig",
     "__version__",
     "carve_",
+    "carve_sequential",
     "evaluate",
     "find_ffns",
     "load",

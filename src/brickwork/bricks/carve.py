@@ -51,13 +51,18 @@ def calibrate(
 
     Pass the result to several :func:`carve_` calls to carve the same model many ways from one pass.
     """
+    prof_config, sampler = calibration_settings(config, samples)
+    prof = profile(model, tokenizer, calib, prof_config, progress=progress, sampler=sampler)
+    return Calibration(profile=prof, sampler=sampler, source=describe_source(calib))
+
+
+def calibration_settings(config: CarveConfig, samples: bool) -> tuple[ProfileConfig, TokenSampler | None]:
+    """The profile settings and (with ``samples``) the empty (x, h) sampler of :func:`calibrate` for ``config``."""
     tokens = (config.calib_tokens // config.window) * config.window
     sampler = None
     if samples:
         sampler = TokenSampler(stride=max(1, tokens // config.router_samples), limit=config.router_samples)
-    prof_config = ProfileConfig(tokens=tokens, window=config.window, seed=config.seed)
-    prof = profile(model, tokenizer, calib, prof_config, progress=progress, sampler=sampler)
-    return Calibration(profile=prof, sampler=sampler, source=describe_source(calib))
+    return ProfileConfig(tokens=tokens, window=config.window, seed=config.seed), sampler
 
 
 @dataclass
@@ -158,50 +163,12 @@ def carve_(
         )
     fits: dict[int, dict] = {}
 
-    method = GROUPING_METHODS[config.method]
-    build_router = ROUTERS[config.router].build
     bricks = []
     for ffn in tqdm(ffns, desc="carving", unit="layer", disable=not progress):
-        # Grouping and router fits run on the CPU whatever the model's device (the calibration statistics and
-        # samples live there too), so a carve does not depend on where the model sits; the brick moves back.
-        weights = ffn.read()
-        device = weights.up.device
-        weights = FFNWeights(**{k: None if v is None else v.cpu() for k, v in vars(weights).items()})
-        expert_size = ffn.d_ff // config.experts
-        stats = prof.layers[ffn.index]
-        coactivation = prof.coactivation(ffn.index)
-        generator = torch.Generator().manual_seed(config.seed * 100_003 + ffn.index)
-        grouping = method(
-            GroupingInputs(
-                weights=weights,
-                stats=stats,
-                coactivation=coactivation,
-                num_shared=config.shared * expert_size,
-                num_experts=config.experts - config.shared,
-                expert_size=expert_size,
-                generator=generator,
-            )
-        )
-        grouping.validate(ffn.d_ff)
-        x, h = sampler.samples(ffn.index) if sampler is not None else (None, None)
-        router = build_router(
-            RouterInputs(
-                weights=weights,
-                grouping=grouping,
-                stats=stats,
-                coactivation=coactivation,
-                inputs=x,
-                hidden=h,
-                active=config.active,
-            ),
-            **config.router_options,
-        )
-        down_keep = None if config.down_fraction is None else max(1, round(config.down_fraction * ffn.d_ff))
-        brick = BrickFFN.from_dense(
-            weights, grouping, config.active, ffn.activation, router, down_keep, config.resolved_accumulate()
-        )
-        if config.combine != "sum":
-            brick.combine, fits[ffn.index] = _fit_combine(brick, config.combine, x)
+        device = ffn.read().up.device
+        brick, fit = carve_layer(ffn, config, prof.layers[ffn.index], prof.coactivation(ffn.index), sampler)
+        if fit is not None:
+            fits[ffn.index] = fit
         bricks.append((ffn, brick.to(device)))
     # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
     dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in find_ffns(model)}
@@ -225,6 +192,57 @@ def carve_(
         "calibration_tokens": prof.tokens,
     }
     return report
+
+
+def carve_layer(
+    ffn: FFN,
+    config: CarveConfig,
+    stats: dict[str, torch.Tensor],
+    coactivation: torch.Tensor | None,
+    sampler: TokenSampler | None,
+) -> tuple[BrickFFN, dict | None]:
+    """One layer of :func:`carve_`: its grouping, router and BrickFFN (on the CPU), from the layer's profile
+    ``stats`` and ``coactivation`` and the ``sampler``'s (x, h) pairs; with a weighted combine rule, also the
+    combine fit's figures. The seed is ``config.seed`` and the layer index, so a layer carves the same alone."""
+    # Grouping and router fits run on the CPU whatever the model's device (the calibration statistics and
+    # samples live there too), so a carve does not depend on where the model sits.
+    weights = ffn.read()
+    weights = FFNWeights(**{k: None if v is None else v.cpu() for k, v in vars(weights).items()})
+    expert_size = ffn.d_ff // config.experts
+    generator = torch.Generator().manual_seed(config.seed * 100_003 + ffn.index)
+    grouping = GROUPING_METHODS[config.method](
+        GroupingInputs(
+            weights=weights,
+            stats=stats,
+            coactivation=coactivation,
+            num_shared=config.shared * expert_size,
+            num_experts=config.experts - config.shared,
+            expert_size=expert_size,
+            generator=generator,
+        )
+    )
+    grouping.validate(ffn.d_ff)
+    x, h = sampler.samples(ffn.index) if sampler is not None else (None, None)
+    router = ROUTERS[config.router].build(
+        RouterInputs(
+            weights=weights,
+            grouping=grouping,
+            stats=stats,
+            coactivation=coactivation,
+            inputs=x,
+            hidden=h,
+            active=config.active,
+        ),
+        **config.router_options,
+    )
+    down_keep = None if config.down_fraction is None else max(1, round(config.down_fraction * ffn.d_ff))
+    brick = BrickFFN.from_dense(
+        weights, grouping, config.active, ffn.activation, router, down_keep, config.resolved_accumulate()
+    )
+    fit = None
+    if config.combine != "sum":
+        brick.combine, fit = _fit_combine(brick, config.combine, x)
+    return brick, fit
 
 
 def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024):

@@ -501,10 +501,17 @@ def _cmd_carve(args: argparse.Namespace) -> None:
         check_source(data)
     if args.eval is not None and not args.eval:
         raise BrickworkError("--eval needs at least one corpus")
+    _check_sequential_options(args)
     inputs = _local_inputs(args.model)
     check_output_dir(args.out, "carve", args.overwrite, inputs)
     _check_model(args.model)
-    model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
+    if args.sequential:  # a meta-device skeleton: shapes for the checks and presets, no weights
+        from brickwork.bricks.sequential import resolve_safetensors_model
+        from brickwork.models.lazy import open_lazy_model
+
+        model = open_lazy_model(resolve_safetensors_model(args.model, progress=not args.quiet)).model
+    else:
+        model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     if preset:
         from brickwork.bricks.presets import recommended, stock_recommended
 
@@ -528,6 +535,9 @@ def _cmd_carve(args: argparse.Namespace) -> None:
             f"--eval-tokens {args.eval_tokens} is less than one window of {config.window} tokens"
         )
     plan_layers(model, config)  # the shapes fit, checked before calibrating
+    if args.sequential:
+        _carve_sequential(args, config)
+        return
     parent = bw.load_model(args.model, progress=not args.quiet)[0] if (args.eval or args.samples) else None
     report = bw.carve_(model, config, calib=args.calib, tokenizer=tokenizer, progress=not args.quiet)
     out = bw.save(model, args.out, tokenizer, overwrite=args.overwrite, inputs=inputs)
@@ -559,6 +569,47 @@ def _cmd_carve(args: argparse.Namespace) -> None:
             strict=True,
         ):
             print(f"\n> {prompt}\n  dense : {d}\n  carved: {c}")
+
+
+def _check_sequential_options(args: argparse.Namespace) -> None:
+    if args.dtype is not None and not args.sequential:
+        raise BrickworkError("--dtype is the storage dtype of a --sequential carve: give --sequential too")
+    if args.sequential and (args.eval or args.samples):
+        raise BrickworkError(
+            "--sequential never loads the whole model, so it does not evaluate: evaluate the saved carve with "
+            "`brickwork eval OUT --parent MODEL`"
+        )
+
+
+def _carve_sequential(args: argparse.Namespace, config) -> None:
+    from brickwork.bricks.sequential import carve_sequential
+    from brickwork.memory import GIB, StepMeter
+
+    options = {"dtype": args.dtype} if args.dtype is not None else {}
+    report = carve_sequential(
+        args.model, config, args.calib, args.out, progress=not args.quiet, overwrite=args.overwrite, **options
+    )
+    meter = StepMeter()
+    meter.steps = report.steps
+    print(
+        f"carved {len(report.layers)} FFN layers layer by layer in {report.seconds:.1f} s (weights stored in "
+        f"{report.dtype}); peak RSS {report.peak_rss / GIB:.2f} GiB; FFN weights read per token: "
+        f"{report.active_fraction:.1%} of dense (router included); saved to {report.output}/"
+    )
+    print(f"{'step':<16}{'count':>6}{'total s':>10}{'max s':>9}{'peak RSS GiB':>14}")
+    for step, row in meter.by_step().items():
+        print(
+            f"{step:<16}{row['count']:>6}{row['seconds']:>10.1f}{row['max_seconds']:>9.1f}"
+            f"{row['peak_rss'] / GIB:>14.2f}"
+        )
+
+
+def _default_storage_dtype() -> str:
+    import inspect
+
+    from brickwork.bricks.sequential import carve_sequential
+
+    return str(inspect.signature(carve_sequential).parameters["dtype"].default).removeprefix("torch.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -673,6 +724,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=0,
         help="print this many greedy continuations of both models",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="carve layer by layer, reading each layer's weights from the model's safetensors when it is needed: "
+        "peak memory about one layer plus the calibration activations (an alias or a local safetensors "
+        "directory; no --eval or --samples)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="with --sequential: the dtype the carved weights are stored in; computation is float32 "
+        f"(default {_default_storage_dtype()})",
     )
     p.set_defaults(func=_cmd_carve)
 

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -177,6 +177,47 @@ class Profile:
         return cls(layers=layers, meta=meta)
 
 
+def layer_stats(ffn, config: ProfileConfig) -> NeuronStats:
+    """The streaming statistics :func:`profile` keeps for one FFN (its co-activation sample seeded by layer)."""
+    return NeuronStats(
+        ffn.d_ff,
+        config.top_fraction,
+        config.threshold,
+        config.coactivation,
+        config.coactivation_exact_max,
+        config.sample_size,
+        config.share_stride,
+        seed=config.seed + ffn.index,
+    )
+
+
+def capture_callbacks(stats, sampler: TokenSampler | None = None):
+    """``(on_hidden, on_input)`` for :class:`FFNCapture` that feed ``stats[layer]`` (a list or dict of
+    :class:`NeuronStats`) and ``sampler``; statistics and samples live on the CPU whatever the model's device."""
+
+    def on_hidden(layer: int, h: torch.Tensor) -> None:
+        h = h.cpu()
+        stats[layer].update(h)
+        if sampler is not None:
+            sampler.add(sampler.hidden, layer, h)
+
+    on_input = None if sampler is None else (lambda layer, x: sampler.add(sampler.inputs, layer, x.cpu()))
+    return on_hidden, on_input
+
+
+def iter_batches(tokenizer, calib: str | Path, config: ProfileConfig) -> Iterator[torch.Tensor]:
+    """``[batch_size, window]`` token ids of ``calib`` (the last batch may hold fewer windows), in the order and
+    batching :func:`profile` runs them: the statistics' float32 partial sums and the sampler's stride depend on it."""
+    batch: list[torch.Tensor] = []
+    for window in iter_token_windows(tokenizer, calib, config.window, config.tokens):
+        batch.append(window)
+        if len(batch) == config.batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
 def profile(
     model,
     tokenizer,
@@ -193,52 +234,21 @@ def profile(
     """
     config = config or ProfileConfig()
     ffns = find_ffns(model)
-    stats = [
-        NeuronStats(
-            ffn.d_ff,
-            config.top_fraction,
-            config.threshold,
-            config.coactivation,
-            config.coactivation_exact_max,
-            config.sample_size,
-            config.share_stride,
-            seed=config.seed + ffn.index,
-        )
-        for ffn in ffns
-    ]
+    stats = [layer_stats(ffn, config) for ffn in ffns]
     device = next(model.parameters()).device
     base = getattr(model, "base_model", model)
-    windows = iter_token_windows(tokenizer, calib, config.window, config.tokens)
     total = (config.tokens // config.window) * config.window
     started = time.perf_counter()
-    batch: list[torch.Tensor] = []
-
-    def run(batch: list[torch.Tensor]) -> None:
-        ids = torch.stack(batch).to(device)
-        base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-
-    # statistics and samples live on the CPU whatever device the model runs on
-    def on_hidden(layer: int, h: torch.Tensor) -> None:
-        h = h.cpu()
-        stats[layer].update(h)
-        if sampler is not None:
-            sampler.add(sampler.hidden, layer, h)
-
-    on_input = None if sampler is None else (lambda layer, x: sampler.add(sampler.inputs, layer, x.cpu()))
+    on_hidden, on_input = capture_callbacks(stats, sampler)
     with (
         torch.no_grad(),
         FFNCapture(ffns, on_hidden=on_hidden, on_input=on_input),
         tqdm(total=total, unit="tok", desc="profiling", disable=not progress) as bar,
     ):
-        for window in windows:
-            batch.append(window)
-            if len(batch) == config.batch_size:
-                run(batch)
-                bar.update(len(batch) * config.window)
-                batch = []
-        if batch:
-            run(batch)
-            bar.update(len(batch) * config.window)
+        for ids in iter_batches(tokenizer, calib, config):
+            ids = ids.to(device)
+            base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+            bar.update(ids.numel())
     elapsed = time.perf_counter() - started
     tokens = stats[0].tokens if stats else 0
     if tokens == 0:
