@@ -1,6 +1,17 @@
-"""BrickFFN and its BrickSpec, CarveConfig, and carve_/uncarve_."""
+"""BrickFFN and its BrickSpec, CarveConfig, plan_carve/execute_plan, and carve_/uncarve_."""
 
-from brickwork.bricks.carve import Calibration, CarveReport, calibrate, carve_, carved_layers, uncarve_
+from brickwork.bricks.carve import (
+    Calibration,
+    CarvePlan,
+    CarveReport,
+    LayerPlan,
+    calibrate,
+    carve_,
+    carved_layers,
+    execute_plan,
+    plan_carve,
+    uncarve_,
+)
 from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import BrickSpec
@@ -11,8 +22,12 @@ __all__ = [
     "Calibration",
     "calibrate",
     "CarveConfig",
+    "CarvePlan",
     "CarveReport",
     "carve_",
     "carved_layers",
+    "execute_plan",
+    "LayerPlan",
+    "plan_carve",
     "uncarve_",
 ]
