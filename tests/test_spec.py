@@ -149,3 +149,15 @@ def test_files_written_before_the_spec_still_load(tmp_path, text_file, tokenizer
     ids = torch.randint(3, 100, (2, 24))
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_record_that_is_not_an_object_is_refused_clearly(tmp_path, text_file, tokenizer):
+    model = carved_tiny(text_file, tokenizer, experts=8, shared=1, active=2)
+    bw.save(model, tmp_path / "m", tokenizer)
+    path = tmp_path / "m" / "brickwork.json"
+    meta = json.loads(path.read_text())
+    for record in (5, {k: v for k, v in meta["layers"][0].items() if k != "layer"}):
+        meta["layers"][0] = record
+        path.write_text(json.dumps(meta))
+        with pytest.raises(bw.BrickworkError, match="carved layer record"):
+            bw.load(tmp_path / "m")

@@ -2,8 +2,9 @@
 
 A saved directory holds ``config.json`` (the base model's ``transformers`` config), ``model.safetensors``
 (every weight, bricks included; no pickle), ``brickwork.json`` (format version, the CarveConfig, each carved
-layer's :class:`~brickwork.bricks.spec.BrickSpec` and active fraction, calibration provenance), the tokenizer when given, and a short ``README.md`` model
-card. It is written to a temporary directory and renamed, so an interrupted save leaves nothing behind.
+layer's :class:`~brickwork.bricks.spec.BrickSpec` and active fraction, calibration provenance), the tokenizer
+when given, and a short ``README.md`` model card. It is written to a temporary directory and renamed, so an
+interrupted save leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -297,11 +298,11 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     model = model_class(config)
     ffns = find_ffns(model)
     seen: set[int] = set()
-    specs = {record["layer"]: _check_record(directory, record, ffns, seen) for record in layers}
+    specs = [_check_record(directory, record, ffns, seen) for record in layers]  # all, before building any
     # The weights load into the rebuilt model's dtype (float32), as they always have, whatever they were carved in.
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    for index, spec in specs.items():
-        spec = replace(spec, dtype=dtype)
+    for record, spec in zip(layers, specs, strict=True):
+        index, spec = record["layer"], replace(spec, dtype=dtype)
         router = ROUTERS[spec.router].empty(
             spec.num_experts,
             spec.d_model,
