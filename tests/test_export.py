@@ -9,7 +9,13 @@ import brickwork as bw
 from brickwork.bricks.carve import carved_layers
 from brickwork.cli.main import main as cli
 from brickwork.errors import BrickworkError
-from brickwork.io.export import build_stock_model, compare_logits, export, load_exported
+from brickwork.io.export import (
+    build_stock_model,
+    compare_logits,
+    export,
+    load_exported,
+    stock_routing_copy,
+)
 from conftest import carved_tiny, tiny
 
 
@@ -225,16 +231,47 @@ def test_stock_routing_conversion_makes_topk_exports_exact(tmp_path, text_file, 
         stock_routing=True,
     )
     assert report.conversion is not None and report.conversion["max_logit_diff"] > 0  # the carve did change
-    v = report.validation
+    v = report.validation  # the export against the converted carve
     assert v["agreement"] == 1.0 and abs(v["kl"]) < 1e-6 and v["max_logit_diff"] < 1e-3
-    brick = next(iter(carved_layers(model).values()))
+    # the carve itself is untouched; the converted carve is a copy with new specs
+    assert {b.combine.rule for b in carved_layers(model).values()} == {"sum"}
+    converted = stock_routing_copy(model, format, report.temperatures)
+    brick = next(iter(carved_layers(converted).values()))
     assert brick.combine.rule == ("softmax" if format == "gguf" else "softmax_topk")
-    bw.save(model, tmp_path / "saved", tokenizer)
+    bw.save(converted, tmp_path / "saved", tokenizer)
     again = bw.load(tmp_path / "saved")
     assert next(iter(carved_layers(again).values())).combine == brick.combine
     ids = torch.randint(3, 100, (1, 30))
     with torch.no_grad():
-        assert torch.allclose(again(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+        assert torch.allclose(again(input_ids=ids).logits, converted(input_ids=ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("format", ["qwen2_moe", "gguf"])
+def test_export_leaves_the_carved_model_unchanged(tmp_path, text_file, tokenizer, format):
+    """Export, stock-routing conversion included, reads the carve and never edits it: the same specs, state dict
+    and outputs after as before."""
+    model = _carved(text_file, tokenizer, active=3)
+    ids = torch.randint(3, 100, (2, 30))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    specs = {i: b.spec for i, b in carved_layers(model).items()}
+    out = tmp_path / ("c.gguf" if format == "gguf" else "c")
+    export(
+        model,
+        out,
+        format,
+        tokenizer,
+        validate_data=str(text_file),
+        validate_tokens=128,
+        window=64,
+        stock_routing=True,
+    )
+    assert {i: b.spec for i, b in carved_layers(model).items()} == specs
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(v, after[k]) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
 
 
 @pytest.mark.parametrize(

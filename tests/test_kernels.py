@@ -268,3 +268,51 @@ def test_topk_selects_what_a_sort_selects_ties_by_position():
         if trial % 5 == 0:  # subnormals
             values = (values * 1e-40).astype(np.float32)
         assert _topk_indices(values, k).tolist() == by_sorting(values, k), (n, k, trial)
+
+
+def test_routing_is_chosen_by_what_the_router_declares(monkeypatch):
+    """The kernels route by ``Router.computes`` (kernels.ROUTING), never by the router's name: a new router that
+    declares a known form gets that form's fast paths; one declaring a form with no kernel is refused clearly."""
+    from brickwork.bricks.spec import BrickSpec
+    from brickwork.errors import BrickworkError
+    from brickwork.routing import ROUTERS
+    from brickwork.routing.centroid import CentroidRouter
+
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    declared = {kind: cls.computes for kind, cls in ROUTERS.items()}
+    assert declared["fitted"] == declared["trained"] == declared["centroid"] == "linear"
+    assert declared["partial"] == "partial"
+    assert {declared[k] for k in ("oracle", "lowrank", "representative")} == {"scores"}
+
+    class Renamed(CentroidRouter):  # a linear router under a name the kernels have never seen
+        kind = "renamed"
+
+    def brick(router):
+        spec = BrickSpec(d_model=16, num_shared=4, num_experts=6, expert_size=4, active=2, router=router.kind)
+        b = BrickFFN.from_spec(spec, torch.nn.SiLU(), router)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in b.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+        return b
+
+    linear = brick(Renamed(torch.zeros(6, 16), torch.zeros(6)))
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    assert kernels.plan(linear).kernel is kernels.cpu.linear_router_token  # routed inside the compiled call
+    with torch.no_grad():
+        for path in (kernels.tokens_forward, kernels.batch_forward):
+            assert (path(linear, x) - linear.forward_reference(x)).abs().max() <= 1e-5
+
+    class Mystery(Renamed):
+        kind = "mystery"
+        computes = "mystery"
+
+    unknown = brick(Mystery(torch.zeros(6, 16), torch.zeros(6)))
+    with pytest.raises(BrickworkError, match="no token kernel routes a router that computes 'mystery'"):
+        kernels.plan(unknown)
+    for path in kernels.PATHS:  # routed in torch, as the reference path routes
+        monkeypatch.setitem(kernels.ROUTING, ("mystery", False, path), kernels.TORCH)
+    assert kernels.plan(unknown).kernel is None
+    with torch.no_grad():
+        assert (unknown(x) - unknown.forward_reference(x)).abs().max() <= 1e-5

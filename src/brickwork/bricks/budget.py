@@ -23,6 +23,7 @@ carved one restores them exactly: ``set_budget(model, None)`` returns to the car
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -36,24 +37,40 @@ _TOLERANCE = 1e-9
 
 
 def _settings(brick: BrickFFN) -> dict:
-    settings = {"active": brick.active, "down_keep": brick.down_keep}
-    if hasattr(brick.router, "input_fraction"):
-        settings["input_fraction"] = brick.router.input_fraction
-    return settings
+    spec = brick.spec
+    return {"active": spec.active, "down_keep": spec.down_keep, "router_config": dict(spec.router_config)}
 
 
 def _apply(brick: BrickFFN, settings: dict) -> None:
-    brick.active = settings["active"]
-    brick.down_keep = settings["down_keep"]
-    if "input_fraction" in settings:
-        brick.router.input_fraction = settings["input_fraction"]
-    brick.__dict__.pop("_plan", None)  # the kernels' prepared call holds the old top-k: rebuild it
+    """A new spec with ``settings`` (the kernels see the new spec and prepare their calls again)."""
+    brick.spec = replace(
+        brick.spec,
+        active=settings["active"],
+        down_keep=settings["down_keep"],
+        router_config=dict(settings["router_config"]),
+    )
+    if "input_fraction" in settings["router_config"]:  # the partial router's reference path reads its own
+        brick.router.input_fraction = settings["router_config"]["input_fraction"]
 
 
 def calibrated(brick: BrickFFN) -> dict:
     """The settings ``brick`` was carved with (recorded on its first re-budgeting)."""
     record = brick.__dict__.get("_calibrated")
     return dict(record) if record is not None else _settings(brick)
+
+
+def restore_calibrated(brick: BrickFFN, record) -> None:
+    """Record (from a saved file) the settings ``brick`` was carved with; ValueError/TypeError when they do not fit
+    its spec."""
+    if not isinstance(record, dict) or set(record) != {"active", "down_keep", "router_config"}:
+        raise ValueError(f"expected {{active, down_keep, router_config}}, got {record!r}")
+    replace(
+        brick.spec,
+        active=record["active"],
+        down_keep=record["down_keep"],
+        router_config=record["router_config"],
+    )  # BrickSpec's own checks
+    brick.__dict__["_calibrated"] = {k: record[k] for k in ("active", "down_keep", "router_config")}
 
 
 def _fraction_with(brick: BrickFFN, settings: dict) -> float:
@@ -81,12 +98,16 @@ def layer_settings(brick: BrickFFN, budget: float) -> dict:
         d_model = brick.d_model
         preset = recommended(budget, d_ff=brick.d_ff, d_model=d_model, gated=brick.gate is not None)
         down_fraction = preset.down_fraction
-        base = {"input_fraction": preset.router_options["input_fraction"]}
+        router_config = carved["router_config"] | {"input_fraction": preset.router_options["input_fraction"]}
 
         def settings_for(k: int) -> dict:
             computed = brick.num_shared + k * brick.expert_size
             keep = None if down_fraction is None else max(1, math.floor(down_fraction * brick.d_ff))
-            return base | {"active": k, "down_keep": None if keep is None or keep >= computed else keep}
+            return {
+                "active": k,
+                "down_keep": None if keep is None or keep >= computed else keep,
+                "router_config": router_config,
+            }
 
     else:
         computed0 = brick.num_shared + carved["active"] * brick.expert_size
@@ -95,10 +116,11 @@ def layer_settings(brick: BrickFFN, budget: float) -> dict:
         def settings_for(k: int) -> dict:
             computed = brick.num_shared + k * brick.expert_size
             keep = None if share is None else max(1, round(share * computed))
-            settings = {"active": k, "down_keep": None if keep is None or keep >= computed else keep}
-            return settings | (
-                {"input_fraction": carved["input_fraction"]} if "input_fraction" in carved else {}
-            )
+            return {
+                "active": k,
+                "down_keep": None if keep is None or keep >= computed else keep,
+                "router_config": carved["router_config"],
+            }
 
     # the fraction grows with k: the largest k within the budget, by bisection
     low, high = 1, brick.num_experts

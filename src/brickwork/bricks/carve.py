@@ -1,14 +1,17 @@
 """carve_ and uncarve_: swap a model's dense FFNs for BrickFFNs in place, and back.
 
-Plan first, then execute: :func:`carve_` profiles the calibration text once (statistics plus a sample of
-FFN inputs and activations), builds each layer's grouping and router, and only then swaps modules.
+Plan first, then execute: :func:`plan_carve` profiles the calibration text once (statistics plus a sample of
+FFN inputs and activations) and builds each layer's grouping, router and brick spec into a :class:`CarvePlan`
+without changing the model; :func:`execute_plan` builds the bricks and only then swaps modules. :func:`carve_`
+does both.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,12 +21,14 @@ from tqdm.auto import tqdm
 from brickwork.bricks.combine import fit_combine
 from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.spec import BrickSpec
 from brickwork.data.sources import describe_source
 from brickwork.errors import BrickworkError
 from brickwork.grouping import GROUPING_METHODS, GroupingInputs
+from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFN, FFNWeights, _resolve, find_ffns
 from brickwork.profiling.profile import Profile, ProfileConfig, TokenSampler, profile
-from brickwork.routing import ROUTERS, RouterInputs
+from brickwork.routing import ROUTERS, Router, RouterInputs
 from brickwork.routing.base import topk_by_position
 
 logger = logging.getLogger(__name__)
@@ -131,22 +136,66 @@ def plan_layers(model: nn.Module, config: CarveConfig) -> list[FFN]:
     return chosen
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """What carving does to one FFN: its brick's spec, the grouping (``grouping.neuron_order``: the dense
+    neurons in stored order) and the built router; ``combine_fit``: :func:`fit_combine`'s figures for a weighted
+    rule, else None."""
+
+    ffn: FFN
+    spec: BrickSpec
+    grouping: Grouping
+    router: Router
+    combine_fit: dict | None = None
+
+    @property
+    def index(self) -> int:
+        return self.ffn.index
+
+
+@dataclass
+class CarvePlan:
+    """Every carved layer's plan, made from the calibration before any weight changes (:func:`plan_carve`);
+    :func:`execute_plan` applies it."""
+
+    config: CarveConfig
+    layers: list[LayerPlan]
+    calibration: Calibration
+
+    def summary(self) -> str:
+        """A line per carved layer: its spec, and the fitted rule's figures."""
+        lines = [
+            f"carve plan: {len(self.layers)} layers, method {self.config.method}, router {self.config.router}, "
+            f"calibration {self.calibration.source} ({self.calibration.profile.tokens} tokens)"
+        ]
+        for layer in self.layers:
+            fit = layer.combine_fit
+            extra = ""
+            if fit is not None:
+                extra = f"; fitted temperature {fit['temperature']:g}, error {fit['relative_error']:.3g}"
+            lines.append(f"  layer {layer.index}: {layer.spec.describe()}{extra}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _cpu_weights(weights: FFNWeights) -> FFNWeights:
+    return FFNWeights(**{k: None if v is None else v.cpu() for k, v in vars(weights).items()})
+
+
 @torch.no_grad()
-def carve_(
+def plan_carve(
     model: nn.Module,
     config: CarveConfig,
     calib: str | Path | None = None,
     tokenizer=None,
     calibration: Calibration | None = None,
     progress: bool = True,
-) -> CarveReport:
-    """Carve ``model``'s FFNs into BrickFFNs in place, as ``config`` says; return a :class:`CarveReport`.
-
-    ``calib`` (with ``tokenizer``) is the calibration text (any source brickwork.data accepts); a profile
-    and router samples are computed from ``config.calib_tokens`` of it in one pass. Or pass a
-    ``calibration`` from :func:`calibrate` of the same (dense) model.
-    """
-    started = time.perf_counter()
+) -> CarvePlan:
+    """Plan :func:`carve_` (same arguments): each layer's grouping, router and brick spec, with the weighted rule
+    fitted, from one calibration pass. The model's weights are not changed; inspect the plan (``print(plan)``),
+    then :func:`execute_plan` it."""
     ffns = plan_layers(model, config)
     if calibration is None:
         if calib is None or tokenizer is None:
@@ -161,53 +210,26 @@ def carve_(
         raise BrickworkError(
             f"combine={config.combine} is fitted on calibration samples: calibrate(..., samples=True)"
         )
-    fits: dict[int, dict] = {}
-
-    bricks = []
-    for ffn in tqdm(ffns, desc="carving", unit="layer", disable=not progress):
-        device = ffn.read().up.device
-        brick, fit = carve_layer(ffn, config, prof.layers[ffn.index], prof.coactivation(ffn.index), sampler)
-        if fit is not None:
-            fits[ffn.index] = fit
-        bricks.append((ffn, brick.to(device)))
-    # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
-    dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in find_ffns(model)}
-    for ffn, brick in bricks:  # swap only once every layer is planned: a failure leaves the model untouched
-        _swap_in(ffn, brick)
-
-    fractions = {ffn.index: brick.active_fraction() for ffn, brick in bricks}
-    overall = sum(size * fractions.get(i, 1.0) for i, size in dense_sizes.items()) / sum(dense_sizes.values())
-    report = CarveReport(
-        config=config,
-        layers=list(fractions),
-        active_fraction=overall,
-        layer_fractions=list(fractions.values()),
-        seconds=time.perf_counter() - started,
-        calibration=calibration.source,
-        combine_fits=fits or None,
-    )
-    model.brickwork = {
-        "config": config.to_dict(),
-        "calibration": report.calibration,
-        "calibration_tokens": prof.tokens,
-    }
-    return report
+    layers = [
+        plan_layer(ffn, config, prof.layers[ffn.index], prof.coactivation(ffn.index), sampler)
+        for ffn in tqdm(ffns, desc="carving", unit="layer", disable=not progress)
+    ]
+    return CarvePlan(config, layers, calibration)
 
 
-def carve_layer(
+def plan_layer(
     ffn: FFN,
     config: CarveConfig,
     stats: dict[str, torch.Tensor],
     coactivation: torch.Tensor | None,
     sampler: TokenSampler | None,
-) -> tuple[BrickFFN, dict | None]:
-    """One layer of :func:`carve_`: its grouping, router and BrickFFN (on the CPU), from the layer's profile
-    ``stats`` and ``coactivation`` and the ``sampler``'s (x, h) pairs; with a weighted combine rule, also the
-    combine fit's figures. The seed is ``config.seed`` and the layer index, so a layer carves the same alone."""
+) -> LayerPlan:
+    """One layer of :func:`plan_carve`: its grouping, router and brick spec (the weighted rule fitted), from the
+    layer's profile ``stats`` and ``coactivation`` and the ``sampler``'s (x, h) pairs. The seed is
+    ``config.seed`` and the layer index, so a layer plans the same alone (:mod:`brickwork.bricks.sequential`)."""
     # Grouping and router fits run on the CPU whatever the model's device (the calibration statistics and
     # samples live there too), so a carve does not depend on where the model sits.
-    weights = ffn.read()
-    weights = FFNWeights(**{k: None if v is None else v.cpu() for k, v in vars(weights).items()})
+    weights = _cpu_weights(ffn.read())
     expert_size = ffn.d_ff // config.experts
     generator = torch.Generator().manual_seed(config.seed * 100_003 + ffn.index)
     grouping = GROUPING_METHODS[config.method](
@@ -236,13 +258,103 @@ def carve_layer(
         **config.router_options,
     )
     down_keep = None if config.down_fraction is None else max(1, round(config.down_fraction * ffn.d_ff))
-    brick = BrickFFN.from_dense(
-        weights, grouping, config.active, ffn.activation, router, down_keep, config.resolved_accumulate()
+    spec = BrickFFN.dense_spec(
+        weights, grouping, config.active, router, down_keep, config.resolved_accumulate()
     )
     fit = None
-    if config.combine != "sum":
-        brick.combine, fit = _fit_combine(brick, config.combine, x)
-    return brick, fit
+    if config.combine != "sum":  # fitted on a brick of this spec; the plan keeps the rule, not the brick
+        brick = BrickFFN.from_dense(weights, grouping, spec.active, ffn.activation, router, spec=spec)
+        combine, fit = _fit_combine(brick, config.combine, x)
+        spec = replace(spec, combine=combine)
+    return LayerPlan(ffn, spec, grouping, router, fit)
+
+
+def carve_layer(
+    ffn: FFN,
+    config: CarveConfig,
+    stats: dict[str, torch.Tensor],
+    coactivation: torch.Tensor | None,
+    sampler: TokenSampler | None,
+) -> tuple[BrickFFN, dict | None]:
+    """One layer planned (:func:`plan_layer`) and built: the BrickFFN (on the CPU) and, with a weighted combine
+    rule, the fit's figures; what :func:`carve_` gives that layer."""
+    layer = plan_layer(ffn, config, stats, coactivation, sampler)
+    brick = BrickFFN.from_dense(
+        _cpu_weights(ffn.read()),
+        layer.grouping,
+        layer.spec.active,
+        ffn.activation,
+        layer.router,
+        spec=layer.spec,
+    )
+    return brick, layer.combine_fit
+
+
+@torch.no_grad()
+def execute_plan(model: nn.Module, plan: CarvePlan, started: float | None = None) -> CarveReport:
+    """Carve ``model`` in place as ``plan`` (from :func:`plan_carve` of this model) says; return the report
+    (``started``: the ``time.perf_counter()`` its seconds count from, by default now)."""
+    started = time.perf_counter() if started is None else started
+    if carved_layers(model):
+        raise BrickworkError("this model is already carved; uncarve_ it first or load the dense parent")
+    ffns = find_ffns(model)
+    for layer in plan.layers:
+        if layer.index >= len(ffns) or ffns[layer.index].block is not layer.ffn.block:
+            raise BrickworkError("this carve plan was made for another model: plan_carve this one")
+    bricks = []
+    for layer in plan.layers:
+        ffn, spec = layer.ffn, layer.spec
+        weights = ffn.read()
+        device = weights.up.device
+        router = copy.deepcopy(layer.router)  # the plan keeps its own: it may be executed again
+        brick = BrickFFN.from_dense(
+            _cpu_weights(weights), layer.grouping, spec.active, ffn.activation, router, spec=spec
+        )
+        bricks.append((ffn, brick.to(device)))
+    # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
+    dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in ffns}
+    for ffn, brick in bricks:  # swap only once every brick is built: a failure leaves the model untouched
+        _swap_in(ffn, brick)
+
+    fits = {layer.index: layer.combine_fit for layer in plan.layers if layer.combine_fit is not None}
+    fractions = {ffn.index: brick.active_fraction() for ffn, brick in bricks}
+    overall = sum(size * fractions.get(i, 1.0) for i, size in dense_sizes.items()) / sum(dense_sizes.values())
+    report = CarveReport(
+        config=plan.config,
+        layers=list(fractions),
+        active_fraction=overall,
+        layer_fractions=list(fractions.values()),
+        seconds=time.perf_counter() - started,
+        calibration=plan.calibration.source,
+        combine_fits=fits or None,
+    )
+    model.brickwork = {
+        "config": plan.config.to_dict(),
+        "calibration": report.calibration,
+        "calibration_tokens": plan.calibration.profile.tokens,
+    }
+    return report
+
+
+@torch.no_grad()
+def carve_(
+    model: nn.Module,
+    config: CarveConfig,
+    calib: str | Path | None = None,
+    tokenizer=None,
+    calibration: Calibration | None = None,
+    progress: bool = True,
+) -> CarveReport:
+    """Carve ``model``'s FFNs into BrickFFNs in place, as ``config`` says; return a :class:`CarveReport`.
+
+    ``calib`` (with ``tokenizer``) is the calibration text (any source brickwork.data accepts); a profile
+    and router samples are computed from ``config.calib_tokens`` of it in one pass. Or pass a
+    ``calibration`` from :func:`calibrate` of the same (dense) model. The same as :func:`plan_carve` then
+    :func:`execute_plan`.
+    """
+    started = time.perf_counter()
+    plan = plan_carve(model, config, calib, tokenizer, calibration, progress)
+    return execute_plan(model, plan, started)
 
 
 def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from brickwork.bricks.combine import Combine
-from brickwork.bricks.config import ACCUMULATE
+from brickwork.bricks.spec import BrickSpec
 from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFNWeights
 from brickwork.routing.base import Router, topk_by_position
@@ -14,6 +16,10 @@ from brickwork.routing.base import Router, topk_by_position
 
 class BrickFFN(nn.Module):
     """Drop-in replacement of a dense FFN: ``y = FFN_shared(x) + sum of the selected experts' outputs``.
+
+    Its shape, router kind, combine rule and accumulation are ``spec`` (a frozen
+    :class:`~brickwork.bricks.spec.BrickSpec`, the description saving, loading, export and the kernels read); the
+    module holds the weights and the reference maths.
 
     Neurons are stored in expert order (``neuron_order[j]`` is the dense index of stored neuron j): shared
     neurons first, then expert 0, expert 1, ... so each expert's gate, up and down rows are one contiguous
@@ -39,57 +45,96 @@ class BrickFFN(nn.Module):
     (gradients on) always runs in float32.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_shared: int,
-        num_experts: int,
-        expert_size: int,
-        active: int,
-        activation: nn.Module,
-        router: Router,
-        gated: bool,
-        up_bias: bool,
-        gate_bias: bool,
-        down_bias: bool,
-        dtype: torch.dtype = torch.float32,
-        down_keep: int | None = None,
-        accumulate: str = "float32",
-    ):
+    def __init__(self, spec: BrickSpec, activation: nn.Module, router: Router):
         super().__init__()
-        if accumulate not in ACCUMULATE:
-            raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
-        self.accumulate = accumulate
-        d_ff = num_shared + num_experts * expert_size
-        self.d_model, self.d_ff = d_model, d_ff
-        self.num_shared, self.num_experts, self.expert_size, self.active = (
-            num_shared,
-            num_experts,
-            expert_size,
-            active,
-        )
+        if router.kind != spec.router:
+            raise ValueError(f"the spec says router {spec.router!r}, the router given is {router.kind!r}")
+        # the shapes, rule and accumulation: read through the properties below, changed only by a new spec
+        self.spec = spec
         self.act = activation
         self.router = router
-        computed = num_shared + active * expert_size
-        self.down_keep = None if down_keep is None or down_keep >= computed else down_keep
+        d_ff, d_model, dtype = spec.d_ff, spec.d_model, getattr(torch, spec.dtype)
 
         def param(*shape):
             return nn.Parameter(torch.zeros(*shape, dtype=dtype))
 
         self.up = param(d_ff, d_model)
-        self.gate = param(d_ff, d_model) if gated else None
+        self.gate = param(d_ff, d_model) if spec.gated else None
         self.down_t = param(d_ff, d_model)
-        self.up_bias = param(d_ff) if up_bias else None
-        self.gate_bias = param(d_ff) if gate_bias else None
-        self.down_bias = param(d_model) if down_bias else None
+        self.up_bias = param(d_ff) if spec.up_bias else None
+        self.gate_bias = param(d_ff) if spec.gate_bias else None
+        self.down_bias = param(d_model) if spec.down_bias else None
         self.register_buffer("neuron_order", torch.arange(d_ff))
         self.record_selection = False  # when True, keep the latest forward's [T, active] selection
-        # how the selected experts are combined (a frozen value: replace it, never edit it)
-        self.combine = Combine()
         # training a weighted rule: the latest forward's load-balancing term (see balance_loss), else None
         self.last_balance: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None  # and the selections per expert it counted
         self.last_selection: torch.Tensor | None = None
+
+    @classmethod
+    def from_spec(cls, spec: BrickSpec, activation: nn.Module, router: Router) -> BrickFFN:
+        """An empty brick of ``spec``'s shapes (zero weights, identity order), to copy or load weights into."""
+        return cls(spec, activation, router)
+
+    # The spec's values, read-only: a brick's shape never changes after it is built.
+    d_model = property(lambda self: self.spec.d_model)
+    d_ff = property(lambda self: self.spec.d_ff)
+    num_shared = property(lambda self: self.spec.num_shared)
+    num_experts = property(lambda self: self.spec.num_experts)
+    expert_size = property(lambda self: self.spec.expert_size)
+    active = property(lambda self: self.spec.active)
+    down_keep = property(lambda self: self.spec.down_keep)
+
+    @property
+    def combine(self) -> Combine:
+        """How the selected experts are combined (``spec.combine``)."""
+        return self.spec.combine
+
+    @combine.setter
+    def combine(self, value: Combine) -> None:
+        if not isinstance(value, Combine):
+            raise ValueError(f"combine must be a Combine, got {value!r}")
+        if value != self.spec.combine:
+            self.spec = replace(self.spec, combine=value)
+
+    @property
+    def accumulate(self) -> str:
+        """How inference sums (``spec.accumulate``)."""
+        return self.spec.accumulate
+
+    @accumulate.setter
+    def accumulate(self, value: str) -> None:
+        if value != self.spec.accumulate:
+            self.spec = replace(self.spec, accumulate=value)  # BrickSpec refuses values outside ACCUMULATE
+
+    @staticmethod
+    def dense_spec(
+        weights: FFNWeights,
+        grouping: Grouping,
+        active: int,
+        router: Router,
+        down_keep: int | None = None,
+        accumulate: str = "float32",
+        combine: Combine | None = None,
+    ) -> BrickSpec:
+        """The spec of the brick :meth:`from_dense` builds from these weights, grouping and router."""
+        return BrickSpec(
+            d_model=weights.d_model,
+            num_shared=len(grouping.shared),
+            num_experts=grouping.num_experts,
+            expert_size=grouping.expert_size,
+            active=active,
+            router=router.kind,
+            router_config=router.extra_config(),
+            gated=weights.gate is not None,
+            up_bias=weights.up_bias is not None,
+            gate_bias=weights.gate_bias is not None,
+            down_bias=weights.down_bias is not None,
+            down_keep=down_keep,
+            accumulate=accumulate,
+            combine=combine or Combine(),
+            dtype=str(weights.up.dtype).removeprefix("torch."),
+        )
 
     @classmethod
     def from_dense(
@@ -101,24 +146,14 @@ class BrickFFN(nn.Module):
         router: Router,
         down_keep: int | None = None,
         accumulate: str = "float32",
+        spec: BrickSpec | None = None,
     ) -> BrickFFN:
+        """The brick holding the dense FFN ``weights`` in ``grouping``'s order; ``spec`` (from :meth:`dense_spec`
+        of the same arguments) when already made, e.g. by a carve plan."""
         grouping.validate(weights.d_ff)
-        brick = cls(
-            weights.d_model,
-            len(grouping.shared),
-            grouping.num_experts,
-            grouping.expert_size,
-            active,
-            activation,
-            router,
-            gated=weights.gate is not None,
-            up_bias=weights.up_bias is not None,
-            gate_bias=weights.gate_bias is not None,
-            down_bias=weights.down_bias is not None,
-            dtype=weights.up.dtype,
-            down_keep=down_keep,
-            accumulate=accumulate,
-        )
+        if spec is None:
+            spec = cls.dense_spec(weights, grouping, active, router, down_keep, accumulate)
+        brick = cls(spec, activation, router)
         order = grouping.neuron_order
         with torch.no_grad():
             brick.neuron_order.copy_(order)
@@ -160,15 +195,15 @@ class BrickFFN(nn.Module):
 
     @property
     def input_weights_per_neuron(self) -> int:
-        return self.d_model * (2 if self.gate is not None else 1)
+        return self.spec.input_weights_per_neuron
 
     @property
     def weights_per_neuron(self) -> int:
-        return self.input_weights_per_neuron + self.d_model
+        return self.spec.weights_per_neuron
 
     def active_fraction(self) -> float:
         """FFN weights read per token (shared + selected experts + router) / dense FFN weights."""
-        neurons = self.num_shared + self.active * self.expert_size
+        neurons = self.spec.computed_neurons
         down_rows = neurons if self.down_keep is None else self.down_keep
         reads = (
             neurons * self.input_weights_per_neuron
@@ -304,6 +339,6 @@ class BrickFFN(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, shared={self.num_shared}, experts={self.num_experts}x"
-            f"{self.expert_size}, active={self.active}, router={self.router.kind}, down_keep={self.down_keep}, "
+            f"{self.expert_size}, active={self.active}, router={self.spec.router}, down_keep={self.down_keep}, "
             f"accumulate={self.accumulate}, combine={self.combine.rule}"
         )

@@ -40,11 +40,12 @@ activations other than SiLU, and (mixtral, gguf) layers left dense or shared neu
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -128,14 +129,15 @@ def plan_export(model, format: str) -> _Plan:
         raise BrickworkError(
             "heads x head_dim differs from hidden_size; Qwen2-MoE engines (vLLM) assume they are equal"
         )
-    shapes = {(b.num_experts, b.expert_size, b.active, b.num_shared) for b in bricks.values()}
+    specs = {index: brick.spec for index, brick in bricks.items()}
+    shapes = {(b.num_experts, b.expert_size, b.active, b.num_shared) for b in specs.values()}
     if len(shapes) > 1:
         raise BrickworkError(
             f"carved layers differ in experts / expert size / top-k / shared neurons ({sorted(shapes)}); stock "
             "MoE configs hold one value of each for the whole model"
         )
     num_experts, expert_size, active, shared = shapes.pop()
-    rules = {b.combine.rule for b in bricks.values()}
+    rules = {b.combine.rule for b in specs.values()}
     if len(rules) > 1:
         raise BrickworkError(
             f"carved layers combine experts differently ({sorted(rules)}); a stock MoE config has one router rule"
@@ -153,19 +155,19 @@ def plan_export(model, format: str) -> _Plan:
             f"this carve weights its experts by '{rule}', which {format} cannot compute ({hint}); "
             f"export it to {' or '.join(fits)}"
         )
-    for index, brick in bricks.items():
-        if brick.down_keep is not None:
+    for index, spec in specs.items():
+        if spec.down_keep is not None:
             raise BrickworkError(
                 f"layer {index} uses down-row sparsity (down_fraction), which stock experts cannot express"
             )
-        if brick.up_bias is not None or brick.gate_bias is not None or brick.down_bias is not None:
+        if spec.up_bias or spec.gate_bias or spec.down_bias:
             raise BrickworkError(f"layer {index} has FFN biases; stock MoE experts have none")
-        if brick.gate is None:
+        if not spec.gated:
             raise BrickworkError(f"layer {index} is not a gated (SwiGLU) FFN")
-        form = brick.router.linear_form()
+        form = bricks[index].router.linear_form()
         if form is None:
             raise BrickworkError(
-                f"layer {index}'s router '{brick.router.kind}' is not a linear function of the FFN input; stock "
+                f"layer {index}'s router '{spec.router}' is not a linear function of the FFN input; stock "
                 "MoE gates are one Linear layer. Carve with --router fitted (router option intercept=false) "
                 "or --router centroid."
             )
@@ -246,10 +248,10 @@ def _choose_temperature(brick: BrickFFN, x: torch.Tensor, renormalise: bool) -> 
     """The power of two T whose stock routing (softmax of logits / T, top-k, renormalised or not, experts
     scaled to compensate) best reproduces brickwork's unweighted routed sum on ``x`` (mean per-token relative
     squared error, returned with it)."""
-    s, e, size, k = brick.num_shared, brick.num_experts, brick.expert_size, brick.active
+    spec = brick.spec
+    s, e, size, k, d = spec.num_shared, spec.num_experts, spec.expert_size, spec.active, spec.d_model
     weight, _ = brick.router.linear_form()
     weight = weight.detach().float()
-    d = brick.d_model
     gate = brick.gate.detach()[s:].view(e, size, d)
     up = brick.up.detach()[s:].view(e, size, d)
     down = brick.down_t.detach()[s:].view(e, size, d)
@@ -299,7 +301,7 @@ def _exact(plan: _Plan, format: str) -> bool:
 
 def _temperatures(plan: _Plan, format: str, inputs: dict[int, torch.Tensor] | None) -> dict[int, float]:
     if plan.rule != "sum":
-        return {index: brick.combine.temperature for index, brick in plan.bricks.items()}
+        return {index: brick.spec.combine.temperature for index, brick in plan.bricks.items()}
     if _exact(plan, format):
         return dict.fromkeys(plan.bricks, 1.0)
     if inputs is None:
@@ -389,7 +391,7 @@ def _stock_config(model, plan: _Plan, format: str):
 
 
 def _expert_weights(brick: BrickFFN, plan: _Plan, scale: float) -> dict[str, torch.Tensor]:
-    s, e, size, d = plan.shared, plan.num_experts, plan.expert_size, brick.d_model
+    s, e, size, d = plan.shared, plan.num_experts, plan.expert_size, brick.spec.d_model
     gate, up, down_t = brick.gate.detach(), brick.up.detach(), brick.down_t.detach()
     routed = slice(s, s + e * size)
     return {
@@ -447,7 +449,7 @@ def build_stock_model(
         weight, _ = brick.router.linear_form()
         # a weighted rule's scale; sum: 1 when exact (top-1 renormalised), else the probabilities' share
         sum_scale = 1.0 if _exact(plan, format) else float(share)
-        w = _expert_weights(brick, plan, scale=brick.combine.scale if plan.rule != "sum" else sum_scale)
+        w = _expert_weights(brick, plan, scale=brick.spec.combine.scale if plan.rule != "sum" else sum_scale)
         out[prefix + "gate.weight"] = (weight.detach() / temperature).to(dtype)
         out[prefix + "experts.gate_up_proj"] = w["gate_up"]
         out[prefix + "experts.down_proj"] = w["down"]
@@ -474,6 +476,21 @@ def build_stock_model(
     if config.tie_word_embeddings:
         stock.tie_weights()
     return stock
+
+
+def stock_routing_copy(model, format: str, temperatures: dict[int, float]):
+    """A copy of the carved ``model`` whose bricks weight their experts as ``format``'s stock router does: the
+    ``sum`` rule becomes ``softmax`` (gguf) or ``softmax_topk`` at each layer's temperature, with the experts
+    scaled by the number of probabilities they share (experts for gguf, top-k otherwise). Each brick gets a new
+    spec; ``model`` is not changed."""
+    plan = plan_export(model, format)
+    share = plan.num_experts if format == "gguf" else plan.active
+    rule = "softmax" if format == "gguf" else "softmax_topk"
+    converted = copy.deepcopy(model)
+    for index, brick in carved_layers(converted).items():
+        combine = Combine(rule, temperature=temperatures[index], scale=float(share))
+        brick.spec = replace(brick.spec, combine=combine)
+    return converted
 
 
 # --- validation -----------------------------------------------------------------------------------------
@@ -514,9 +531,11 @@ def export(
     uses them for that only. Without ``validate_data``, only carves with a weighted combine rule and top-1 carves
     export to qwen2_moe or mixtral, and only weighted ones to gguf.
 
-    ``stock_routing=True`` first converts a ``sum`` carve itself (in place) to a weighted combine rule with the
-    chosen temperature, so that the export computes what the converted carve computes; ``report.conversion``
-    says how far the conversion moved the carve. Carving with a weighted rule makes this unnecessary.
+    ``stock_routing=True`` exports a copy of a ``sum`` carve converted to a weighted combine rule with the chosen
+    temperature (:func:`stock_routing_copy`), so that the export computes what the converted carve computes;
+    ``report.conversion`` says how far the conversion moved the carve, and the validation compares the export
+    with the converted copy. ``model`` itself is never changed. Carving with a weighted rule makes this
+    unnecessary.
 
     An existing export at ``out`` is replaced; anything else only with ``overwrite=True`` (see
     :func:`check_export_output`); ``sources`` (paths read) may be neither ``out`` nor inside it. A directory export carries ``brickwork-export.json`` (this report).
@@ -540,17 +559,11 @@ def export(
         raise BrickworkError("a GGUF export needs validation windows (validate_data) to set the shared gate")
     shared_gates = _shared_gate_directions(inputs) if gated_gguf else None
     report_conversion = None
+    source = model  # what the export is built from and validated against
     if stock_routing and not _exact(plan, format):
-        import copy
-
-        before = copy.deepcopy(model)
-        share = plan.num_experts if format == "gguf" else plan.active
-        rule = "softmax" if format == "gguf" else "softmax_topk"
-        for index, brick in plan.bricks.items():
-            brick.combine = Combine(rule, temperature=temperatures[index], scale=float(share))
-        report_conversion = compare_logits(before, model, windows)
-        del before
-    stock = build_stock_model(model, format, temperatures, shared_gates)
+        source = stock_routing_copy(model, format, temperatures)
+        report_conversion = compare_logits(model, source, windows)
+    stock = build_stock_model(source, format, temperatures, shared_gates)
     out = Path(out)
     report = ExportReport(
         format=format, path=str(out), seconds=0.0, temperatures=temperatures, conversion=report_conversion
@@ -560,7 +573,7 @@ def export(
 
         write_gguf(stock, out, tokenizer, dtype=dtype)
         if windows is not None and validate:
-            report.validation = compare_logits(model, load_exported(out, format), windows)
+            report.validation = compare_logits(source, load_exported(out, format), windows)
     else:
         if dtype == "float16":
             stock = stock.half()
@@ -569,7 +582,7 @@ def export(
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if windows is not None and validate:  # validated before it replaces anything
-                report.validation = compare_logits(model, load_exported(tmp, format), windows)
+                report.validation = compare_logits(source, load_exported(tmp, format), windows)
             report.seconds = time.perf_counter() - started
             record = {"format": EXPORT_MARKER, "brickwork_version": __version__, **report.to_dict()}
             atomic_write_text(tmp / "brickwork-export.json", json.dumps(record, indent=2))

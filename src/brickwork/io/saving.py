@@ -2,25 +2,28 @@
 
 A saved directory holds ``config.json`` (the base model's ``transformers`` config), ``model.safetensors``
 (every weight, bricks included; no pickle), ``brickwork.json`` (format version, the CarveConfig, each carved
-layer's shapes and router, calibration provenance), the tokenizer when given, and a short ``README.md`` model
-card. It is written to a temporary directory and renamed, so an interrupted save leaves nothing behind.
+layer's :class:`~brickwork.bricks.spec.BrickSpec` and active fraction, calibration provenance), the tokenizer
+when given, and a short ``README.md`` model card. It is written to a temporary directory and renamed, so an
+interrupted save leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 
-from brickwork.bricks.budget import calibrated
+from brickwork.bricks.budget import calibrated, restore_calibrated
 from brickwork.bricks.carve import _swap_in, carved_layers
 from brickwork.bricks.combine import Combine
-from brickwork.bricks.config import ACCUMULATE, CarveConfig, check_router_options
+from brickwork.bricks.config import CarveConfig, check_router_options
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.spec import BrickSpec
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
 from brickwork.models.specs import find_ffns
@@ -34,21 +37,7 @@ FORMAT_VERSION = 1
 def _layer_record(index: int, brick: BrickFFN) -> dict:
     return {
         "layer": index,
-        "d_model": brick.d_model,
-        "d_ff": brick.d_ff,
-        "num_shared": brick.num_shared,
-        "num_experts": brick.num_experts,
-        "expert_size": brick.expert_size,
-        "active": brick.active,
-        "gated": brick.gate is not None,
-        "up_bias": brick.up_bias is not None,
-        "gate_bias": brick.gate_bias is not None,
-        "down_bias": brick.down_bias is not None,
-        "router": brick.router.kind,
-        "router_config": brick.router.extra_config(),
-        "down_keep": brick.down_keep,
-        "accumulate": brick.accumulate,
-        "combine": brick.combine.to_dict(),
+        **brick.spec.to_dict(),
         "active_fraction": brick.active_fraction(),
         "calibrated": calibrated(brick),  # the carved settings, which set_budget(model, None) restores
     }
@@ -204,8 +193,9 @@ def _is_int(value, low: int, high: int | None = None) -> bool:
     )
 
 
-def _check_record(directory: Path, record, ffns: list, seen: set) -> None:
-    """Every field of one carved layer's record, against its allowed values and the base model's FFN shapes."""
+def _check_record(directory: Path, record, ffns: list, seen: set) -> BrickSpec:
+    """One carved layer's record as a :class:`BrickSpec`, every field checked against its allowed values and the
+    base model's FFN shapes (BrickworkError naming the field)."""
 
     def bad(what: str):
         raise BrickworkError(f"{directory}/brickwork.json: carved layer record {what}; save the model again")
@@ -249,30 +239,28 @@ def _check_record(directory: Path, record, ffns: list, seen: set) -> None:
     for key, value in expected.items():
         if record[key] != value or type(record[key]) is not type(value):
             bad(f"{index}: {key} is {record[key]!r}, the base model's FFN has {value!r}")
-    shared, experts, size, active = (
-        record[k] for k in ("num_shared", "num_experts", "expert_size", "active")
-    )
-    if not (_is_int(shared, 0) and _is_int(experts, 1) and _is_int(size, 1)):
-        bad(f"{index}: num_shared >= 0, num_experts >= 1 and expert_size >= 1 must be integers")
-    if shared + experts * size != weights.d_ff:
-        bad(f"{index}: {shared} shared + {experts} x {size} neurons is not d_ff = {weights.d_ff}")
-    if not _is_int(active, 1, experts):
-        bad(f"{index}: active {active!r} is not in [1, num_experts] = [1, {experts}]")
-    if record["router"] not in ROUTERS:
-        bad(f"{index}: unknown router {record['router']!r} (known: {', '.join(sorted(ROUTERS))})")
     try:
-        check_router_options(record["router"], record["router_config"], builder="empty")
+        spec = _record_spec(record)  # the values' own ranges; d_ff matched the base model's above
+    except ValueError as exc:
+        bad(f"{index}: {exc}")
+    if spec.router not in ROUTERS:
+        bad(f"{index}: unknown router {spec.router!r} (known: {', '.join(sorted(ROUTERS))})")
+    try:
+        check_router_options(spec.router, spec.router_config, builder="empty")
     except ValueError as exc:
         bad(f"{index}: {exc}")
     down_keep = record.get("down_keep")
-    if down_keep is not None and not _is_int(down_keep, 1, shared + active * size):
-        bad(f"{index}: down_keep {down_keep!r} is not in [1, {shared + active * size}]")
-    if record.get("accumulate", "float32") not in ACCUMULATE:
-        bad(f"{index}: accumulate {record.get('accumulate')!r} is not one of {ACCUMULATE}")
-    try:
-        _combine(record)
-    except ValueError as exc:
-        bad(f"{index}: {exc}")
+    if down_keep is not None and down_keep > spec.computed_neurons:
+        bad(f"{index}: down_keep {down_keep!r} is not in [1, {spec.computed_neurons}]")
+    return spec
+
+
+def _record_spec(record: dict) -> BrickSpec:
+    """The spec in a layer record (files of every brickwork version: see :meth:`BrickSpec.from_dict` and
+    :func:`_combine`)."""
+    data = {k: v for k, v in record.items() if k in BrickSpec.record_keys()}
+    data["combine"] = _combine(record).to_dict()
+    return BrickSpec.from_dict(data)
 
 
 def _combine(record: dict) -> Combine:
@@ -316,48 +304,29 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     model = model_class(config)
     ffns = find_ffns(model)
     seen: set[int] = set()
-    for record in layers:
-        _check_record(directory, record, ffns, seen)
-    for record in layers:
-        index = record["layer"]
-        router = ROUTERS[record["router"]].empty(
-            record["num_experts"],
-            record["d_model"],
-            record["d_ff"],
-            record["gated"],
-            routed_neurons=record["num_experts"] * record["expert_size"],
-            **record["router_config"],
+    specs = [_check_record(directory, record, ffns, seen) for record in layers]  # all, before building any
+    # The weights load into the rebuilt model's dtype (float32), as they always have, whatever they were carved in.
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    for record, spec in zip(layers, specs, strict=True):
+        index, spec = record["layer"], replace(spec, dtype=dtype)
+        router = ROUTERS[spec.router].empty(
+            spec.num_experts,
+            spec.d_model,
+            spec.d_ff,
+            spec.gated,
+            routed_neurons=spec.num_experts * spec.expert_size,
+            **spec.router_config,
         )
         ffn = ffns[index]
-        brick = BrickFFN(
-            record["d_model"],
-            record["num_shared"],
-            record["num_experts"],
-            record["expert_size"],
-            record["active"],
-            ffn.activation,
-            router,
-            gated=record["gated"],
-            up_bias=record["up_bias"],
-            gate_bias=record["gate_bias"],
-            down_bias=record["down_bias"],
-            down_keep=record.get("down_keep"),
-            accumulate=record.get("accumulate", "float32"),  # saved before the option: float32 sums
-        )
-        brick.combine = _combine(record)
+        brick = BrickFFN.from_spec(spec, ffn.activation, router)
         carved = record.get("calibrated")  # written since run-time budgets: the settings set_budget restores
         if carved is not None:
-            if not (
-                isinstance(carved, dict)
-                and isinstance(carved.get("active"), int)
-                and 0 < carved["active"] <= max(1, record["num_experts"])
-                and (carved.get("down_keep") is None or isinstance(carved["down_keep"], int))
-                and set(carved) <= {"active", "down_keep", "input_fraction"}
-            ):
+            try:
+                restore_calibrated(brick, carved)
+            except (TypeError, ValueError) as exc:
                 raise BrickworkError(
-                    f"{directory}/brickwork.json: layer {index}'s 'calibrated' record is damaged"
-                )
-            brick.__dict__["_calibrated"] = carved
+                    f"{directory}/brickwork.json: layer {index}'s 'calibrated' record is damaged ({exc})"
+                ) from exc
         _swap_in(ffn, brick)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)

@@ -20,6 +20,7 @@ can be changed with :func:`set_switch_points`.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -85,6 +86,102 @@ def supports_fast_path(brick) -> bool:
     )
 
 
+# --- routing, by what the router declares it computes ---------------------------------------------------------
+# Each path (``token``: the fused per-token call; ``batch``: the batch kernels; ``grouped``: per-expert matmuls)
+# routes tokens as ROUTING says for the router's declaration (``Router.computes``) and whether the combine rule is
+# weighted. An entry is a function ``(brick, plan) -> what the path calls`` preparing a compiled router, or
+# TORCH: the path routes in torch first (BrickFFN.select, or BrickFFN.route for a weighted rule), exactly as the
+# reference path routes, then runs the experts kernels. A new router brings its fast path with
+# :func:`register_routing`; a declaration with no entry is an error, not a silent fallback.
+TORCH = None
+PATHS = ("token", "batch", "grouped")
+
+
+def _linear_token(brick, p: Plan):
+    """One compiled call per token: ``scores = W x + b``, top-k, then the experts (:func:`cpu.linear_router_token`)."""
+    from brickwork.kernels import cpu
+
+    router_w, router_b = p.linear_router(brick)
+    rows, s, size, keep = p.experts_args
+    return cpu.linear_router_token, (router_w, router_b, brick.spec.active, rows, s, size, keep)
+
+
+def _linear_batch(brick, p: Plan):
+    """``x [T, D] -> chosen [T, k]`` for every token at once (:func:`cpu.linear_router_batch`)."""
+    from brickwork.kernels import cpu
+
+    router_w, router_b = p.linear_router(brick)
+    active = brick.spec.active
+    return lambda xn: cpu.linear_router_batch(xn, router_w, router_b, active)
+
+
+def _partial_input_keep(brick) -> int:
+    """The inputs the partial estimate keeps per token (the spec's ``input_fraction`` of d_model)."""
+    spec = brick.spec
+    return max(1, math.ceil(spec.router_config["input_fraction"] * spec.d_model))
+
+
+def _partial_token(brick, p: Plan):
+    """One compiled call per token: the partial-input estimate, top-k, the experts
+    (:func:`cpu.partial_router_token`)."""
+    from brickwork.kernels import cpu
+
+    gate_t, up_t = p.transposed()
+    rows, s, size, keep = p.experts_args
+    args = (_partial_input_keep(brick), gate_t, up_t, brick.spec.active, rows, s, size, keep)
+    return cpu.partial_router_token, args
+
+
+def _partial_batch(brick, p: Plan):
+    """``x [T, D] -> chosen [T, k]`` by the partial-input estimate (:func:`cpu.partial_router_batch`)."""
+    from brickwork.kernels import cpu
+
+    gate_t, up_t = p.transposed()
+    _, s, size, _ = p.experts_args
+    args = (_partial_input_keep(brick), gate_t, up_t, brick.spec.active, s, size)
+    return lambda xn: cpu.partial_router_batch(xn, *args, cpu.numba.get_num_threads())
+
+
+ROUTING: dict[tuple[str, bool, str], object] = {
+    ("linear", False, "token"): _linear_token,
+    ("linear", False, "batch"): _linear_batch,
+    ("partial", False, "token"): _partial_token,
+    ("partial", False, "batch"): _partial_batch,
+    ("scores", False, "token"): TORCH,
+    ("scores", False, "batch"): TORCH,
+}
+for _computes in ("linear", "partial", "scores"):
+    for _path in PATHS:
+        # weighted rules are routed and weighted in torch (BrickFFN.route), as the reference path routes
+        ROUTING[(_computes, True, _path)] = TORCH
+    ROUTING[(_computes, False, "grouped")] = TORCH  # grouped matmuls route in torch (BrickFFN.route)
+
+
+def register_routing(computes: str, weighted: bool, path: str, prepare) -> None:
+    """Route bricks whose router declares ``computes`` on ``path`` with ``prepare(brick, plan)`` (see ROUTING:
+    ``token``: returns ``(kernel, args)`` called as ``kernel(x_t, *args, out_t)``; ``batch``: returns a function
+    ``x [T, D] -> chosen [T, k]``; or TORCH)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    ROUTING[(computes, bool(weighted), path)] = prepare
+
+
+def routing_for(computes: str, weighted: bool, path: str):
+    """ROUTING's entry, or a BrickworkError saying that no kernel routes this combination."""
+    key = (computes, bool(weighted), path)
+    if key not in ROUTING:
+        from brickwork.errors import BrickworkError
+
+        known = sorted({c for c, _, _ in ROUTING})
+        rule = "a weighted" if weighted else "the sum"
+        raise BrickworkError(
+            f"no {path} kernel routes a router that computes {computes!r} with {rule} combine rule (declarations "
+            f"with kernels: {', '.join(known)}); register one with brickwork.kernels.register_routing, or declare "
+            "computes = 'scores' to be routed in torch"
+        )
+    return ROUTING[key]
+
+
 class Plan:
     """What one brick's per-token calls need, prepared once: the packed weight rows, the kernel and its
     arguments. Per call, only a cheap staleness check.
@@ -92,74 +189,81 @@ class Plan:
     Decode runs the per-token kernel once per layer and token, so the Python around it (module attribute
     look-ups, re-checking the brick, tensor wrapping) costs as much as the kernel unless it is precomputed. The
     plan keeps the Parameter objects themselves and compares their storage pointer and version counter on every
-    call: an in-place change, ``param.data = ...``, ``.to()`` or a change of the brick's ``combine`` rule or
-    ``accumulate`` makes it stale and it is rebuilt.
+    call: an in-place change, ``param.data = ...``, ``.to()`` or a new spec (another ``combine`` rule or
+    ``accumulate``) makes it stale and it is rebuilt.
 
-    Linear routers (``fitted``, ``centroid``) and the ``partial`` router run inside the one compiled call
-    (``kernel``); other routers and weighted combine rules (``kernel`` None) route in torch first
-    (:meth:`BrickFFN.route`), then :func:`cpu._experts_token` or :func:`cpu.weighted_experts_token`.
+    How each path routes comes from :data:`ROUTING`, by what the router declares it computes
+    (``Router.computes``): ``kernel`` routes inside the one compiled call (linear and partial routers), or is None
+    and the path routes in torch first (:meth:`BrickFFN.route`), then :func:`cpu._experts_token` or
+    :func:`cpu.weighted_experts_token`.
     """
 
     def __init__(self, brick):
         tensors = (brick.gate, brick.up, brick.down_t, *brick.router.parameters())
         self.tensors = [t for t in tensors if t is not None]
         self.key = self._key()
-        self.combine = brick.combine
-        self.weighted = brick.combine.weighted
-        self.accumulate = brick.accumulate
+        self.spec = spec = brick.spec
+        self.weighted = spec.combine.weighted
         self.supported = supports_fast_path(brick)
-        self.family = "partial" if brick.router.kind == "partial" else "linear"
+        # the switch points' family: routers that declare no table of their own use the linear one
+        self.family = brick.router.computes
         # float64 sums rounded once (BrickFFN.accumulate): the kernels are given the inputs widened to float64
-        self.exact = self.accumulate == "float64"
+        self.exact = spec.accumulate == "float64"
         self.fraction = brick.active_fraction()
         self.kernel, self.args = None, ()
-        # The batch path's router; None: brick.select in torch.
-        self.router_batch, self.router_args = None, ()
-        if not self.supported:
+        self.router_batch = None  # the batch path's router, x [T, D] -> chosen [T, k]; None: in torch
+        if not self.supported:  # the reference path: as before the table, for bricks the kernels cannot run
             return
         from brickwork.kernels import cpu
 
-        gate, up, down_t = (t.detach().numpy() for t in (brick.gate, brick.up, brick.down_t))
-        rows = cpu.pack_rows(gate, up, down_t)
-        s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
-        computed = s + brick.active * size
-        keep = computed if brick.down_keep is None else min(brick.down_keep, computed)
+        self.weights = tuple(t.detach().numpy() for t in (brick.gate, brick.up))
+        rows = cpu.pack_rows(*self.weights, brick.down_t.detach().numpy())
+        s, size, e = spec.num_shared, spec.expert_size, spec.num_experts
+        keep = spec.computed_neurons if spec.down_keep is None else spec.down_keep
         self.experts_args = (rows, s, size, keep)  # what _experts_token takes besides x, chosen and out
-        self.down_sparse = brick.down_keep is not None
-        form = brick.router.linear_form() if e else None
-        if self.weighted:  # routed and weighted in torch (BrickFFN.route), as the reference path routes
-            return
-        if e == 0 or brick.active == e:
+        self.down_sparse = spec.down_keep is not None
+        self._transposed = None
+        if not self.weighted and spec.active == e:  # nothing to choose: every expert, no router
             self.kernel, self.args = cpu._experts_token, (rows, np.arange(e, dtype=np.int64), s, size, keep)
-        elif form is not None:
-            weight, bias = form
-            router_w = weight.detach().float().contiguous().numpy()
-            router_b = np.zeros(e, dtype=np.float32) if bias is None else bias.detach().float().numpy()
-            self.kernel = cpu.linear_router_token
-            self.args = (router_w, router_b, brick.active, rows, s, size, keep)
-            self.router_batch, self.router_args = cpu.linear_router_batch, (router_w, router_b, brick.active)
-        elif brick.router.kind == "partial":
-            input_keep = max(1, math.ceil(brick.router.input_fraction * brick.d_model))
-            gate_t, up_t = gate.T.copy(), up.T.copy()
-            self.kernel = cpu.partial_router_token
-            self.args = (input_keep, gate_t, up_t, brick.active, rows, s, size, keep)
-            self.router_batch = cpu.partial_router_batch
-            self.router_args = (input_keep, gate_t, up_t, brick.active, s, size)
+            return
+        computes = brick.router.computes
+        token, batch = (routing_for(computes, self.weighted, path) for path in ("token", "batch"))
+        routing_for(computes, self.weighted, "grouped")
+        if token is not TORCH:
+            self.kernel, self.args = token(brick, self)
+        if batch is not TORCH:
+            self.router_batch = batch(brick, self)
+
+    def linear_router(self, brick) -> tuple[np.ndarray, np.ndarray]:
+        """The router's ``(W [E, D], b [E])`` from its :meth:`~brickwork.routing.base.Router.linear_form`, float32."""
+        weight, bias = brick.router.linear_form()
+        router_w = weight.detach().float().contiguous().numpy()
+        e = brick.spec.num_experts
+        router_b = np.zeros(e, dtype=np.float32) if bias is None else bias.detach().float().numpy()
+        return router_w, router_b
+
+    def transposed(self) -> tuple[np.ndarray, np.ndarray]:
+        """gate and up ``[D, F]`` (contiguous copies), made once per plan."""
+        if self._transposed is None:
+            self._transposed = tuple(w.T.copy() for w in self.weights)
+        return self._transposed
 
     def _key(self) -> tuple:
         return tuple((t.data_ptr(), t._version) for t in self.tensors)
 
     def current(self, brick) -> bool:
-        return (
-            brick.combine == self.combine and brick.accumulate == self.accumulate and self._key() == self.key
-        )
+        return (brick.spec is self.spec or brick.spec == self.spec) and self._key() == self.key
+
+
+# Plans by brick, held here rather than on the module; a brick that is freed takes its plan with it.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def plan(brick) -> Plan:
-    cached = brick.__dict__.get("_plan")
+    cached = _PLANS.get(brick)
     if cached is None or not cached.current(brick):
         cached = Plan(brick)
-        brick.__dict__["_plan"] = cached
+        _PLANS[brick] = cached
     return cached
 
 
@@ -209,19 +313,18 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
         with torch.no_grad():
             selection, weights = brick.route(x)
         chosen = selection.numpy().astype(np.int64)
-    elif brick.num_experts == 0 or brick.active == brick.num_experts:
-        chosen = np.broadcast_to(np.arange(brick.num_experts, dtype=np.int64), (len(xn), brick.num_experts))
+    elif brick.spec.active == brick.spec.num_experts:  # nothing to choose
+        e = brick.spec.num_experts
+        chosen = np.broadcast_to(np.arange(e, dtype=np.int64), (len(xn), e))
         chosen = np.ascontiguousarray(chosen)
     elif p.router_batch is None:  # a router scored in torch, as the reference path scores it
         with torch.no_grad():
             chosen = brick.select(x).numpy().astype(np.int64)
-    elif p.family == "partial":
-        chosen = p.router_batch(xn, *p.router_args, cpu.numba.get_num_threads())
     else:
-        chosen = p.router_batch(xn, *p.router_args)
+        chosen = p.router_batch(xn)
     h = cpu.hidden_batch(xn, chosen, rows, s, size)
     if weights is not None:  # each expert's h times its weight, in float32 as the reference path multiplies
-        scale = np.zeros((len(xn), brick.num_experts), dtype=np.float32)
+        scale = np.zeros((len(xn), brick.spec.num_experts), dtype=np.float32)
         np.put_along_axis(scale, chosen, weights.numpy().astype(np.float32), axis=1)
         h[:, s:] *= np.repeat(scale, size, axis=1)
     dense_down = not p.down_sparse and not p.exact  # a float32 matmul cannot give the exact sums
@@ -235,7 +338,7 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
 
 def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
     """Tokens ``x [T, D]`` grouped by routed expert: one gate/up/down matmul per expert with tokens."""
-    s, size, e = brick.num_shared, brick.expert_size, brick.num_experts
+    s, size, e = brick.spec.num_shared, brick.spec.expert_size, brick.spec.num_experts
     act = brick.act
     y = torch.zeros(x.shape[0], brick.d_model, dtype=x.dtype)
     if s:
@@ -269,12 +372,12 @@ def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
     if torch.is_grad_enabled() and (x.requires_grad or brick.up.requires_grad):
         return None  # training: the reference path is the differentiable one
     p = plan(brick)
-    if not p.supported:
+    if not p.supported:  # no kernel runs this brick (not CPU fp32 SwiGLU, or no numba): the reference path
         return None
     tokens = x.shape[0]
     if tokens <= switch_point("token_max", p.family, p.fraction):
         return tokens_forward(brick, x, p)  # numpy in, numpy out: no autograd graph whatever the grad mode
-    grouped = brick.down_keep is None and brick.expert_size > 1 and not p.exact  # grouped: float32 matmuls
+    grouped = p.spec.down_keep is None and p.spec.expert_size > 1 and not p.exact  # grouped: float32 matmuls
     if grouped and tokens >= switch_point("grouped_min", p.family, p.fraction):
         with torch.no_grad():
             return grouped_forward(brick, x)

@@ -61,6 +61,11 @@ class Router(nn.Module):
 
     kind: str = ""
     needs_samples: bool = False  # whether build() fits on calibration (x, h) pairs
+    # What the scores are, for the kernels (brickwork.kernels.ROUTING picks each path's routing by it):
+    # "scores": whatever forward() computes, scored in torch as the reference path scores it (any router);
+    # "linear": x W^T + b with (W, b) = linear_form(), routed inside the compiled kernels;
+    # "partial": PartialInputRouter's estimate from each token's largest inputs, routed inside the kernels.
+    computes: str = "scores"
 
     def forward(self, x: torch.Tensor, brick: BrickFFN) -> torch.Tensor:
         raise NotImplementedError

@@ -15,6 +15,7 @@ from brickwork.routing.base import Router, RouterInputs, register_router
 @register_router
 class CentroidRouter(Router):
     kind = "centroid"
+    computes = "linear"
 
     def __init__(self, keys: torch.Tensor, bias: torch.Tensor):
         super().__init__()

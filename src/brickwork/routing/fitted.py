@@ -38,6 +38,7 @@ def ridge_fit(
 @register_router
 class FittedRouter(Router):
     kind = "fitted"
+    computes = "linear"
     needs_samples = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):

@@ -26,6 +26,7 @@ DEFAULT_INPUT_FRACTION = 0.25
 @register_router
 class PartialInputRouter(Router):
     kind = "partial"
+    computes = "partial"
 
     def __init__(self, input_fraction: float = DEFAULT_INPUT_FRACTION):
         super().__init__()

@@ -1,0 +1,164 @@
+"""BrickSpec: the one description of a carved FFN's shape and combination rule.
+
+A :class:`~brickwork.bricks.BrickFFN` is built from a spec and exposes it as ``brick.spec``; saving writes it
+(``brickwork.json``, one record per carved layer), loading rebuilds the brick from it, and export and the kernels
+read the shapes and the combine rule from it. A spec is frozen: to change a brick's rule or accumulation, derive a
+new spec (``dataclasses.replace``) and give the brick that, never edit one in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from brickwork.bricks.combine import Combine
+from brickwork.bricks.config import ACCUMULATE
+
+# 1: the record brickwork.json has held since format 1 (files written before the spec existed carry no
+# ``spec_version`` and read as version 1).
+SPEC_VERSION = 1
+# What ``dtype`` takes (torch dtype names).
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+@dataclass(frozen=True)
+class BrickSpec:
+    """The shape and combination rule of one carved FFN.
+
+    ``num_shared`` neurons run for every token; ``num_experts`` routed experts of ``expert_size`` neurons each,
+    of which the router (``router``, its registry kind, rebuilt with ``router_config``) picks ``active`` per
+    token; ``d_ff = num_shared + num_experts * expert_size``. ``gated`` and the ``*_bias`` flags say which weights
+    exist; ``dtype`` is the parameters' dtype when carved. ``down_keep`` caps the down rows a token reads (None:
+    all computed neurons; a cap at or above them is no cap and reads as None); ``accumulate`` says how inference
+    sums (:class:`~brickwork.bricks.BrickFFN`); ``combine`` how the selected experts are combined
+    (:mod:`brickwork.bricks.combine`). Invalid values raise ``ValueError`` naming the allowed range.
+    """
+
+    d_model: int
+    num_shared: int
+    num_experts: int
+    expert_size: int
+    active: int
+    router: str
+    router_config: dict = field(default_factory=dict, hash=False)
+    gated: bool = True
+    up_bias: bool = False
+    gate_bias: bool = False
+    down_bias: bool = False
+    down_keep: int | None = None
+    accumulate: str = "float32"
+    combine: Combine = field(default_factory=Combine)
+    dtype: str = "float32"
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.d_model, 1):
+            raise ValueError(f"d_model must be an integer >= 1, got {self.d_model!r}")
+        shared, experts, size = self.num_shared, self.num_experts, self.expert_size
+        if not (_is_int(shared, 0) and _is_int(experts, 1) and _is_int(size, 1)):
+            raise ValueError("num_shared >= 0, num_experts >= 1 and expert_size >= 1 must be integers")
+        if not _is_int(self.active, 1) or self.active > experts:
+            raise ValueError(f"active {self.active!r} is not in [1, num_experts] = [1, {experts}]")
+        for name in ("gated", "up_bias", "gate_bias", "down_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.router, str) or not self.router:
+            raise ValueError(f"router must be a router kind, got {self.router!r}")
+        if not isinstance(self.router_config, dict):
+            raise ValueError(f"router_config must be a dict of keyword arguments, got {self.router_config!r}")
+        object.__setattr__(self, "router_config", dict(self.router_config))  # a copy: the caller's may change
+        if self.down_keep is not None:
+            if not _is_int(self.down_keep, 1):
+                raise ValueError(f"down_keep {self.down_keep!r} is not an integer >= 1")
+            if self.down_keep >= self.computed_neurons:
+                object.__setattr__(self, "down_keep", None)
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}")
+        if not isinstance(self.combine, Combine):
+            raise ValueError(f"combine must be a Combine, got {self.combine!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not _is_int(self.version, 1) or self.version > SPEC_VERSION:
+            raise ValueError(
+                f"brick spec version {self.version!r} is newer than this brickwork understands (<= {SPEC_VERSION})"
+            )
+
+    @property
+    def d_ff(self) -> int:
+        return self.num_shared + self.num_experts * self.expert_size
+
+    @property
+    def computed_neurons(self) -> int:
+        """Neurons each token computes: the shared ones and its ``active`` experts'."""
+        return self.num_shared + self.active * self.expert_size
+
+    @property
+    def input_weights_per_neuron(self) -> int:
+        return self.d_model * (2 if self.gated else 1)
+
+    @property
+    def weights_per_neuron(self) -> int:
+        return self.input_weights_per_neuron + self.d_model
+
+    def to_dict(self) -> dict:
+        """The JSON form (brickwork.json's per-layer record, less ``layer`` and ``active_fraction``)."""
+        return {
+            "d_model": self.d_model,
+            "d_ff": self.d_ff,
+            "num_shared": self.num_shared,
+            "num_experts": self.num_experts,
+            "expert_size": self.expert_size,
+            "active": self.active,
+            "gated": self.gated,
+            "up_bias": self.up_bias,
+            "gate_bias": self.gate_bias,
+            "down_bias": self.down_bias,
+            "router": self.router,
+            "router_config": dict(self.router_config),
+            "down_keep": self.down_keep,
+            "accumulate": self.accumulate,
+            "combine": self.combine.to_dict(),
+            "dtype": self.dtype,
+            "spec_version": self.version,
+        }
+
+    @classmethod
+    def record_keys(cls) -> frozenset[str]:
+        """The keys :meth:`to_dict` writes and :meth:`from_dict` reads."""
+        return frozenset({f.name for f in fields(cls)} - {"version"} | {"d_ff", "spec_version"})
+
+    @classmethod
+    def from_dict(cls, record: dict) -> BrickSpec:
+        """From :meth:`to_dict`'s form; ValueError on anything else. Records written before a field existed lack
+        it and get the value those files meant: ``down_keep`` None, ``accumulate`` float32 (sums before the
+        option), ``combine`` sum, ``dtype`` float32, ``spec_version`` 1. ``d_ff``, when given, must match."""
+        if not isinstance(record, dict):
+            raise ValueError(f"a brick spec is a dict, got {type(record).__name__}")
+        unknown = sorted(set(record) - cls.record_keys())
+        if unknown:
+            raise ValueError(f"unknown brick spec field(s) {unknown}")
+        data = {k: v for k, v in record.items() if k not in ("d_ff", "spec_version")}
+        data["version"] = record.get("spec_version", SPEC_VERSION)
+        if "combine" in data:
+            data["combine"] = Combine.from_dict(data["combine"])
+        spec = cls(**data)
+        if "d_ff" in record and record["d_ff"] != spec.d_ff:
+            raise ValueError(
+                f"{spec.num_shared} shared + {spec.num_experts} x {spec.expert_size} neurons is not "
+                f"d_ff = {record['d_ff']}"
+            )
+        return spec
+
+    def describe(self) -> str:
+        """One line: the shapes, the router and the rule."""
+        keep = "" if self.down_keep is None else f", down_keep {self.down_keep}"
+        share = self.computed_neurons / self.d_ff if self.d_ff else math.nan
+        return (
+            f"{self.num_shared} shared + {self.num_experts} x {self.expert_size} (active {self.active}, "
+            f"{share:.1%} of d_ff {self.d_ff}), router {self.router}, combine {self.combine.rule}{keep}, "
+            f"{self.accumulate} sums"
+        )
