@@ -9,7 +9,7 @@ import brickwork as bw
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.presets import recommended
 from brickwork.errors import BrickworkError
-from conftest import carved_tiny
+from conftest import carved_tiny, tiny
 
 
 def _logits(model, ids):
@@ -145,3 +145,27 @@ def test_layer_budgets_move_reads_from_the_least_to_the_most_sensitive_layers(te
     )
     with pytest.raises(BrickworkError, match="step"):
         allocate_budgets(model, tokenizer, str(text_file), 0.1, step=0.2, tokens=256, window=64)
+
+
+def test_carving_with_sensitivity_layer_budgets(text_file, tokenizer):
+    uniform = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=8, router="fitted")
+    config = dict(
+        experts=16, shared=2, active=8, router="fitted", layer_budgets="sensitivity", layer_step=0.15
+    )
+    model = tiny("llama").eval()
+    options = dict(method="random", calib_tokens=512, router_samples=256, window=64) | config
+    report = bw.carve_(
+        model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False
+    )
+    record = model.brickwork["budget_allocation"]
+    assert record["step"] == 0.15 and set(record["layers"]) == set(carved_layers(model))
+    fractions = [b.active_fraction() for b in carved_layers(model).values()]
+    assert report.layer_fractions == fractions
+    carved = [b.active_fraction() for b in carved_layers(uniform).values()]  # the same carve, uniform
+    assert sum(f > u for f, u in zip(fractions, carved, strict=True)) == sum(
+        f < u for f, u in zip(fractions, carved, strict=True)
+    )  # as many layers raised as lowered: the same average
+    with pytest.raises(BrickworkError, match="calib"):
+        bw.carve_(tiny("llama"), bw.CarveConfig(**options), calibration=object())
+    with pytest.raises(ValueError, match="layer_budgets"):
+        bw.CarveConfig(layer_budgets="greedy")

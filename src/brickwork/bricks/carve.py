@@ -353,8 +353,28 @@ def carve_(
     :func:`execute_plan`.
     """
     started = time.perf_counter()
+    if config.layer_budgets != "uniform" and (calib is None or tokenizer is None):
+        raise BrickworkError(
+            "layer_budgets='sensitivity' measures each layer's loss on the calibration text: pass calib= and "
+            "tokenizer="
+        )
     plan = plan_carve(model, config, calib, tokenizer, calibration, progress)
-    return execute_plan(model, plan, started)
+    report = execute_plan(model, plan, started)
+    if config.layer_budgets == "sensitivity":
+        from brickwork.bricks.budget import allocate_budgets
+
+        mean = sum(report.layer_fractions) / len(report.layer_fractions)
+        allocate_budgets(model, tokenizer, calib, mean, step=config.layer_step, progress=progress)
+        bricks = carved_layers(model)
+        report.layer_fractions = [bricks[i].active_fraction() for i in report.layers]
+        sizes = {i: b.d_ff * b.weights_per_neuron for i, b in bricks.items()}
+        reads = {i: sizes[i] * bricks[i].active_fraction() for i in bricks}
+        for ffn in find_ffns(model):  # the layers left dense read all of theirs
+            if ffn.index not in bricks:
+                sizes[ffn.index] = reads[ffn.index] = ffn.d_ff * _weights_per_neuron(ffn)
+        report.active_fraction = sum(reads.values()) / sum(sizes.values())
+        report.seconds = time.perf_counter() - started
+    return report
 
 
 def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024):

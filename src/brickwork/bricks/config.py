@@ -138,9 +138,16 @@ class CarveConfig:
     combine: str = _option(
         "sum",
         "how selected experts are combined: sum (weight 1), softmax (router probabilities, as Qwen2-MoE and "
-        "llama.cpp's qwen2moe) or softmax_topk (renormalised over the top-k, as Mixtral); the weighted rules' "
-        "temperature and scale are fitted to the dense FFN on the calibration samples",
+        "llama.cpp's qwen2moe), softmax_topk (renormalised over the top-k, as Mixtral) or sigmoid (DeepSeek-V3's "
+        "gate, as GLM-4.5's glm4_moe); the weighted rules' temperature and scale are fitted to the dense FFN on "
+        "the calibration samples",
     )
+    layer_budgets: str = _option(
+        "uniform",
+        "uniform: every carved layer reads the same fraction; sensitivity: after carving, move reads from the "
+        "layers whose calibration loss suffers least to those it helps most (allocate_budgets), same average",
+    )
+    layer_step: float = _option(0.1, "with layer_budgets=sensitivity: the fraction a layer moves up or down")
 
     def __post_init__(self) -> None:
         from brickwork.bricks.combine import COMBINE_RULES
@@ -195,6 +202,14 @@ class CarveConfig:
             raise ValueError(f"accumulate must be auto, float32 or float64, got {self.accumulate!r}")
         if self.combine not in COMBINE_RULES:
             raise ValueError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {self.combine!r}")
+        if self.layer_budgets not in ("uniform", "sensitivity"):
+            raise ValueError(f"layer_budgets must be uniform or sensitivity, got {self.layer_budgets!r}")
+        if (
+            isinstance(self.layer_step, bool)
+            or not isinstance(self.layer_step, (int, float))
+            or not (0 < self.layer_step < 1)
+        ):
+            raise ValueError(f"layer_step must be in (0, 1), got {self.layer_step!r}")
         _int("seed", self.seed)
         _int("window", self.window, 2)
         _int("router_samples", self.router_samples, 1)

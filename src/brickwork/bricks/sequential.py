@@ -249,6 +249,11 @@ def carve_sequential(
     """
     import transformers
 
+    if config.layer_budgets != "uniform":
+        raise BrickworkError(
+            "layer_budgets='sensitivity' measures the whole model's loss layer by layer; a sequential carve never "
+            "holds the whole model. Carve uniformly, then brickwork.bricks.allocate_budgets on the loaded carve."
+        )
     started = time.perf_counter()
     dtype = storage_dtype(dtype)
     dtype_name = str(dtype).removeprefix("torch.")

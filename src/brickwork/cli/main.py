@@ -708,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p, "--layers", CarveConfig, "layers", type=int, nargs="+")
     _config_option(p, "--accumulate", CarveConfig, "accumulate", choices=("auto", *ACCUMULATE))
     _config_option(p, "--combine", CarveConfig, "combine", choices=COMBINE_RULES)
+    _config_option(p, "--layer-budgets", CarveConfig, "layer_budgets", choices=("uniform", "sensitivity"))
+    _config_option(p, "--layer-step", CarveConfig, "layer_step", type=float)
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)
     _config_option(p, "--calib-tokens", CarveConfig, "calib_tokens", type=int)
     _config_option(p, "--router-samples", CarveConfig, "router_samples", type=int)
