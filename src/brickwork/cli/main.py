@@ -222,7 +222,16 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "quick": args.quick,
     }
-    for name in ("model", "experts", "shared", "calib", "calib_tokens", "eval_tokens", "task_examples"):
+    for name in (
+        "model",
+        "experts",
+        "shared",
+        "calib",
+        "calib_tokens",
+        "eval_tokens",
+        "task_examples",
+        "harness",
+    ):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.eval:
@@ -843,6 +852,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default list; none: no downstream tasks)",
     )
     p.add_argument("--task-examples", type=int, help="examples per task (default 25)")
+    p.add_argument(
+        "--harness",
+        choices=("builtin", "lm-eval"),
+        help="who scores the tasks: brickwork's scorer (default) or lm-evaluation-harness (accuracy ± stderr, "
+        "acc_norm; pip install 'brickwork[eval]')",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few windows")
     p.add_argument("--out", type=Path, default=Path("bench/results/quality"), help="output directory")
