@@ -232,7 +232,9 @@ def _yaml_task_names(manager, path: Path) -> list[str]:
             found.append(name)
     if not found:
         raise BrickworkError(f"{path} defines no lm-eval task (a YAML with a 'task:' key)")
-    if path.is_dir():  # a directory: its tasks and groups, leaving out tasks that its groups already run
+    if (
+        path.is_dir()
+    ):  # a directory: its tasks (so none runs twice through a group), its groups if nothing else
         found = [n for n in found if manager.task_index[n].kind != Kind.GROUP] or found
     return sorted(found)
 
@@ -271,11 +273,15 @@ def hub_access(allowed: bool):
 
 
 def _offline_error(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__}: {exc}".lower()
-    return any(
-        s in text
-        for s in ("offline", "connectionerror", "couldn't reach", "localentrynotfound", "cannot find")
-    )
+    """Whether ``exc`` (or what caused it) is the hub refusing a download in offline mode."""
+    for _ in range(8):  # the chain of causes, bounded
+        if exc is None:
+            return False
+        text = f"{type(exc).__name__}: {exc}".lower()
+        if any(s in text for s in ("offline", "couldn't reach", "localentrynotfound")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _figures(results: dict, name: str) -> dict[str, float]:
