@@ -177,5 +177,8 @@ def test_eval_command_with_tasks(tmp_path, tiny_dir, capsys):
     builtin = json.loads(out.read_text())["tasks"][0]
     assert builtin["accuracy"] == pytest.approx(row["accuracy"]) and builtin["harness"] == "builtin"
     assert main(f"eval {tiny_dir} --task-examples 6 -q".split()) == 2  # a --tasks option without --tasks
+    assert (
+        main(f"eval {tiny_dir} --tasks {task} --parent {tiny_dir} -q".split()) == 2
+    )  # --parent needs --data
     assert main(f"eval {tiny_dir} --tasks {tmp_path / 'x.yaml'} --harness builtin -q".split()) == 2
     assert "BIG-bench tasks only" in capsys.readouterr().err

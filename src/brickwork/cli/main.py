@@ -156,6 +156,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             raise BrickworkError(f"{', '.join(given)}: option(s) of --tasks, which was not given")
     elif args.harness == "builtin" and (args.hub or args.task_batch_size is not None):
         raise BrickworkError("--hub and --task-batch-size are options of --harness lm-eval")
+    if args.parent and not corpora:
+        raise BrickworkError("--parent compares perplexity on held-out text: give --data too")
     if args.tasks and args.harness != "builtin":
         from brickwork.evaluation.harness import require_lm_eval
 
@@ -166,7 +168,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     if corpora:
         check_window(model, args.window)
-    parent = bw.load_model(args.parent, progress=not args.quiet)[0] if args.parent and corpora else None
+    parent = bw.load_model(args.parent, progress=not args.quiet)[0] if args.parent else None
     results = []
     for data in corpora:
         result = bw.evaluate(
@@ -191,14 +193,15 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if args.harness == "builtin":
             scores = harness.evaluate_builtin(model, tokenizer, args.tasks, examples=args.task_examples)
         else:
+            batch = {"batch_size": args.task_batch_size} if args.task_batch_size is not None else {}
             scores = harness.evaluate_tasks(
                 model,
                 tokenizer,
                 args.tasks,
                 examples=args.task_examples,
-                batch_size=args.task_batch_size or 16,
                 allow_hub=args.hub,
                 progress=not args.quiet,
+                **batch,
             )
         print(("\n" if results else "") + harness.render_table(scores))
         report["harness"] = args.harness or "lm-eval"
@@ -705,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_carve)
 
+    from brickwork.evaluation.harness import DEFAULT_BATCH_SIZE
+
     p = sub.add_parser(
         "eval",
         help="perplexity on held-out text; KL and agreement against a parent model; downstream task accuracy "
@@ -736,7 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="examples per task (default: all of a BIG-bench task's eval half; all of an lm-eval task)",
     )
     p.add_argument(
-        "--task-batch-size", type=_positive_int, help="lm-eval requests per forward pass (default 16)"
+        "--task-batch-size",
+        type=_positive_int,
+        help=f"lm-eval requests per forward pass (default {DEFAULT_BATCH_SIZE})",
     )
     p.add_argument(
         "--hub", action="store_true", help="let lm-eval download task datasets from the Hugging Face hub"

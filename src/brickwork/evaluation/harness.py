@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 BIGBENCH_ALIAS = "bigbench"  # the built-in default task list
 INSTALL_HINT = "pip install 'brickwork[eval]'"
+DEFAULT_BATCH_SIZE = 16  # lm-eval requests per forward pass
 TASK_PREFIX = (
     "brickwork_"  # lm-eval names of the generated BIG-bench tasks, apart from lm-eval's own bigbench_*
 )
@@ -302,7 +303,7 @@ def evaluate_tasks(
     tokenizer,
     tasks: list[str] | tuple[str, ...] = (BIGBENCH_ALIAS,),
     examples: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     allow_hub: bool = False,
     progress: bool = True,
     work_dir: str | Path | None = None,
