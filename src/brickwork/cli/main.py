@@ -139,21 +139,42 @@ def _cmd_profile(args: argparse.Namespace) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     import brickwork as bw
+    from brickwork.data.corpora import DEFAULT_EVALUATION
     from brickwork.data.sources import check_source
     from brickwork.models.loading import check_window
 
-    for data in args.data:
+    corpora = args.data if args.data is not None else ([] if args.tasks else list(DEFAULT_EVALUATION))
+    for data in corpora:
         check_source(data)
     _check_json_path(args.json)
     if args.max_tokens is not None and args.max_tokens < args.window:
         raise BrickworkError(
             f"--max-tokens {args.max_tokens} is less than one --window of {args.window} tokens"
         )
+    task_options = {
+        "task_examples": args.task_examples,
+        "task_batch_size": args.task_batch_size,
+        "hub": args.hub,
+    }
+    if not args.tasks:
+        given = [f"--{k.replace('_', '-')}" for k, v in task_options.items() if v not in (None, False)]
+        given += ["--harness"] if args.harness is not None else []
+        if given:
+            raise BrickworkError(f"{', '.join(given)}: option(s) of --tasks, which was not given")
+    elif args.harness == "builtin" and (args.hub or args.task_batch_size is not None):
+        raise BrickworkError("--hub and --task-batch-size are options of --harness lm-eval")
+    if args.parent and not corpora:
+        raise BrickworkError("--parent compares perplexity on held-out text: give --data too")
+    if args.tasks and args.harness != "builtin":
+        from brickwork.evaluation.harness import require_lm_eval
+
+        require_lm_eval()  # before the model loads
     _check_model(args.model)
     if args.parent:
         _check_model(args.parent)
     model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
-    check_window(model, args.window)
+    if corpora:
+        check_window(model, args.window)
     if args.budget is not None:
         from brickwork.bricks.carve import carved_layers
 
@@ -165,7 +186,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         )
     parent = bw.load_model(args.parent, progress=not args.quiet)[0] if args.parent else None
     results = []
-    for data in args.data:
+    for data in corpora:
         result = bw.evaluate(
             model,
             tokenizer,
@@ -181,12 +202,30 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         if result.kl is not None:
             line += f"  KL(parent||model) {result.kl:.4f}  top-1 agreement {result.agreement:.3%}"
         print(line)
+    report = {"model": args.model, "parent": args.parent, "results": results}
+    if args.tasks:
+        from brickwork.evaluation import harness
+
+        if args.harness == "builtin":
+            scores = harness.evaluate_builtin(model, tokenizer, args.tasks, examples=args.task_examples)
+        else:
+            batch = {"batch_size": args.task_batch_size} if args.task_batch_size is not None else {}
+            scores = harness.evaluate_tasks(
+                model,
+                tokenizer,
+                args.tasks,
+                examples=args.task_examples,
+                allow_hub=args.hub,
+                progress=not args.quiet,
+                **batch,
+            )
+        print(("\n" if results else "") + harness.render_table(scores))
+        report["harness"] = args.harness or "lm-eval"
+        report["tasks"] = [score.to_dict() for score in scores]
     if args.json:
         from brickwork.io_utils import atomic_write_text
 
-        atomic_write_text(
-            args.json, json.dumps({"model": args.model, "parent": args.parent, "results": results}, indent=2)
-        )
+        atomic_write_text(args.json, json.dumps(report, indent=2))
 
 
 def _cmd_bench_quality(args: argparse.Namespace) -> None:
@@ -202,7 +241,16 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "quick": args.quick,
     }
-    for name in ("model", "experts", "shared", "calib", "calib_tokens", "eval_tokens", "task_examples"):
+    for name in (
+        "model",
+        "experts",
+        "shared",
+        "calib",
+        "calib_tokens",
+        "eval_tokens",
+        "task_examples",
+        "harness",
+    ):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.eval:
@@ -742,9 +790,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_carve)
 
-    p = sub.add_parser("eval", help="perplexity on held-out text; KL and agreement against a parent model")
+    from brickwork.evaluation.harness import DEFAULT_BATCH_SIZE
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity on held-out text; KL and agreement against a parent model; downstream task accuracy "
+        "(--tasks) through lm-evaluation-harness",
+    )
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=model_help)
-    p.add_argument("--data", nargs="+", default=list(DEFAULT_EVALUATION), help=data_help)
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help=f"{data_help} (default {' '.join(DEFAULT_EVALUATION)}; none when --tasks is given without --data)",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="downstream tasks, space- or comma-separated: 'bigbench' (the built-in default BIG-bench "
+        "tasks), built-in BIG-bench task names, BIG-bench task.json paths, lm-eval task YAML files or "
+        "directories, lm-eval task names (their datasets from the local Hugging Face cache unless --hub)",
+    )
+    p.add_argument(
+        "--harness",
+        choices=("lm-eval", "builtin"),
+        help="who scores --tasks: lm-evaluation-harness (default; pip install 'brickwork[eval]') or "
+        "brickwork's own BIG-bench scorer",
+    )
+    p.add_argument(
+        "--task-examples",
+        type=_positive_int,
+        help="examples per task (default: all of a BIG-bench task's eval half; all of an lm-eval task)",
+    )
+    p.add_argument(
+        "--task-batch-size",
+        type=_positive_int,
+        help=f"lm-eval requests per forward pass (default {DEFAULT_BATCH_SIZE})",
+    )
+    p.add_argument(
+        "--hub", action="store_true", help="let lm-eval download task datasets from the Hugging Face hub"
+    )
     p.add_argument("--parent", help="a parent model to compare against (KL(parent||model), top-1 agreement)")
     p.add_argument("--window", type=_window, default=512, help="tokens per window (default 512)")
     p.add_argument(
@@ -862,6 +947,12 @@ def build_parser() -> argparse.ArgumentParser:
         "default list; none: no downstream tasks)",
     )
     p.add_argument("--task-examples", type=int, help="examples per task (default 25)")
+    p.add_argument(
+        "--harness",
+        choices=("builtin", "lm-eval"),
+        help="who scores the tasks: brickwork's scorer (default) or lm-evaluation-harness (accuracy ± stderr, "
+        "acc_norm; pip install 'brickwork[eval]')",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few windows")
     p.add_argument("--out", type=Path, default=Path("bench/results/quality"), help="output directory")
