@@ -75,6 +75,13 @@ def main() -> None:
         help="linear routers (fitted, trained) and the oracle bound for --granularity",
     )
     parser.add_argument(
+        "--granularity-targets",
+        nargs="+",
+        type=float,
+        default=[0.25, 0.5],
+        help="read budgets of --granularity",
+    )
+    parser.add_argument(
         "--granularity-combine",
         nargs="+",
         default=["sum"],
@@ -177,8 +184,11 @@ def main() -> None:
             combines=args.granularity_combine,
             d_ff=d_ff,
             gated=gated,
+            targets=args.granularity_targets,
         )
-        configs += neuron_level_defaults(d_ff=d_ff, d_model=d_model, gated=gated)
+        configs += neuron_level_defaults(
+            d_ff=d_ff, d_model=d_model, gated=gated, targets=args.granularity_targets
+        )
     base = bw.CarveConfig(calib_tokens=args.calib_tokens, router_samples=args.router_samples)
     started = time.perf_counter()
     calibration = calibrate(model, tokenizer, args.calib, base)
@@ -253,13 +263,13 @@ def main() -> None:
     print(render_table(results))
 
 
-def neuron_level_defaults(d_ff: int, d_model: int, gated: bool) -> list[dict]:
+def neuron_level_defaults(d_ff: int, d_model: int, gated: bool, targets=(0.25, 0.5)) -> list[dict]:
     """The measured default carve (``presets.recommended``: neuron level, partial router) at 25% and 50% reads,
     the quality that no stock format can hold, as the reference line of the granularity grid."""
     from brickwork.bricks.presets import recommended
 
     rows = []
-    for target in (0.25, 0.5):
+    for target in targets:
         c = recommended(target, d_ff=d_ff, d_model=d_model, gated=gated)
         rows.append(
             dict(
@@ -282,6 +292,7 @@ def granularity_grid(
     combines: tuple[str, ...] | list[str] = ("sum",),
     d_ff: int = 1536,
     gated: bool = True,
+    targets=(0.25, 0.5),
 ) -> list[dict]:
     """Carves from 16 experts to the neuron level at 25% and 50% of FFN reads (SmolLM2's d_ff by default).
 
@@ -296,7 +307,7 @@ def granularity_grid(
             raise SystemExit(f"--granularity: {experts} does not divide d_ff {d_ff}")
         shared = max(1, experts // 8)
         router_reads = experts / ((3 if gated else 2) * d_ff)
-        for target in (0.25, 0.5):
+        for target in targets:
             for router in routers:
                 budget = target if router == "oracle" else target - router_reads
                 active = round(budget * experts) - shared
