@@ -115,13 +115,20 @@ def carved_ggufs(lcpp: Path, carved: Path, tokenizer, data: str, work: Path) -> 
     return out, reports
 
 
-def carve_here(model, tokenizer, specs: list[str], calib: str, work: Path) -> list[Path]:
+def carve_here(
+    model, tokenizer, specs: list[str], calib: str, work: Path, calib_tokens: int = 16384
+) -> list[Path]:
     """Carve ``model`` as each spec says (one calibration pass), save each under ``work``; return the folders."""
     from carving_quality import parse_config
 
     from brickwork.bricks import calibrate
 
-    configs = [bw.CarveConfig(**parse_config(spec)) for spec in specs]
+    configs = [
+        bw.CarveConfig(
+            **parse_config(spec), calib_tokens=calib_tokens, router_samples=min(8192, calib_tokens)
+        )
+        for spec in specs
+    ]
     calibration = calibrate(model, tokenizer, calib, configs[0])
     out = []
     for config in configs:
@@ -268,6 +275,12 @@ def main() -> None:
         "--config: e.g. experts=64,shared=8,active=24,router=fitted,intercept=false,combine=softmax",
     )
     parser.add_argument("--calib", default="wiki", help="calibration text of --carve")
+    parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens of --carve")
+    parser.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="only the f32 and f16 files' agreement with brickwork (no Q8_0, greedy text or llama-bench)",
+    )
     parser.add_argument("--model", default="smollm2-135m", help="the dense parent")
     parser.add_argument("--data", default="botchan")
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens for perplexity")
@@ -294,10 +307,13 @@ def main() -> None:
     started = time.perf_counter()
 
     if args.carve:
-        args.carved = [*args.carved, *carve_here(dense_model, tokenizer, args.carve, args.calib, work)]
+        args.carved = [
+            *args.carved,
+            *carve_here(dense_model, tokenizer, args.carve, args.calib, work, args.calib_tokens),
+        ]
     if not args.carved:
         parser.error("give carved models (--carved) or configurations to carve (--carve)")
-    models = {"dense": (dense_model, dense_ggufs(lcpp, args.model, work), None)}
+    models = {} if args.quality_only else {"dense": (dense_model, dense_ggufs(lcpp, args.model, work), None)}
     for carved in args.carved:
         files, export_checks = carved_ggufs(lcpp, carved, tokenizer, args.data, work)
         models[carved.name] = (bw.load(carved), files, export_checks)
@@ -333,6 +349,10 @@ def main() -> None:
                 print(name, dtype, kv, quality[f"{dtype}/kv-{kv}"], flush=True)
                 del llm
         entry["quality"] = quality
+        if args.quality_only:
+            results["models"][name] = entry
+            write_results(args.out, results, render(results))
+            continue
         llm = open_llama(files["f32"], args.window, args.threads, "f32")
         ours, theirs = (
             greedy_brickwork(model, tokenizer, args.new_tokens),
@@ -347,6 +367,9 @@ def main() -> None:
         results["models"][name] = entry
         write_results(args.out, results, render(results))
 
+    if args.quality_only:
+        print(render(results))
+        return
     files = {f"{name}/{dtype}": path for name, (_, fs, _) in models.items() for dtype, path in fs.items()}
     speed = bench_speed(lcpp, files, args.threads, args.rounds, prompt=128, decode=64)
     for name in models:
@@ -403,8 +426,11 @@ def render(results: dict) -> str:
                     f"| {name} | {dtype} | {sp['tg']:.1f} | x{sp['tg_vs_dense']:.2f} | {sp['pp']:.0f} | "
                     f"x{sp['pp_vs_dense']:.2f} |"
                 )
-    lines += ["", "## Greedy continuations (llama.cpp f32, KV f32) equal to brickwork's", ""]
+    if any("greedy" in e for e in results["models"].values()):
+        lines += ["", "## Greedy continuations (llama.cpp f32, KV f32) equal to brickwork's", ""]
     for name, e in results["models"].items():
+        if "greedy" not in e:
+            continue
         same = e["greedy"]["same"]
         lines.append(f"- {name}: {sum(same)}/{len(same)} prompts identical")
         for ours, theirs, ok in zip(e["greedy"]["brickwork"], e["greedy"]["llama_cpp"], same, strict=True):
