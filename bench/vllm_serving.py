@@ -57,7 +57,6 @@ DEFAULT_CARVES = (
     "16:2:2:softmax:qwen2_moe",
     "16:2:6:softmax:qwen2_moe",
     "stock=0.5:qwen2_moe",
-    "16:2:2:softmax_topk:qwen2_moe",
     "16:0:4:softmax_topk:mixtral",
 )
 
@@ -73,11 +72,11 @@ def vllm_python(given: Path | None) -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
-def carve_config(spec: str, d_ff: int) -> tuple[bw.CarveConfig, str]:
+def carve_config(spec: str, d_ff: int, **overrides) -> tuple[bw.CarveConfig, str]:
     """``E:S:K:RULE:FORMAT`` or ``stock=F:FORMAT`` -> (config, export format)."""
     *shape, fmt = spec.split(":")
     if shape[0].startswith("stock="):
-        return stock_recommended(float(shape[0].split("=")[1]), d_ff), fmt
+        return stock_recommended(float(shape[0].split("=")[1]), d_ff, **overrides), fmt
     experts, shared, active, rule = shape
     config = bw.CarveConfig(
         experts=int(experts),
@@ -87,6 +86,7 @@ def carve_config(spec: str, d_ff: int) -> tuple[bw.CarveConfig, str]:
         router="fitted",
         router_options={"intercept": False},
         combine=rule,
+        **overrides,
     )
     return config, fmt
 
@@ -147,6 +147,12 @@ def main() -> None:
     )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument(
+        "--transformers-check",
+        action="store_true",
+        help="also reload each export in transformers and compare (export's own validation)",
+    )
     parser.add_argument("--data", nargs="+", default=["botchan", "lee-news"], help="held-out corpora")
     parser.add_argument("--tokens", type=int, default=1024, help="held-out tokens per corpus")
     parser.add_argument("--window", type=int, default=512)
@@ -176,7 +182,7 @@ def main() -> None:
 
     # brickwork's side of every model; the carve is undone after its export
     d_ff = model.config.intermediate_size
-    configs = [(spec, *carve_config(spec, d_ff)) for spec in carves]
+    configs = [(spec, *carve_config(spec, d_ff, calib_tokens=args.calib_tokens)) for spec in carves]
     calibration = calibrate(model, tokenizer, args.calib, configs[0][1], progress=False)
     entries: dict[str, dict] = {}
     folders: dict[str, str] = {}
@@ -204,9 +210,8 @@ def main() -> None:
             "combine": brick.combine.rule,
         }
         try:
-            exported = export(
-                model, work / name, fmt, tokenizer, validate_data=args.data[0], validate_tokens=1024
-            )
+            check = args.data[0] if args.transformers_check else None
+            exported = export(model, work / name, fmt, tokenizer, validate_data=check, validate_tokens=1024)
             entry["transformers_validation"] = exported.validation
             folders[name] = str(work / name)
         except BrickworkError as error:
@@ -214,9 +219,7 @@ def main() -> None:
         entry["brickwork"] = brickwork_scores(model, windows)
         entry["brickwork_greedy"] = brickwork_greedy(model, prompts, args.new_tokens)
         entries[name] = entry
-        print(
-            name, "exported:", entry.get("transformers_validation") or entry.get("export_error"), flush=True
-        )
+        print(time.strftime("%H:%M:%S"), name, entry.get("export_error", "exported, scored"), flush=True)
         bw.uncarve_(model)
     del model, calibration
 
