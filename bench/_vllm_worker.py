@@ -75,8 +75,8 @@ def main() -> None:
     prompt = TokensPrompt(prompt_token_ids=job["prompts"][0])
     decode = SamplingParams(temperature=0.0, max_tokens=job["decode_tokens"], ignore_eos=True)
     first = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for llm in engines.values():  # warm-up
-        llm.generate([prompt], decode, use_tqdm=False)
+    for llm in engines.values():  # warm-up (the greedy and scoring calls above already ran every path)
+        llm.generate([prompt], first, use_tqdm=False)
     for _ in range(job["rounds"]):
         for name, llm in engines.items():
             started = time.perf_counter()

@@ -315,7 +315,9 @@ def render(results: dict) -> str:
         f"{' + '.join(s['data'])}, {s['tokens']} tokens each in windows of {s['window']} (transformers' "
         "tokenization, every position after the first scored)",
         "",
-        f"Command: `{s['command']}`",
+        f"Command: `{s['command']}` (load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in s['load_average'])} on {os.cpu_count()} CPUs: other jobs shared them; "
+        f"vLLM side {'complete' if s['vllm_complete'] else 'INCOMPLETE (exit ' + str(s['vllm_exit']) + ')'})",
         "",
         "## Quality: vLLM against brickwork's own forward of the same model (fp32), same token ids",
         "",
