@@ -35,7 +35,12 @@ def main() -> None:
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1)
     result: dict = {"vllm": vllm.__version__, "models": {}}
     engines = {}
-    for name, folder in job["models"].items():
+    # MoE models first: vLLM sets up its parallel groups once per process, with the first model, and creates the
+    # expert-parallel group only for a MoE model; Mixtral loaded after the dense parent then fails with "expert
+    # parallel group is not initialized" (Qwen2-MoE does not ask for it), and loads fine first or alone.
+    order = sorted(job["models"], key=lambda name: name == "dense")
+    for name in order:
+        folder = job["models"][name]
         entry: dict = {}
         result["models"][name] = entry
         started = time.perf_counter()
