@@ -115,7 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
     parser.add_argument("--eval-tokens", type=int, default=1024)
-    parser.add_argument("--local-tokens", type=int, default=LocalRecoveryConfig.tokens)
+    parser.add_argument(
+        "--local-tokens", type=int, default=LocalRecoveryConfig.tokens, help="0: no local recovery before e2e"
+    )
     parser.add_argument(
         "--e2e-tokens",
         type=int,
@@ -166,10 +168,11 @@ def main() -> None:
         configs[f"activation+fitted (2+{round(fraction * 16) - 2} of 16)"] = dict(
             experts=16, shared=2, active=round(fraction * 16) - 2, method="activation", router="fitted"
         )
-        stock = stock_recommended(fraction, d_ff=1536)  # carve --stock: exports exactly to qwen2_moe and gguf
-        configs[f"stock {stock.shared}+{stock.active} of {stock.experts}, softmax"] = {
-            k: v for k, v in stock.to_dict().items() if k in KEYS
-        }
+        for combine in ("softmax", "sigmoid"):  # carve --stock [--combine sigmoid]: exact stock exports
+            stock = stock_recommended(fraction, d_ff=1536, combine=combine)
+            configs[f"stock {stock.shared}+{stock.active} of {stock.experts}, {combine}"] = {
+                k: v for k, v in stock.to_dict().items() if k in KEYS
+            }
     if args.configs:
         configs = {k: v for k, v in configs.items() if k in args.configs}
     rows = []
@@ -180,16 +183,19 @@ def main() -> None:
         with torch.no_grad():
             before = {h.data: h.score(work) for h in heldout}
         started = time.perf_counter()
-        local = recover_local_(work, tokenizer, "wiki", LocalRecoveryConfig(tokens=args.local_tokens))
+        layers = []
+        if args.local_tokens:  # 0: e2e starts from the training-free carve
+            local = recover_local_(work, tokenizer, "wiki", LocalRecoveryConfig(tokens=args.local_tokens))
+            layers = [vars(x) for x in local.layers]
         local_seconds = time.perf_counter() - started
         with torch.no_grad():
-            after = {h.data: h.score(work) for h in heldout}
+            after = {h.data: h.score(work) for h in heldout} if layers else before
         row = {
             "name": name,
             "config": kwargs,
             "active_fraction": report.active_fraction,
             "before": before,
-            "local": {"heldout": after, "seconds": local_seconds, "layers": [vars(x) for x in local.layers]},
+            "local": {"heldout": after, "seconds": local_seconds, "layers": layers},
         }
         print(
             f"{name}: reads {report.active_fraction:.1%}; "

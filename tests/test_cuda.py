@@ -95,6 +95,16 @@ def test_recovery_and_scoring_on_cuda(text_file, tokenizer):
     assert next(other.parameters()).device.type == "cuda"
 
 
+def test_local_recovery_of_a_weighted_carve_on_cuda(text_file, tokenizer):
+    """The combine rule's temperature and scale are refitted from GPU tensors (fitted on the CPU)."""
+    model = carved_tiny(text_file, tokenizer, experts=8, shared=1, active=2, combine="sigmoid").to(CUDA)
+    report = recover_local_(
+        model, tokenizer, str(text_file), LocalRecoveryConfig(tokens=1024, window=64), progress=False
+    )
+    assert all(layer.error_after < layer.error_before for layer in report.layers)
+    assert all(b.combine.rule == "sigmoid" for b in carved_layers(model).values())
+
+
 def test_save_on_cuda_and_load_to_cuda(tmp_path, text_file, tokenizer):
     model = carved_tiny(text_file, tokenizer, **CONFIGS["neurons+partial+down rows"]).to(CUDA)
     bw.save(model, tmp_path / "carved", tokenizer)

@@ -308,6 +308,42 @@ def test_weighted_carves_export_exactly_without_conversion(tmp_path, text_file, 
         assert gguf_architecture(out) == ("glm4moe" if combine == "sigmoid" else "qwen2moe")
 
 
+def test_glm4_moe_of_a_tied_model_writes_the_head(tmp_path, text_file, tokenizer):
+    """vLLM's Glm4MoeForCausalLM never ties lm_head to the embeddings (it stayed zero: uniform output), so a tied
+    source is exported untied with the head in the file."""
+    from safetensors import safe_open
+
+    model = tiny().eval()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.get_input_embeddings().weight
+    bw.carve_(
+        model,
+        bw.CarveConfig(
+            experts=8,
+            shared=1,
+            active=2,
+            router="fitted",
+            router_options={"intercept": False},
+            combine="sigmoid",
+            method="random",
+            calib_tokens=512,
+            router_samples=256,
+            window=64,
+        ),
+        calib=str(text_file),
+        tokenizer=tokenizer,
+        progress=False,
+    )
+    out = tmp_path / "g"
+    report = export(
+        model, out, "glm4_moe", tokenizer, validate_data=str(text_file), validate_tokens=256, window=64
+    )
+    assert report.validation["agreement"] == 1.0 and abs(report.validation["kl"]) < 1e-8
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), model.get_input_embeddings().weight.detach())
+
+
 def test_glm4_moe_holds_attention_biases_leading_dense_layers_and_no_shared_experts(
     tmp_path, text_file, tokenizer
 ):

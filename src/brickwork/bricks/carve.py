@@ -386,8 +386,8 @@ def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024)
     x = x.float()
     scores = brick.router(x, brick).float()
     selection = topk_by_position(scores, k)
-    outputs = torch.empty(len(x), k, brick.d_model)
-    target = torch.empty(len(x), brick.d_model)
+    outputs = torch.empty(len(x), k, brick.d_model, device=x.device)  # the brick's device (GPU recovery)
+    target = torch.empty(len(x), brick.d_model, device=x.device)
     for start in range(0, len(x), chunk):
         rows = slice(start, start + chunk)
         h = brick.hidden(x[rows], s, brick.d_ff)  # [n, E * size]
@@ -399,7 +399,7 @@ def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024)
                 neurons = slice(expert * size, (expert + 1) * size)
                 part = h[tokens, neurons] @ brick.down_t[s + expert * size : s + (expert + 1) * size]
                 outputs[start + tokens, slots] = part
-    return fit_combine(rule, scores, outputs, target, k)
+    return fit_combine(rule, scores.cpu(), outputs.cpu(), target.cpu(), k)  # fitted on the CPU, any device
 
 
 def _weights_per_neuron(ffn: FFN) -> int:

@@ -349,6 +349,8 @@ def _stock_config(model, plan: _Plan, format: str):
     if plan.stock_format(format) == "glm4_moe":
         rope = dict(common.pop("rope_parameters", None) or {"rope_type": "default", "rope_theta": 10000.0})
         dense = sorted(set(range(model.config.num_hidden_layers)) - set(plan.bricks))
+        if format == "glm4_moe":  # vLLM's Glm4MoeForCausalLM never ties: it needs lm_head.weight in the file
+            common["tie_word_embeddings"] = False
         return tf.Glm4MoeConfig(
             **common,
             rope_parameters=rope | {"partial_rotary_factor": 1.0},  # GLM-4.5 rotates half; Llama all
