@@ -27,8 +27,8 @@ from brickwork.models.specs import find_ffns  # noqa: E402
 def family_config(family: str, budget: float, d_ff: int, d_model: int) -> bw.CarveConfig:
     if family == "neuron-level default":
         return recommended(budget, d_ff=d_ff, d_model=d_model)
-    if family == "stock 64 experts softmax":
-        return stock_recommended(budget, d_ff=d_ff)
+    if family.startswith("stock 64 experts "):  # carve --stock [--combine sigmoid]
+        return stock_recommended(budget, d_ff=d_ff, combine=family.rsplit(" ", 1)[1])
     if family == "16 experts sum":
         return bw.CarveConfig(
             experts=16, shared=2, active=max(1, round(budget * 16) - 2), method="activation", router="fitted"
@@ -36,7 +36,7 @@ def family_config(family: str, budget: float, d_ff: int, d_model: int) -> bw.Car
     raise SystemExit(f"unknown family {family!r}")
 
 
-FAMILIES = ("neuron-level default", "stock 64 experts softmax", "16 experts sum")
+FAMILIES = ("neuron-level default", "stock 64 experts softmax", "stock 64 experts sigmoid", "16 experts sum")
 
 
 def main() -> None:
