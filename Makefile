@@ -71,12 +71,14 @@ bench-combine: setup
 bench-budget: setup
 	$(BIN)/python bench/budget_curve.py --out bench/results/budget-smollm2
 
-# llama.cpp itself (scripts/build_llama_cpp.sh builds it once, ~25 min on 2 cores): the --stock carves and 16-expert
-# ones at f32/f16/Q8_0 against brickwork's forward, greedy output, llama-bench speed against dense
+# llama.cpp itself (scripts/build_llama_cpp.sh builds it once, ~25 min on 2 cores): the --stock carves (sigmoid,
+# glm4moe) and 16-expert ones at f32/f16/Q8_0 against brickwork's forward, greedy output, llama-bench speed against
+# dense; COMBINE=softmax for the qwen2moe ones (bench/results/llama-cpp-smollm2)
+COMBINE ?= sigmoid
 bench-llama-cpp: setup
 	$(BIN)/pip install -q -e '.[llama-cpp]'
-	$(BIN)/python bench/llama_cpp_serving.py --out bench/results/llama-cpp-smollm2 \
-		$(foreach e,64:8:24 64:8:8 16:2:6 16:2:2,--carve experts=$(word 1,$(subst :, ,$(e))),shared=$(word 2,$(subst :, ,$(e))),active=$(word 3,$(subst :, ,$(e))),router=fitted,intercept=false,combine=softmax)
+	$(BIN)/python bench/llama_cpp_serving.py --out bench/results/llama-cpp-smollm2$(if $(filter sigmoid,$(COMBINE)),/sigmoid) \
+		$(foreach e,64:8:24 64:8:8 16:2:6 16:2:2,--carve experts=$(word 1,$(subst :, ,$(e))),shared=$(word 2,$(subst :, ,$(e))),active=$(word 3,$(subst :, ,$(e))),router=fitted,intercept=false,combine=$(COMBINE))
 
 # Carving within memory (bench/carve_in_memory.py): (a) qwen2.5-1.5b carved layer by layer at 50%, bf16 storage, time
 # and peak RSS per step; (b) a random 8B-shaped model (hidden 4096, d_ff 14336), 2 layers carved, 32 projected.

@@ -56,7 +56,8 @@ PROMPTS = (
 DEFAULT_CARVES = (
     "16:2:2:softmax:qwen2_moe",
     "16:2:6:softmax:qwen2_moe",
-    "stock=0.5:qwen2_moe",
+    "64:8:24:softmax:qwen2_moe",
+    "stock=0.5:glm4_moe",
     "16:0:4:softmax_topk:mixtral",
 )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -230,7 +232,7 @@ def test_stock_preset_reads_about_what_was_asked_and_exports(tmp_path, text_file
     from brickwork.io.export import plan_export
 
     config = stock_recommended(fraction, d_ff=1536)
-    assert config.experts == 64 and config.shared == 8 and config.combine == "softmax"
+    assert config.experts == 64 and config.shared == 8 and config.combine == "sigmoid"
     assert abs((config.shared + config.active) / config.experts - fraction) < 1 / 64
     assert stock_recommended(0.5, d_ff=4864).experts == 64  # Qwen2.5-0.5B: 76 neurons per expert
     assert stock_recommended(0.5, d_ff=1000).experts in (50, 40)  # no 64: the nearest divisor in ratio
@@ -245,7 +247,7 @@ def test_stock_preset_reads_about_what_was_asked_and_exports(tmp_path, text_file
             for k in ("experts", "shared", "active", "router", "router_options", "combine")
         },
     )
-    for format in ("qwen2_moe", "gguf"):
+    for format in ("glm4_moe", "gguf"):
         plan_export(model, format)  # stock-exportable: no refusal
 
 
@@ -285,6 +287,30 @@ def test_cli_stock_needs_a_budget_and_chooses_active(tmp_path, tiny_dir, text_fi
         )
         == 0
     )
-    assert "combine softmax" in capsys.readouterr().out
+    assert "combine sigmoid" in capsys.readouterr().out
     bricks = carved_layers(bw.load(tmp_path / "c"))
-    assert {b.combine.rule for b in bricks.values()} == {"softmax"}
+    assert {b.combine.rule for b in bricks.values()} == {"sigmoid"}
+    # export without --format: the carve's own stock format (glm4_moe), or GGUF for a .gguf output
+    assert (
+        cli(
+            [
+                "export",
+                str(tmp_path / "c"),
+                "--out",
+                str(tmp_path / "e"),
+                "--data",
+                str(text_file),
+                "--tokens",
+                "128",
+                "--window",
+                "64",
+                "-q",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["model_type"] == "glm4_moe"
+    assert cli(["export", str(tmp_path / "c"), "--out", str(tmp_path / "e.gguf"), "--no-validate", "-q"]) == 0
+    from brickwork.io.gguf import gguf_architecture
+
+    assert gguf_architecture(tmp_path / "e.gguf") == "glm4moe"

@@ -70,9 +70,11 @@ def recommended(
     return CarveConfig(**options)
 
 
-# Stock-exportable carves: expert-level, a bias-free linear router and the softmax combine rule, which qwen2_moe
-# (transformers, vLLM) and GGUF (llama.cpp) compute exactly. Per budget, the number of experts per FFN that
-# evaluated best on SmolLM2 (bench/results/combine-smollm2); 1/8 of them shared.
+# Stock-exportable carves: expert-level, a bias-free linear router and DeepSeek-V3's sigmoid combine rule, which
+# glm4_moe (transformers, vLLM) and GGUF's glm4moe (llama.cpp) compute exactly. Sigmoid evaluated better than
+# softmax (qwen2_moe) at every measured point, training-free and after distillation (bench/results/combine-smollm2,
+# recovery-gpu-stock). Per budget, the number of experts per FFN that evaluated best on SmolLM2 among those
+# llama.cpp runs faster than dense (bench/results/combine-smollm2, llama-cpp-smollm2); 1/8 of them shared.
 MEASURED_STOCK = ((0.25, 64), (0.50, 64))
 
 
@@ -80,7 +82,8 @@ def stock_recommended(active_fraction: float, d_ff: int, **overrides) -> CarveCo
     """The best measured stock-exportable configuration reading about ``active_fraction`` of the FFN per token
     (``brickwork carve --active-fraction F --stock``): ``experts`` from :data:`MEASURED_STOCK` at the nearest
     budget (or the divisor of ``d_ff`` nearest to it, in ratio, with at least 4 neurons per expert), 1/8 of them
-    shared, method ``activation``, the ``fitted`` router without intercept, ``combine="softmax"``.
+    shared, method ``activation``, the ``fitted`` router without intercept, ``combine="sigmoid"`` (exports to
+    ``glm4_moe`` and GGUF; ``combine="softmax"`` for ``qwen2_moe``).
     ``overrides`` (CarveConfig fields; None: not given) replace them."""
     if not 0 < active_fraction <= 1:
         raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction}")
@@ -100,7 +103,7 @@ def stock_recommended(active_fraction: float, d_ff: int, **overrides) -> CarveCo
         "method": "activation",
         "router": "fitted",
         "router_options": {"intercept": False},
-        "combine": "softmax",
+        "combine": "sigmoid",
     }
     router_options = given.pop("router_options", None) or {}
     options.update(given)

@@ -262,6 +262,19 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}/results.json, results.md, quality.png")
 
 
+def _default_export_format(model: str, out: Path) -> str:
+    """``export --format`` when not given: gguf for a ``.gguf`` output, else the stock format that computes the
+    carve's combine rule (sigmoid: glm4_moe; otherwise qwen2_moe)."""
+    if Path(out).suffix == ".gguf":
+        return "gguf"
+    try:
+        layers = json.loads((Path(model) / "brickwork.json").read_text())["layers"]
+        rules = {(layer.get("combine") or {}).get("rule", "sum") for layer in layers}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "qwen2_moe"  # the checks that follow say what is wrong with the folder
+    return "glm4_moe" if rules == {"sigmoid"} else "qwen2_moe"
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     import brickwork as bw
     from brickwork.data.sources import check_source
@@ -269,6 +282,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from brickwork.models.loading import check_window
 
     inputs = _local_inputs(args.model)
+    args.format = args.format or _default_export_format(args.model, args.out)
     check_export_output(args.out, args.format, args.overwrite, inputs)
     _check_json_path(args.json)
     if not args.no_validate:
@@ -737,7 +751,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stock",
         action="store_true",
         help="with --active-fraction: the best measured configuration that stock MoE engines run exactly "
-        "(expert-level, fitted bias-free router, softmax combine; exports to qwen2_moe and gguf)",
+        "(expert-level, fitted bias-free router, sigmoid combine: exports to glm4_moe and gguf; add "
+        "--combine softmax for qwen2_moe)",
     )
     _config_option(p, "--method", CarveConfig, "method", choices=sorted(GROUPING_METHODS))
     _config_option(p, "--router", CarveConfig, "router", choices=sorted(ROUTERS))
@@ -853,7 +868,12 @@ def build_parser() -> argparse.ArgumentParser:
         "then load it back with stock transformers and compare",
     )
     p.add_argument("model", help="a carved model directory (brickwork carve --out)")
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="qwen2_moe")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        help="default: gguf for an --out ending in .gguf, else the carve's own: glm4_moe for a sigmoid carve, "
+        "qwen2_moe otherwise",
+    )
     p.add_argument(
         "--out", type=Path, required=True, help="output directory (a .gguf file for --format gguf)"
     )
