@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -278,6 +279,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of the simulated model")
     parser.add_argument("--project-layers", type=int, default=32, help="layers of the full carve projected")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed)")
+    parser.add_argument("--keep-carve", type=Path, help="move the real model's carve here (to evaluate it)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/carve-in-memory"))
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
@@ -300,6 +302,8 @@ def main() -> None:
         if not args.skip_real:
             results["real"] = run_real(args, work)
             real = results["real"]
+            if args.keep_carve:
+                shutil.move(work / "real-carved", args.keep_carve)
             lines += _table(f"(a) {args.model} at {args.active_fraction:.0%}", real)
             lines += [
                 f"Targets: under {TARGETS['real']['seconds'] // 60} min ({real['meets_targets']['seconds']}), peak RSS "
