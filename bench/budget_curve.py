@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -78,13 +79,8 @@ def main() -> None:
             }
 
     def carve(config: bw.CarveConfig) -> float:
-        config = bw.CarveConfig(
-            **config.to_dict()
-            | {
-                "calib_tokens": args.calib_tokens,
-                "router_samples": args.router_samples,
-                "accumulate": "float32",
-            }
+        config = replace(
+            config, calib_tokens=args.calib_tokens, router_samples=args.router_samples, accumulate="float32"
         )
         return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
 
