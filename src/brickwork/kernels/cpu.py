@@ -304,13 +304,22 @@ if HAVE_NUMBA:
 
     @njit(cache=True, inline="always")
     def _computed_neurons(chosen, shared, size):
-        """Stored indices of the shared neurons, then of each chosen expert's neurons, for one token."""
-        neurons = np.empty(shared + chosen.shape[0] * size, dtype=np.int64)
+        """Stored indices of the shared neurons, then of each chosen expert's neurons, for one token; a slot
+        holding -1 (an expert a per-token budget dropped) is skipped."""
+        routed = 0
+        for c in range(chosen.shape[0]):
+            if chosen[c] >= 0:
+                routed += 1
+        neurons = np.empty(shared + routed * size, dtype=np.int64)
         for i in range(shared):
             neurons[i] = i
+        j = shared
         for c in range(chosen.shape[0]):
+            if chosen[c] < 0:
+                continue
             for i in range(size):
-                neurons[shared + c * size + i] = shared + chosen[c] * size + i
+                neurons[j + i] = shared + chosen[c] * size + i
+            j += size
         return neurons
 
     @njit(cache=True, inline="always")
@@ -364,10 +373,14 @@ if HAVE_NUMBA:
         neurons = _computed_neurons(chosen, shared, size)
         m = neurons.shape[0]
         h = _token_hidden(x, rows, neurons)
+        j = shared
         for c in range(chosen.shape[0]):
+            if chosen[c] < 0:  # dropped by a per-token budget: not computed
+                continue
             w = np.float32(weights[c])
             for i in range(size):
-                h[shared + c * size + i] *= w
+                h[j + i] *= w
+            j += size
         if keep >= m:
             _down_rows(rows, neurons, h, out, x)
         else:
@@ -411,13 +424,14 @@ if HAVE_NUMBA:
 
     @njit(cache=True)
     def _token_lists(items, n):
-        """For ``items [T, k]`` of values in [0, n): ``offsets [n + 1]`` and ``tokens`` such that
+        """For ``items [T, k]`` of values in [0, n) (or -1: nothing): ``offsets [n + 1]`` and ``tokens`` such that
         ``tokens[offsets[v]:offsets[v + 1]]`` are the rows holding value v, ascending."""
         rows, k = items.shape
         offsets = np.zeros(n + 1, dtype=np.int64)
         for t in range(rows):
             for c in range(k):
-                offsets[items[t, c] + 1] += 1
+                if items[t, c] >= 0:
+                    offsets[items[t, c] + 1] += 1
         for v in range(n):
             offsets[v + 1] += offsets[v]
         tokens = np.empty(offsets[n], dtype=np.int64)
@@ -425,8 +439,9 @@ if HAVE_NUMBA:
         for t in range(rows):
             for c in range(k):
                 v = items[t, c]
-                tokens[fill[v]] = t
-                fill[v] += 1
+                if v >= 0:
+                    tokens[fill[v]] = t
+                    fill[v] += 1
         return offsets, tokens
 
     @njit(cache=True, parallel=True)
@@ -548,20 +563,22 @@ if HAVE_NUMBA:
     @njit(cache=True, parallel=True)
     def _kept_rows(h, chosen, shared, size, keep):
         """``[T, keep]`` stored indices of the ``keep`` largest |h| among each token's computed neurons (all of
-        them when ``keep`` is at least their number), in the order :func:`_topk_indices` gives."""
+        them when ``keep`` is at least their number), in the order :func:`_topk_indices` gives; a token that
+        computes fewer (a per-token budget dropped experts) has -1 after its own."""
         tokens = h.shape[0]
-        m = shared + chosen.shape[1] * size
-        k = min(keep, m)
+        k = min(keep, shared + chosen.shape[1] * size)
         out = np.empty((tokens, k), dtype=np.int64)
         for t in prange(tokens):
             computed = _computed_neurons(chosen[t], shared, size)
+            m = computed.shape[0]
             if k < m:
                 values = np.empty(m, dtype=np.float32)
                 for i in range(m):
                     values[i] = abs(h[t, computed[i]])
                 out[t] = computed[_topk_indices(values, k)]
             else:
-                out[t] = computed
+                out[t, :m] = computed
+                out[t, m:] = -1
         return out
 
     @njit(cache=True, parallel=True, fastmath=True)
@@ -572,6 +589,8 @@ if HAVE_NUMBA:
             acc = np.zeros(out.shape[1], dtype=x.dtype)
             for i in range(kept.shape[1]):
                 n = kept[t, i]
+                if n < 0:  # the token's own neurons end here
+                    break
                 _axpy(rows[n, 2], x.dtype.type(h[t, n]), acc)
             out[t] = acc
 
