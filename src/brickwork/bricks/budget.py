@@ -76,12 +76,14 @@ def restore_calibrated(brick: BrickFFN, record) -> None:
 
 
 def _fraction_with(brick: BrickFFN, settings: dict) -> float:
-    current = _settings(brick)
+    current, spec = _settings(brick), brick.spec
+    brick.spec = replace(spec, token_budget=None)  # the cap's reads (and no min_active above a trial top-k)
     _apply(brick, settings)
     try:
         return brick.active_fraction()
     finally:
         _apply(brick, current)
+        brick.spec = spec
 
 
 def layer_settings(brick: BrickFFN, budget: float) -> dict:
