@@ -328,3 +328,39 @@ def test_cli_eval_with_a_token_threshold_or_a_fitted_token_budget(tmp_path, tiny
         == 2
     )
     assert "dense" in capsys.readouterr().err
+
+
+def test_the_compiled_cut_is_the_torch_one_ties_and_zeros_included():
+    from brickwork.bricks.adaptive import drop_slots
+    from brickwork.kernels import cpu
+    from brickwork.routing.base import topk_by_position
+
+    if not kernels.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        experts = [5, 16, 64, 100][trial % 4]
+        active = int(torch.randint(1, experts + 1, (1,), generator=generator))
+        values = torch.randn(40, experts, generator=generator)
+        if trial % 3 == 0:  # ties, negative and zero masses
+            values = (values * 2).round() / 2
+        clamp = trial % 2 == 0
+        if not clamp:
+            values = values.abs()
+        budget = TokenBudget(
+            threshold=float(torch.rand(1, generator=generator)) * 0.99 + 0.005,
+            min_active=trial % 3,
+            zero_mass=[0.0, 0.5, 3.0][trial % 3],
+        )
+        if budget.min_active > active:
+            continue
+        selection = topk_by_position(values, active)
+        mass = values.gather(1, selection)
+        mass = mass.clamp_min(0) if clamp else mass
+        kept = kept_counts(mass, budget)
+        expected = selection.masked_fill(drop_slots(selection, kept), -1)
+        chosen, dropped = cpu.cut_by_mass(
+            values.numpy(), active, budget.threshold, budget.min_active, budget.zero_mass, clamp
+        )
+        assert torch.equal(torch.from_numpy(chosen), expected), trial
+        assert torch.equal(torch.from_numpy(dropped), dropped_share(mass, kept)), trial

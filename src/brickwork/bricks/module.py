@@ -287,10 +287,16 @@ class BrickFFN(nn.Module):
         return self._cap_mass(self.scores(x))
 
     def _cap_mass(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self.ranked_values(scores)
+        selection = topk_by_position(values, self.active)
+        mass = values.gather(1, selection)
+        return selection, mass if self.combine.weighted else mass.clamp_min(0)
+
+    def ranked_values(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[T, E]`` what a per-token budget ranks experts by and reads their mass from: the rule's probabilities,
+        or for the ``sum`` rule the router's scores (their mass: clamped at 0), if they estimate activation mass."""
         if self.combine.weighted:
-            probs = self.combine.probabilities(scores)
-            selection = topk_by_position(probs, self.active)
-            return selection, probs.gather(1, selection)
+            return self.combine.probabilities(scores)
         if not self.router.predicts_mass:
             raise BrickworkError(
                 f"a per-token budget keeps experts by their share of the router's mass, and the "
@@ -298,8 +304,7 @@ class BrickFFN(nn.Module):
                 "router that predicts activation mass (fitted, oracle, partial, lowrank, representative) or "
                 "with a weighted combine rule (softmax, softmax_topk, sigmoid)"
             )
-        selection = topk_by_position(scores, self.active)
-        return selection, scores.gather(1, selection).clamp_min(0)
+        return scores
 
     def _route_within_cap(self, scores: torch.Tensor):
         """A per-token budget's routing from the router's ``scores``: the top ``active`` experts in router order,
@@ -308,11 +313,15 @@ class BrickFFN(nn.Module):
         selection, mass = self._cap_mass(scores)
         kept = kept_counts(mass.detach(), budget)
         dropped = drop_slots(selection, kept)
-        weights = None
-        if self.combine.weighted:  # a dropped expert takes no share of a renormalised total
-            weights = self.combine.weigh(mass.masked_fill(dropped, 0.0)).masked_fill(dropped, 0.0)
         copy = copy_coefficients(budget, dropped_share(mass.detach(), kept))
-        return selection.masked_fill(dropped, -1), weights, copy
+        return selection.masked_fill(dropped, -1), self.kept_weights(mass, dropped), copy
+
+    def kept_weights(self, mass: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor | None:
+        """A weighted rule's ``[T, active]`` weights of the kept experts from their probabilities ``mass`` (a
+        dropped slot weighs 0 and takes no share of a renormalised total); None for the ``sum`` rule."""
+        if not self.combine.weighted:
+            return None
+        return self.combine.weigh(mass.masked_fill(dropped, 0.0)).masked_fill(dropped, 0.0)
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """[T, active] indices of the routed experts each token runs (-1: a slot a per-token budget dropped)."""

@@ -11,9 +11,9 @@
 - ``reference``: every expert computed and masked (what the dense FFN costs, plus the router); used for
   training, and for bricks the kernels do not support.
 
-A brick with a per-token budget (:mod:`brickwork.bricks.adaptive`) is routed in torch on every path
-(:meth:`BrickFFN.route_tokens`, as the reference path routes it); the slots of the experts a token drops hold -1,
-and the kernels skip them: they read no weights for them.
+A brick with a per-token budget (:mod:`brickwork.bricks.adaptive`) is scored in torch on every path, as the
+reference path scores it, and cut by router mass in one compiled call (:func:`cpu.cut_by_mass`); the slots of the
+experts a token drops hold -1, and the kernels skip them: they read no weights for them.
 
 :data:`SWITCH_POINTS` holds, per path family and read fraction, the largest token count for which ``token`` is
 used, the smallest for which ``grouped`` is, and the smallest for which ``batch`` does its down projection as
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brickwork.bricks.adaptive import add_copy
+from brickwork.bricks.adaptive import add_copy, copy_coefficients
 from brickwork.kernels.cpu import HAVE_NUMBA
 
 # Per router family (``linear``: fitted/centroid and routers scored in torch; ``partial``: the neuron-level
@@ -98,8 +98,7 @@ def supports_fast_path(brick) -> bool:
 # TORCH: the path routes in torch first (BrickFFN.select, or BrickFFN.route for a weighted rule), exactly as the
 # reference path routes, then runs the experts kernels. A new router brings its fast path with
 # :func:`register_routing`; a declaration with no entry is an error, not a silent fallback. (A per-token budget
-# is routed in torch whatever the table says: its cut by router mass and its copy coefficients come from
-# BrickFFN.route_tokens.)
+# is scored in torch whatever the table says, then cut by router mass in one compiled call: see _route.)
 TORCH = None
 PATHS = ("token", "batch", "grouped")
 
@@ -283,6 +282,33 @@ def _kernel_inputs(x: torch.Tensor, p: Plan) -> np.ndarray:
     return xn.astype(np.float64) if p.exact else np.ascontiguousarray(xn)
 
 
+def _route(brick, x: torch.Tensor, p: Plan) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+    """``(chosen [T, k] int64, weights or None, copy coefficients or None)`` routed as the reference path routes
+    (:meth:`BrickFFN.route_tokens`); a per-token budget's cut by router mass compiled (:func:`cpu.cut_by_mass`:
+    the same float64 sums in the same order as :func:`~brickwork.bricks.adaptive.kept_counts`)."""
+    from brickwork.kernels import cpu
+
+    with torch.no_grad():
+        if not p.adaptive or not HAVE_NUMBA:
+            selection, weights, copy = brick.route_tokens(x)
+            return selection.numpy().astype(np.int64), weights, copy
+        values = brick.ranked_values(brick.scores(x)).float()
+        budget = brick.spec.token_budget
+        chosen, dropped = cpu.cut_by_mass(
+            np.ascontiguousarray(values.numpy()),
+            brick.spec.active,
+            budget.threshold,
+            budget.min_active,
+            budget.zero_mass,
+            not p.weighted,
+        )
+        weights = None
+        if p.weighted:
+            selection = torch.from_numpy(chosen)
+            weights = brick.kept_weights(values.gather(1, selection.clamp_min(0)), selection < 0)
+        return chosen, weights, copy_coefficients(budget, torch.from_numpy(dropped))
+
+
 def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor:
     """Tokens ``x [T, D]`` one at a time through the fused per-token kernel; returns ``y [T, D]``."""
     from brickwork.kernels import cpu
@@ -292,9 +318,7 @@ def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tenso
     out = np.empty(xn.shape, dtype=np.float32)
     copy = None
     if p.weighted or p.kernel is None:  # routed in torch, as the reference path routes
-        with torch.no_grad():
-            chosen, weights, copy = brick.route_tokens(x)
-        chosen = chosen.numpy().astype(np.int64)
+        chosen, weights, copy = _route(brick, x, p)
         rows, s, size, keep = p.experts_args
         if weights is None:
             for t in range(xn.shape[0]):
@@ -322,9 +346,7 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
     size = max(size, 1)  # no routed experts: nothing is listed per expert
     weights = copy = None
     if p.weighted or p.adaptive:
-        with torch.no_grad():
-            selection, weights, copy = brick.route_tokens(x)
-        chosen = selection.numpy().astype(np.int64)
+        chosen, weights, copy = _route(brick, x, p)
     elif brick.spec.active == brick.spec.num_experts:  # nothing to choose
         e = brick.spec.num_experts
         chosen = np.broadcast_to(np.arange(e, dtype=np.int64), (len(xn), e))
@@ -359,7 +381,8 @@ def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
     if s:
         h = act(x @ brick.gate[:s].t()) * (x @ brick.up[:s].t())
         y = h @ brick.down_t[:s]
-    selection, weights, copy = brick.route_tokens(x)  # [T, k] each, and the copy coefficients or None
+    chosen, weights, copy = _route(brick, x, plan(brick))  # [T, k] each, and the copy coefficients or None
+    selection = torch.from_numpy(chosen)
     flat = selection.flatten()
     tokens = torch.arange(x.shape[0]).repeat_interleave(selection.shape[1])
     if weights is not None:

@@ -452,6 +452,54 @@ if HAVE_NUMBA:
             out[t] = _topk_indices(values[t], k)
         return out
 
+    @njit(cache=True)
+    def _cut_row(values, active, threshold, min_active, zero_mass, clamp, chosen):
+        """One token of :func:`cut_by_mass`: writes its row of ``chosen``, returns its dropped share."""
+        top = _topk_indices(values, active)
+        k = top.shape[0]
+        ranked = np.empty(k, dtype=np.float32)
+        for i in range(k):
+            ranked[i] = values[top[i]]
+        # router order: by value, ties by position (top lists equal values in ascending position; a stable sort
+        # keeps that)
+        order = np.argsort(-ranked, kind="mergesort")
+        cumulative = np.empty(k, dtype=np.float64)
+        total = 0.0
+        for i in range(k):
+            mass = np.float64(ranked[order[i]])
+            if clamp and mass < 0.0:
+                mass = 0.0
+            total += mass
+            cumulative[i] = total
+        kept = k
+        if threshold < 1.0:
+            goal = threshold * (total + zero_mass) - zero_mass
+            short = 1 if goal > 0.0 else 0
+            for i in range(k):
+                if cumulative[i] < goal:
+                    short += 1
+            kept = min(max(short, min(min_active, k)), k)
+        for i in range(k):
+            chosen[i] = top[order[i]] if i < kept else -1
+        if not total > 0.0:
+            return 0.0
+        reached = cumulative[kept - 1] if kept > 0 else 0.0
+        return 1.0 - reached / max(total, 2.2250738585072014e-308)
+
+    @njit(cache=True, parallel=True)
+    def cut_by_mass(values, active, threshold, min_active, zero_mass, clamp):
+        """A per-token budget's routing (:mod:`brickwork.bricks.adaptive`) from ``values [T, E]``, the router's
+        probabilities (or, ``clamp``: its scores, whose mass is clamped at 0): ``(chosen [T, active], dropped [T])``,
+        each token's top ``active`` experts in router order with -1 past those it keeps, and the share of mass it
+        drops. The masses are summed in float64 in router order, as :func:`~brickwork.bricks.adaptive.kept_counts`
+        sums them (no fastmath: the same operations, the same bits)."""
+        tokens = values.shape[0]
+        chosen = np.empty((tokens, active), dtype=np.int64)
+        dropped = np.empty(tokens, dtype=np.float64)
+        for t in prange(tokens):
+            dropped[t] = _cut_row(values[t], active, threshold, min_active, zero_mass, clamp, chosen[t])
+        return chosen, dropped
+
     @njit(cache=True, parallel=True, fastmath=True)
     def linear_router_batch(x, router_w, router_b, active):
         """``[T, active]`` experts chosen by ``scores = W x + b`` for each token."""
