@@ -17,7 +17,10 @@ every token adds its columns, four per pass.
 
 Threads: the loops are split over numba's threads (``prange``: neuron slices per token, neurons or tokens for a
 batch); the default is torch's thread count. Every sum runs in an order fixed by one token's own data, so
-results do not depend on the thread count.
+results do not depend on the thread count. Every cached function that calls a parallel one is compiled
+``parallel=True`` itself, prange or not: a cached serial caller of a parallel function can crash, or compute
+garbage, when a later process loads it from the cache (numba issues #4807 and #8578; seen here as a segfault of
+the linear router's per-token kernel once another process had cached ``_experts_token`` first).
 
 Accumulation: every kernel sums in the dtype of the inputs ``x`` it is given. float32 inputs: float32 sums.
 float64 inputs (the float32 inputs widened, for bricks with ``accumulate="float64"``): products and sums in
@@ -28,6 +31,7 @@ float64, so that the result does not depend on the order of the sums (see :class
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -40,6 +44,13 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps an i
 HAVE_NUMBA = numba is not None
 
 if HAVE_NUMBA:
+    # The callers of parallel functions are compiled parallel=True for the cache's sake (see Threads above), with
+    # no loop of their own to run in parallel; numba's warning that it found none says nothing to act on.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(?s).*'parallel=True' was specified but no transformation for parallel execution",
+        category=numba.NumbaPerformanceWarning,
+    )
     # Neurons are split into this many fixed slices (the units of parallel work): for the down sums each slice
     # has its own accumulator and the slices are summed in order at the end, so whole contiguous rows are
     # streamed and the result does not depend on the number of threads.
@@ -399,12 +410,12 @@ if HAVE_NUMBA:
             scores[i] = acc
         return _topk_indices(scores, active)
 
-    @njit(cache=True, fastmath=True)
+    @njit(cache=True, parallel=True, fastmath=True)  # parallel: it calls parallel functions (numba #8578)
     def linear_router_token(x, router_w, router_b, active, rows, shared, size, keep, out):
         """One token through a carved FFN routed by ``scores = W x + b``: route, compute, sum; one call."""
         _experts_token(x, rows, _linear_choice(x, router_w, router_b, active), shared, size, keep, out)
 
-    @njit(cache=True, fastmath=True)
+    @njit(cache=True, parallel=True, fastmath=True)  # parallel: it calls parallel functions (numba #8578)
     def partial_router_token(x, input_keep, gate_t, up_t, active, rows, shared, size, keep, out):
         """One token through a carved FFN routed by the partial-input estimate (TEAL-style); one call."""
         cols = _topk_indices(np.abs(x).astype(np.float32), input_keep)
@@ -642,7 +653,7 @@ if HAVE_NUMBA:
                 _axpy(rows[n, 2], x.dtype.type(h[t, n]), acc)
             out[t] = acc
 
-    @njit(cache=True)
+    @njit(cache=True, parallel=True)  # parallel: it calls parallel functions (numba #8578)
     def hidden_batch(x, chosen, rows, shared, size):
         """``h [T, F]`` of each token's shared and chosen experts' neurons (0 elsewhere)."""
         e = (rows.shape[0] - shared) // size
@@ -651,7 +662,7 @@ if HAVE_NUMBA:
         _hidden_batch(x, rows, shared, size, offsets, tokens, h)
         return h
 
-    @njit(cache=True)
+    @njit(cache=True, parallel=True)  # parallel: it calls parallel functions (numba #8578)
     def down_batch(h, chosen, rows, shared, size, keep, out, x):
         """out = the down projection of ``h`` over each token's computed neurons, or their ``keep`` largest |h|:
         only those down rows are read; summed in the dtype of the inputs ``x``."""
