@@ -354,7 +354,9 @@ def fit_token_budget(
     A layer's inputs depend on the layers before it, so the fit runs ``rounds`` times, the inputs captured again
     with the previous round's budgets. ``copy=True`` then fits each layer's copy-expert gain in closed form
     (:func:`~brickwork.bricks.adaptive.fit_copy_gain`) on the same inputs. The reads are then measured on the
-    calibration tokens (:class:`TokenReads`); ``rounds + 1`` forward passes in all.
+    calibration tokens (:class:`TokenReads`); ``rounds + 1`` forward passes in all. A target at or above what the
+    cap reads gives threshold 1 (the fixed top-k); one below what tokens read keeping ``min_active`` experts (and,
+    without a zero expert, their first) is refused.
     """
     from tqdm.auto import tqdm
 
