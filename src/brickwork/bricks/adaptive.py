@@ -33,8 +33,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+from brickwork.errors import BrickworkError
+from brickwork.routing.base import topk_by_position
+
+if TYPE_CHECKING:
+    from brickwork.bricks.module import BrickFFN
 
 
 def _number(value) -> bool:
@@ -140,6 +147,52 @@ def copy_coefficients(budget: TokenBudget, dropped: torch.Tensor) -> torch.Tenso
     if budget.copy_gain == 0 or not bool((dropped > 0).any()):
         return None
     return (budget.copy_gain * dropped).float()
+
+
+# --- a brick's routing within its cap (BrickFFN.route_tokens; the kernels cut by mass in cpu.cut_by_mass) -----------
+def ranked_values(brick: BrickFFN, scores: torch.Tensor) -> torch.Tensor:
+    """``[T, E]`` what a per-token budget ranks ``brick``'s experts by and reads their mass from: the combine rule's
+    probabilities, or for the ``sum`` rule the router's scores (their mass: clamped at 0), if they estimate
+    activation mass (``Router.predicts_mass``); else a BrickworkError saying what to carve instead."""
+    if brick.combine.weighted:
+        return brick.combine.probabilities(scores)
+    if not brick.router.predicts_mass:
+        raise BrickworkError(
+            f"a per-token budget keeps experts by their share of the router's mass, and the "
+            f"'{brick.router.kind}' router's scores do not estimate it (sum combine rule): carve with a router "
+            "that predicts activation mass (fitted, oracle, partial, lowrank, representative) or with a weighted "
+            "combine rule (softmax, softmax_topk, sigmoid)"
+        )
+    return scores
+
+
+def cap_mass(brick: BrickFFN, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(selection [T, active], mass [T, active])``: each token's top ``active`` experts by
+    :func:`ranked_values` in router order (ties by position) and their router mass."""
+    values = ranked_values(brick, scores)
+    selection = topk_by_position(values, brick.active)
+    mass = values.gather(1, selection)
+    return selection, mass if brick.combine.weighted else mass.clamp_min(0)
+
+
+def kept_weights(brick: BrickFFN, mass: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor | None:
+    """A weighted rule's ``[T, active]`` weights of the kept experts from their probabilities ``mass`` (a dropped
+    slot weighs 0 and takes no share of a renormalised total); None for the ``sum`` rule."""
+    if not brick.combine.weighted:
+        return None
+    return brick.combine.weigh(mass.masked_fill(dropped, 0.0)).masked_fill(dropped, 0.0)
+
+
+def route_within_cap(brick: BrickFFN, scores: torch.Tensor):
+    """``(selection [T, active], weights or None, copy coefficients or None)`` of a brick with a per-token budget,
+    from its router's ``scores``: the cap in router order, then each token's first experts by
+    :func:`kept_counts`; the slots past them hold -1."""
+    budget = brick.spec.token_budget
+    selection, mass = cap_mass(brick, scores)
+    kept = kept_counts(mass.detach(), budget)
+    dropped = drop_slots(selection, kept)
+    copy = copy_coefficients(budget, dropped_share(mass.detach(), kept))
+    return selection.masked_fill(dropped, -1), kept_weights(brick, mass, dropped), copy
 
 
 def add_copy(y: torch.Tensor, x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,9 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from brickwork.bricks.adaptive import add_copy, copy_coefficients, drop_slots, dropped_share, kept_counts
+from brickwork.bricks.adaptive import add_copy, cap_mass, route_within_cap
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.spec import BrickSpec
-from brickwork.errors import BrickworkError
 from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFNWeights
 from brickwork.routing.base import Router, topk_by_position
@@ -278,50 +277,12 @@ class BrickFFN(nn.Module):
         per-token budget adds ``coefficient * x`` to its output (:mod:`brickwork.bricks.adaptive`)."""
         if not self.spec.adaptive:
             return (*self.route(x), None)
-        return self._route_within_cap(self.scores(x))
+        return route_within_cap(self, self.scores(x))
 
     def cap_mass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(selection [T, active], mass [T, active])``: each token's top ``active`` routed experts in router order
-        (ties by position) and their router mass, from which a per-token budget keeps the first ones (the rule's
-        probabilities; for the ``sum`` rule the scores clamped at 0, see :mod:`brickwork.bricks.adaptive`)."""
-        return self._cap_mass(self.scores(x))
-
-    def _cap_mass(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        values = self.ranked_values(scores)
-        selection = topk_by_position(values, self.active)
-        mass = values.gather(1, selection)
-        return selection, mass if self.combine.weighted else mass.clamp_min(0)
-
-    def ranked_values(self, scores: torch.Tensor) -> torch.Tensor:
-        """``[T, E]`` what a per-token budget ranks experts by and reads their mass from: the rule's probabilities,
-        or for the ``sum`` rule the router's scores (their mass: clamped at 0), if they estimate activation mass."""
-        if self.combine.weighted:
-            return self.combine.probabilities(scores)
-        if not self.router.predicts_mass:
-            raise BrickworkError(
-                f"a per-token budget keeps experts by their share of the router's mass, and the "
-                f"'{self.router.kind}' router's scores do not estimate it (sum combine rule): carve with a "
-                "router that predicts activation mass (fitted, oracle, partial, lowrank, representative) or "
-                "with a weighted combine rule (softmax, softmax_topk, sigmoid)"
-            )
-        return scores
-
-    def _route_within_cap(self, scores: torch.Tensor):
-        """A per-token budget's routing from the router's ``scores``: the top ``active`` experts in router order,
-        then each token's first ones by router mass (:func:`adaptive.kept_counts`)."""
-        budget = self.spec.token_budget
-        selection, mass = self._cap_mass(scores)
-        kept = kept_counts(mass.detach(), budget)
-        dropped = drop_slots(selection, kept)
-        copy = copy_coefficients(budget, dropped_share(mass.detach(), kept))
-        return selection.masked_fill(dropped, -1), self.kept_weights(mass, dropped), copy
-
-    def kept_weights(self, mass: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor | None:
-        """A weighted rule's ``[T, active]`` weights of the kept experts from their probabilities ``mass`` (a
-        dropped slot weighs 0 and takes no share of a renormalised total); None for the ``sum`` rule."""
-        if not self.combine.weighted:
-            return None
-        return self.combine.weigh(mass.masked_fill(dropped, 0.0)).masked_fill(dropped, 0.0)
+        and their router mass, from which a per-token budget keeps the first ones (:func:`adaptive.cap_mass`)."""
+        return cap_mass(self, self.scores(x))
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
         """[T, active] indices of the routed experts each token runs (-1: a slot a per-token budget dropped)."""
@@ -400,7 +361,7 @@ class BrickFFN(nn.Module):
             else:  # differentiable: training reaches the router through the weights
                 scores = self.scores(x)  # once, for the weights and the balance term
                 if self.spec.adaptive:
-                    selection, weights, copy = self._route_within_cap(scores)
+                    selection, weights, copy = route_within_cap(self, scores)
                 else:
                     selection, weights = self.combine.route(scores, self.active)
                 index = selection.masked_fill(selection < 0, self.num_experts)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from brickwork.bricks.adaptive import add_copy, copy_coefficients
+from brickwork.bricks.adaptive import add_copy, copy_coefficients, kept_weights, ranked_values
 from brickwork.kernels.cpu import HAVE_NUMBA
 
 # Per router family (``linear``: fitted/centroid and routers scored in torch; ``partial``: the neuron-level
@@ -292,7 +292,7 @@ def _route(brick, x: torch.Tensor, p: Plan) -> tuple[np.ndarray, torch.Tensor | 
         if not p.adaptive or not HAVE_NUMBA:
             selection, weights, copy = brick.route_tokens(x)
             return selection.numpy().astype(np.int64), weights, copy
-        values = brick.ranked_values(brick.scores(x)).float()
+        values = ranked_values(brick, brick.scores(x)).float()
         budget = brick.spec.token_budget
         chosen, dropped = cpu.cut_by_mass(
             np.ascontiguousarray(values.numpy()),
@@ -305,7 +305,7 @@ def _route(brick, x: torch.Tensor, p: Plan) -> tuple[np.ndarray, torch.Tensor | 
         weights = None
         if p.weighted:
             selection = torch.from_numpy(chosen)
-            weights = brick.kept_weights(values.gather(1, selection.clamp_min(0)), selection < 0)
+            weights = kept_weights(brick, values.gather(1, selection.clamp_min(0)), selection < 0)
         return chosen, weights, copy_coefficients(budget, torch.from_numpy(dropped))
 
 
