@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-carve-memory bench-vllm
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-token-budget bench-carve-memory bench-vllm
 
 setup:
 	bash scripts/setup.sh
@@ -70,6 +70,11 @@ bench-combine: setup
 # one carved artefact re-budgeted (bw.set_budget) against carves made for each budget (SmolLM2-135M)
 bench-budget: setup
 	$(BIN)/python bench/budget_curve.py --out bench/results/budget-smollm2
+
+# per-token budgets (bw.fit_token_budget: tokens keep the experts their router mass needs, within a 75% cap) against the
+# uniform top-k at equal average reads: held-out perplexity, reads per token, batch-1 decode speed (SmolLM2-135M)
+bench-token-budget: setup
+	$(BIN)/python bench/token_budget.py --out bench/results/token-budget-smollm2
 
 # llama.cpp itself (scripts/build_llama_cpp.sh builds it once, ~25 min on 2 cores): the --stock carves (sigmoid,
 # glm4moe) and 16-expert ones at f32/f16/Q8_0 against brickwork's forward, greedy output, llama-bench speed against

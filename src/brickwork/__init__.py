@@ -10,7 +10,18 @@ The whole job in a few lines::
     model = bw.load("carved/")
 """
 
-from brickwork.bricks import BrickFFN, CarveConfig, CarveReport, carve_, set_budget, uncarve_
+from brickwork.bricks import (
+    BrickFFN,
+    CarveConfig,
+    CarveReport,
+    TokenBudget,
+    carve_,
+    count_reads,
+    fit_token_budget,
+    set_budget,
+    set_token_budget,
+    uncarve_,
+)
 from brickwork.bricks.sequential import carve_sequential
 from brickwork.errors import BrickworkError
 from brickwork.evaluation import EvalResult, evaluate
@@ -30,15 +41,19 @@ __all__ = [
     "FFNWeights",
     "Profile",
     "ProfileConfig",
+    "TokenBudget",
     "__version__",
     "carve_",
     "carve_sequential",
+    "count_reads",
     "evaluate",
     "find_ffns",
+    "fit_token_budget",
     "load",
     "load_model",
     "profile",
     "save",
     "set_budget",
+    "set_token_budget",
     "uncarve_",
 ]

@@ -1,5 +1,6 @@
 """BrickFFN and its BrickSpec, CarveConfig, plan_carve/execute_plan, and carve_/uncarve_."""
 
+from brickwork.bricks.adaptive import TokenBudget
 from brickwork.bricks.budget import allocate_budgets, set_budget
 from brickwork.bricks.carve import (
     Calibration,
@@ -16,6 +17,14 @@ from brickwork.bricks.carve import (
 from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import BrickSpec
+from brickwork.bricks.token_budget import (
+    ReadCounter,
+    TokenBudgetFit,
+    TokenReads,
+    count_reads,
+    fit_token_budget,
+    set_token_budget,
+)
 
 __all__ = [
     "BrickFFN",
@@ -32,5 +41,12 @@ __all__ = [
     "plan_carve",
     "set_budget",
     "allocate_budgets",
+    "TokenBudget",
+    "TokenBudgetFit",
+    "TokenReads",
+    "ReadCounter",
+    "count_reads",
+    "fit_token_budget",
+    "set_token_budget",
     "uncarve_",
 ]

@@ -18,6 +18,8 @@ Weighted combine rules (``softmax``, ``sigmoid``) keep the temperature and scale
 away from it the weights are no longer least-squares fitted (``softmax_topk`` renormalises, so its total weight
 does not depend on k). Every layer records the settings it was carved with, and a budget equal to a layer's
 carved one restores them exactly: ``set_budget(model, None)`` returns to the carved budgets, bit for bit.
+
+A per-token budget (:mod:`brickwork.bricks.token_budget`) stays as it is: tokens choose within the new top-k.
 """
 
 from __future__ import annotations
@@ -74,12 +76,14 @@ def restore_calibrated(brick: BrickFFN, record) -> None:
 
 
 def _fraction_with(brick: BrickFFN, settings: dict) -> float:
-    current = _settings(brick)
+    current, spec = _settings(brick), brick.spec
+    brick.spec = replace(spec, token_budget=None)  # the cap's reads (and no min_active above a trial top-k)
     _apply(brick, settings)
     try:
         return brick.active_fraction()
     finally:
         _apply(brick, current)
+        brick.spec = spec
 
 
 def layer_settings(brick: BrickFFN, budget: float) -> dict:
@@ -162,6 +166,13 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
         index: calibrated(bricks[index]) if value is None else layer_settings(bricks[index], value)
         for index, value in wanted.items()
     }
+    for index, settings in plans.items():
+        token_budget = bricks[index].spec.token_budget
+        if token_budget is not None and token_budget.min_active > settings["active"]:
+            raise BrickworkError(
+                f"layer {index}'s per-token budget keeps at least {token_budget.min_active} routed experts, more "
+                f"than this budget's {settings['active']}; lower min_active (set_token_budget) or raise the budget"
+            )
     for index, settings in plans.items():
         brick = bricks[index]
         brick.__dict__.setdefault("_calibrated", _settings(brick))

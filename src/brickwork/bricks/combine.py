@@ -109,10 +109,14 @@ class Combine:
         """``(indices [T, k], weights [T, k])`` of a weighted rule from the router's ``scores [T, E]``."""
         probs = self.probabilities(scores)
         indices = topk_by_position(probs, k)
-        weights = probs.gather(1, indices)
+        return indices, self.weigh(probs.gather(1, indices))
+
+    def weigh(self, selected: torch.Tensor) -> torch.Tensor:
+        """``[T, k]`` weights of the selected experts from their probabilities ``selected [T, k]``: renormalised
+        over the k (``softmax_topk``; a slot whose probability is set to zero takes no share), times ``scale``."""
         if self.renormalise:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return indices, weights * self.scale
+            selected = selected / selected.sum(-1, keepdim=True)
+        return selected * self.scale
 
 
 def boundary_ties(probs: torch.Tensor, k: int) -> torch.Tensor:

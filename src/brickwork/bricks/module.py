@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from brickwork.bricks.adaptive import add_copy, cap_mass, route_within_cap
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.spec import BrickSpec
 from brickwork.grouping.base import Grouping
@@ -31,6 +32,9 @@ class BrickFFN(nn.Module):
     With ``down_keep`` set, only the ``down_keep`` largest |h| among the computed neurons (per token) go through
     the down projection: the exact activations pick which down rows are worth reading (TEAL's h-sparsity,
     Liu et al. 2024, applied after routing).
+
+    With a per-token budget (``spec.token_budget``, :mod:`brickwork.bricks.adaptive`) ``active`` is a cap: each
+    token keeps the first of its top ``active`` experts by router mass, and the selection's other slots hold -1.
 
     :meth:`forward_reference` is the reference path (it computes every expert and masks); :meth:`forward` takes
     the fastest measured path for the batch shape (:mod:`brickwork.kernels`), tested against it.
@@ -202,14 +206,25 @@ class BrickFFN(nn.Module):
         return self.spec.weights_per_neuron
 
     def active_fraction(self) -> float:
-        """FFN weights read per token (shared + selected experts + router) / dense FFN weights."""
-        neurons = self.spec.computed_neurons
-        down_rows = neurons if self.down_keep is None else self.down_keep
-        reads = (
-            neurons * self.input_weights_per_neuron
-            + down_rows * self.d_model
-            + self.router.weights_read(self)
+        """FFN weights read per token (shared + selected experts + router) / dense FFN weights: with a per-token
+        budget, the worst case (a token that keeps the cap); :func:`brickwork.bricks.token_budget.count_reads`
+        measures the mean on given inputs."""
+        return self.routed_fraction(self.active)
+
+    def routed_fraction(self, routed: int) -> float:
+        """FFN weights read by a token that runs ``routed`` routed experts (its shared neurons, their down rows
+        and the router included; with a per-token budget's copy gain, one number more when it drops any) / dense
+        FFN weights."""
+        neurons = self.num_shared + routed * self.expert_size
+        down_rows = neurons if self.down_keep is None else min(self.down_keep, neurons)
+        router = (
+            self.router.weights_read(self)
+            if routed == self.active
+            else self.router.weights_read(self, routed)
         )
+        budget = self.spec.token_budget
+        copy = int(routed < self.active and budget is not None and budget.copy_gain != 0)
+        reads = neurons * self.input_weights_per_neuron + down_rows * self.d_model + router + copy
         return reads / (self.d_ff * self.weights_per_neuron)
 
     def exact(self, x: torch.Tensor) -> bool:
@@ -249,13 +264,30 @@ class BrickFFN(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(selection [T, active], weights [T, active] or None)``: the routed experts each token runs and, for a
-        weighted ``combine`` rule, the weight of each (None: weight 1)."""
+        weighted ``combine`` rule, the weight of each (None: weight 1). With a per-token budget, the slots past
+        the experts a token keeps hold -1 (weight 0)."""
+        if self.spec.adaptive:
+            return self.route_tokens(x)[:2]
         if not self.combine.weighted:
             return self.select(x), None
         return self.combine.route(self.scores(x), self.active)
 
+    def route_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`route`, and each token's copy coefficient ``[T]`` (None: no copy term), by which a brick with a
+        per-token budget adds ``coefficient * x`` to its output (:mod:`brickwork.bricks.adaptive`)."""
+        if not self.spec.adaptive:
+            return (*self.route(x), None)
+        return route_within_cap(self, self.scores(x))
+
+    def cap_mass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(selection [T, active], mass [T, active])``: each token's top ``active`` routed experts in router order
+        and their router mass, from which a per-token budget keeps the first ones (:func:`adaptive.cap_mass`)."""
+        return cap_mass(self, self.scores(x))
+
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, active] indices of the routed experts each token runs."""
+        """[T, active] indices of the routed experts each token runs (-1: a slot a per-token budget dropped)."""
+        if self.spec.adaptive:
+            return self.route_tokens(x)[0]
         if (
             self.active == self.num_experts and not self.combine.weighted
         ):  # nothing to choose: skip the router (the oracle's costs a full FFN)
@@ -274,8 +306,9 @@ class BrickFFN(nn.Module):
         gradient reaches the router through ``P``. (DeepSeek-V3's loss-free balancing bias has no place in the stock
         formats' bias-free gates.)"""
         probs = self.combine.shares(scores)
+        chosen = selection[selection >= 0]  # a per-token budget's dropped slots select nothing
         counts = torch.zeros(self.num_experts, device=scores.device).index_add_(
-            0, selection.reshape(-1), torch.ones(selection.numel(), device=scores.device)
+            0, chosen, torch.ones(chosen.numel(), device=scores.device)
         )
         self.last_load = counts
         share = counts / counts.sum()
@@ -297,7 +330,7 @@ class BrickFFN(nn.Module):
         """Every expert computed, unselected ones masked: the definition the fast paths are tested against."""
         shape = x.shape
         x = x.reshape(-1, self.d_model)
-        h = self.masked_hidden(x)
+        h, copy = self._masked_hidden(x)
         if self.exact(x):
             y = h.double() @ self.down_t.double()
             y = (y if self.down_bias is None else y + self.down_bias.double()).float()
@@ -305,24 +338,40 @@ class BrickFFN(nn.Module):
             y = h @ self.down_t
             if self.down_bias is not None:
                 y = y + self.down_bias
+        if copy is not None:
+            y = add_copy(y, x, copy)
         return y.view(*shape[:-1], self.d_model)
 
     def masked_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, F]`` h of each token in stored order, zero where the token does not read the down row (neurons
         of unselected experts, and those ``down_keep`` drops)."""
+        return self._masked_hidden(x)[0]
+
+    def _masked_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`masked_hidden`, and the per-token budget's copy coefficients (None: no copy term)."""
         s = self.num_shared
         parts = [self.hidden(x, 0, s)] if s else []
+        copy = None
         if self.num_experts:
-            mask = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
-            if not self.combine.weighted:
+            # one column past the experts takes the slots a per-token budget dropped (-1), and is cut off
+            mask = torch.zeros(x.shape[0], self.num_experts + 1, dtype=x.dtype, device=x.device)
+            if not self.combine.weighted and not self.spec.adaptive:
                 selection = self.select(x)
                 mask.scatter_(1, selection, 1.0)
             else:  # differentiable: training reaches the router through the weights
                 scores = self.scores(x)  # once, for the weights and the balance term
-                selection, weights = self.combine.route(scores, self.active)
-                mask = mask.scatter(1, selection, weights.to(x.dtype))
-                if torch.is_grad_enabled() and self.training:
-                    self.last_balance = self.balance_loss(scores, selection)
+                if self.spec.adaptive:
+                    selection, weights, copy = route_within_cap(self, scores)
+                else:
+                    selection, weights = self.combine.route(scores, self.active)
+                index = selection.masked_fill(selection < 0, self.num_experts)
+                if weights is None:
+                    mask.scatter_(1, index, 1.0)
+                else:
+                    mask = mask.scatter(1, index, weights.to(x.dtype))
+                    if torch.is_grad_enabled() and self.training:
+                        self.last_balance = self.balance_loss(scores, selection)
+            mask = mask[:, : self.num_experts]
             if self.record_selection:
                 self.last_selection = selection
             h = (
@@ -334,11 +383,12 @@ class BrickFFN(nn.Module):
         if self.down_keep is not None:
             keep = h.abs().topk(self.down_keep, dim=1, sorted=False).indices
             h = torch.zeros_like(h).scatter_(1, keep, h.gather(1, keep))
-        return h
+        return h, copy
 
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, d_ff={self.d_ff}, shared={self.num_shared}, experts={self.num_experts}x"
             f"{self.expert_size}, active={self.active}, router={self.spec.router}, down_keep={self.down_keep}, "
             f"accumulate={self.accumulate}, combine={self.combine.rule}"
+            + ("" if self.spec.token_budget is None else f", token_budget={self.spec.token_budget}")
         )

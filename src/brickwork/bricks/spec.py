@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+from brickwork.bricks.adaptive import TokenBudget
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import ACCUMULATE
 
@@ -35,7 +36,9 @@ class BrickSpec:
     exist; ``dtype`` is the parameters' dtype when carved. ``down_keep`` caps the down rows a token reads (None:
     all computed neurons; a cap at or above them is no cap and reads as None); ``accumulate`` says how inference
     sums (:class:`~brickwork.bricks.BrickFFN`); ``combine`` how the selected experts are combined
-    (:mod:`brickwork.bricks.combine`). Invalid values raise ``ValueError`` naming the allowed range.
+    (:mod:`brickwork.bricks.combine`). ``token_budget`` (:mod:`brickwork.bricks.adaptive`) lets each token keep
+    fewer than ``active`` routed experts (None: every token runs ``active``). Invalid values raise ``ValueError``
+    naming the allowed range.
     """
 
     d_model: int
@@ -53,6 +56,7 @@ class BrickSpec:
     accumulate: str = "float32"
     combine: Combine = field(default_factory=Combine)
     dtype: str = "float32"
+    token_budget: TokenBudget | None = None
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -80,6 +84,14 @@ class BrickSpec:
             raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {self.accumulate!r}")
         if not isinstance(self.combine, Combine):
             raise ValueError(f"combine must be a Combine, got {self.combine!r}")
+        if self.token_budget is not None:
+            if not isinstance(self.token_budget, TokenBudget):
+                raise ValueError(f"token_budget must be a TokenBudget or None, got {self.token_budget!r}")
+            if self.token_budget.min_active > self.active:
+                raise ValueError(
+                    f"token budget min_active {self.token_budget.min_active} is above the cap, active = "
+                    f"{self.active}"
+                )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not _is_int(self.version, 1) or self.version > SPEC_VERSION:
@@ -104,8 +116,15 @@ class BrickSpec:
     def weights_per_neuron(self) -> int:
         return self.input_weights_per_neuron + self.d_model
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether tokens may keep fewer than ``active`` routed experts (a token budget below threshold 1)."""
+        return self.token_budget is not None and self.token_budget.adaptive
+
     def to_dict(self) -> dict:
-        """The JSON form (brickwork.json's per-layer record, less ``layer`` and ``active_fraction``)."""
+        """The JSON form (brickwork.json's per-layer record, less ``layer`` and ``active_fraction``);
+        ``token_budget`` only when set, so that records without one read as they always have."""
+        budget = {} if self.token_budget is None else {"token_budget": self.token_budget.to_dict()}
         return {
             "d_model": self.d_model,
             "d_ff": self.d_ff,
@@ -123,6 +142,7 @@ class BrickSpec:
             "accumulate": self.accumulate,
             "combine": self.combine.to_dict(),
             "dtype": self.dtype,
+            **budget,
             "spec_version": self.version,
         }
 
@@ -135,7 +155,8 @@ class BrickSpec:
     def from_dict(cls, record: dict) -> BrickSpec:
         """From :meth:`to_dict`'s form; ValueError on anything else. Records written before a field existed lack
         it and get the value those files meant: ``down_keep`` None, ``accumulate`` float32 (sums before the
-        option), ``combine`` sum, ``dtype`` float32, ``spec_version`` 1. ``d_ff``, when given, must match."""
+        option), ``combine`` sum, ``dtype`` float32, ``token_budget`` None, ``spec_version`` 1. ``d_ff``, when
+        given, must match."""
         if not isinstance(record, dict):
             raise ValueError(f"a brick spec is a dict, got {type(record).__name__}")
         unknown = sorted(set(record) - cls.record_keys())
@@ -145,6 +166,8 @@ class BrickSpec:
         data["version"] = record.get("spec_version", SPEC_VERSION)
         if "combine" in data:
             data["combine"] = Combine.from_dict(data["combine"])
+        if data.get("token_budget") is not None:
+            data["token_budget"] = TokenBudget.from_dict(data["token_budget"])
         spec = cls(**data)
         if "d_ff" in record and record["d_ff"] != spec.d_ff:
             raise ValueError(
@@ -156,6 +179,9 @@ class BrickSpec:
     def describe(self) -> str:
         """One line: the shapes, the router and the rule."""
         keep = "" if self.down_keep is None else f", down_keep {self.down_keep}"
+        if self.token_budget is not None:
+            b = self.token_budget
+            keep += f", token budget {b.threshold:g} (min {b.min_active}, zero {b.zero_mass:g}, copy {b.copy_gain:g})"
         share = self.computed_neurons / self.d_ff if self.d_ff else math.nan
         return (
             f"{self.num_shared} shared + {self.num_experts} x {self.expert_size} (active {self.active}, "

@@ -49,6 +49,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _window(text: str) -> int:
     value = int(text)
     if value < 2:
@@ -137,6 +144,60 @@ def _cmd_profile(args: argparse.Namespace) -> None:
     )
 
 
+_TOKEN_FIT_OPTIONS = ("token_zero_share", "token_copy", "token_per_layer", "token_calib")
+
+
+def _check_token_options(args: argparse.Namespace) -> None:
+    """Refuse, before the model loads, per-token budget options given without what they modify."""
+    given = [f"--{k.replace('_', '-')}" for k in _TOKEN_FIT_OPTIONS if getattr(args, k) not in (None, False)]
+    if given and args.token_budget is None:
+        raise BrickworkError(f"{', '.join(given)}: option(s) of --token-budget, which was not given")
+    if args.token_min_active is not None and args.token_budget is None and args.token_threshold is None:
+        raise BrickworkError("--token-min-active: an option of --token-threshold or --token-budget")
+    if args.token_calib is not None:
+        from brickwork.data.sources import check_source
+
+        check_source(args.token_calib)
+
+
+def _apply_token_budget(args: argparse.Namespace, model, tokenizer) -> bool:
+    """Set (``--token-threshold``) or fit (``--token-budget``) a per-token budget; whether one was given."""
+    import brickwork as bw
+
+    if args.token_threshold is None and args.token_budget is None:
+        return False
+    from brickwork.bricks.carve import carved_layers
+
+    if not carved_layers(model):
+        raise BrickworkError(f"per-token budgets route a carved model's experts; {args.model} is dense")
+    options = {} if args.token_min_active is None else {"min_active": args.token_min_active}
+    if args.token_threshold is not None:
+        bw.set_token_budget(model, args.token_threshold, **options)
+        print(f"per-token budget: threshold {args.token_threshold:g} of each token's router mass")
+        return True
+    from brickwork.data.corpora import DEFAULT_CALIBRATION
+
+    if args.token_zero_share is not None:
+        options["zero_share"] = args.token_zero_share
+    fit = bw.fit_token_budget(
+        model,
+        tokenizer,
+        args.token_calib or DEFAULT_CALIBRATION,
+        args.token_budget,
+        copy=args.token_copy,
+        per_layer=args.token_per_layer,
+        progress=not args.quiet,
+        **options,
+    )
+    thresholds = sorted({b.threshold for b in fit.budgets.values()})
+    shown = f"{thresholds[0]:.4g}" if len(thresholds) == 1 else f"{thresholds[0]:.4g} to {thresholds[-1]:.4g}"
+    print(
+        f"per-token budget fitted to {args.token_budget:.1%}: threshold {shown}; calibration reads per token "
+        f"{fit.reads.mean:.1%} on average, {fit.reads.worst:.1%} at most"
+    )
+    return True
+
+
 def _cmd_eval(args: argparse.Namespace) -> None:
     import brickwork as bw
     from brickwork.data.corpora import DEFAULT_EVALUATION
@@ -165,6 +226,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         raise BrickworkError("--hub and --task-batch-size are options of --harness lm-eval")
     if args.parent and not corpora:
         raise BrickworkError("--parent compares perplexity on held-out text: give --data too")
+    _check_token_options(args)
     if args.tasks and args.harness != "builtin":
         from brickwork.evaluation.harness import require_lm_eval
 
@@ -184,23 +246,33 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(
             f"budget {args.budget:.1%}: FFN weights read per token {sum(fractions.values()) / len(fractions):.1%}"
         )
+    per_token = _apply_token_budget(args, model, tokenizer)
     parent = bw.load_model(args.parent, progress=not args.quiet)[0] if args.parent else None
     results = []
     for data in corpora:
-        result = bw.evaluate(
-            model,
-            tokenizer,
-            data,
-            parent=parent,
-            window=args.window,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-            progress=not args.quiet,
-        )
+        from contextlib import nullcontext
+
+        from brickwork.bricks.token_budget import ReadCounter
+
+        with ReadCounter(model) if per_token else nullcontext() as counter:
+            result = bw.evaluate(
+                model,
+                tokenizer,
+                data,
+                parent=parent,
+                window=args.window,
+                max_tokens=args.max_tokens,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
         results.append(result.to_dict())
         line = f"{data:<12} perplexity {result.perplexity:9.3f}  ({result.tokens} tokens, {result.windows} windows)"
         if result.kl is not None:
             line += f"  KL(parent||model) {result.kl:.4f}  top-1 agreement {result.agreement:.3%}"
+        if counter is not None:
+            reads = counter.reads()
+            results[-1]["reads"] = reads.to_dict()
+            line += f"  FFN reads per token {reads.mean:.1%} on average ({reads.worst:.1%} at most)"
         print(line)
     report = {"model": args.model, "parent": args.parent, "results": results}
     if args.tasks:
@@ -857,6 +929,44 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fraction,
         help="carved models: evaluate at this fraction of FFN weights read per token instead of the carved one "
         "(set_budget; no re-carving)",
+    )
+    per_token = p.add_mutually_exclusive_group()
+    per_token.add_argument(
+        "--token-threshold",
+        type=_fraction,
+        help="carved models: each token keeps the fewest of its top-k experts whose router mass reaches this "
+        "share of theirs (set_token_budget; 1: the carve's fixed top-k); prints the mean reads per token",
+    )
+    per_token.add_argument(
+        "--token-budget",
+        type=_fraction,
+        help="carved models: fit per-token thresholds so that tokens read this fraction of the FFN weights on "
+        "average on calibration text (fit_token_budget; below the carve's own, its cap)",
+    )
+    p.add_argument(
+        "--token-min-active",
+        type=_non_negative_int,
+        help="with --token-threshold/--token-budget: routed experts every token keeps at least (default 1; 0 lets "
+        "a token run none)",
+    )
+    p.add_argument(
+        "--token-zero-share",
+        type=_non_negative_float,
+        help="with --token-budget: the zero expert's router mass, as a multiple of a token's mean mass (default 0)",
+    )
+    p.add_argument(
+        "--token-copy",
+        action="store_true",
+        help="with --token-budget: fit MoE++'s copy expert (dropped mass replaced by a multiple of the FFN input)",
+    )
+    p.add_argument(
+        "--token-per-layer",
+        action="store_true",
+        help="with --token-budget: a threshold per layer, each reading the target (default: one threshold for all)",
+    )
+    p.add_argument(
+        "--token-calib",
+        help=f"with --token-budget: calibration text, not held-out text (default {DEFAULT_CALIBRATION}); {data_help}",
     )
     p.set_defaults(func=_cmd_eval)
 

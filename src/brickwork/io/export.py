@@ -130,6 +130,12 @@ def plan_export(model, format: str) -> _Plan:
             "heads x head_dim differs from hidden_size; Qwen2-MoE engines (vLLM) assume they are equal"
         )
     specs = {index: brick.spec for index, brick in bricks.items()}
+    budgeted = sorted(index for index, spec in specs.items() if spec.token_budget is not None)
+    if budgeted:
+        raise BrickworkError(
+            f"layers {budgeted} choose how many experts each token runs (a per-token budget); stock MoE engines run "
+            "a fixed top-k: remove it with brickwork.set_token_budget(model, None) (and save again) before exporting"
+        )
     shapes = {(b.num_experts, b.expert_size, b.active, b.num_shared) for b in specs.values()}
     if len(shapes) > 1:
         raise BrickworkError(

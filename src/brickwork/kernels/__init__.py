@@ -11,6 +11,10 @@
 - ``reference``: every expert computed and masked (what the dense FFN costs, plus the router); used for
   training, and for bricks the kernels do not support.
 
+A brick with a per-token budget (:mod:`brickwork.bricks.adaptive`) is scored in torch on every path, as the
+reference path scores it, and cut by router mass in one compiled call (:func:`cpu.cut_by_mass`); the slots of the
+experts a token drops hold -1, and the kernels skip them: they read no weights for them.
+
 :data:`SWITCH_POINTS` holds, per path family and read fraction, the largest token count for which ``token`` is
 used, the smallest for which ``grouped`` is, and the smallest for which ``batch`` does its down projection as
 one dense matmul; they come from ``brickwork bench speed`` on the 2-core CPU (bench/results/speed-smollm2) and
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from brickwork.bricks.adaptive import add_copy, copy_coefficients, kept_weights, ranked_values
 from brickwork.kernels.cpu import HAVE_NUMBA
 
 # Per router family (``linear``: fitted/centroid and routers scored in torch; ``partial``: the neuron-level
@@ -92,7 +97,8 @@ def supports_fast_path(brick) -> bool:
 # weighted. An entry is a function ``(brick, plan) -> what the path calls`` preparing a compiled router, or
 # TORCH: the path routes in torch first (BrickFFN.select, or BrickFFN.route for a weighted rule), exactly as the
 # reference path routes, then runs the experts kernels. A new router brings its fast path with
-# :func:`register_routing`; a declaration with no entry is an error, not a silent fallback.
+# :func:`register_routing`; a declaration with no entry is an error, not a silent fallback. (A per-token budget
+# is scored in torch whatever the table says, then cut by router mass in one compiled call: see _route.)
 TORCH = None
 PATHS = ("token", "batch", "grouped")
 
@@ -210,6 +216,7 @@ class Plan:
         # float64 sums rounded once (BrickFFN.accumulate): the kernels are given the inputs widened to float64
         self.exact = spec.accumulate == "float64"
         self.fraction = brick.active_fraction()
+        self.adaptive = spec.adaptive  # a per-token budget: routed in torch on every path
         self.kernel, self.args = None, ()
         self.router_batch = None  # the batch path's router, x [T, D] -> chosen [T, k]; None: in torch
         if not self.supported:  # the reference path: as before the table, for bricks the kernels cannot run
@@ -223,12 +230,14 @@ class Plan:
         self.experts_args = (rows, s, size, keep)  # what _experts_token takes besides x, chosen and out
         self.down_sparse = spec.down_keep is not None
         self._transposed = None
-        if not self.weighted and spec.active == e:  # nothing to choose: every expert, no router
+        if not self.weighted and spec.active == e and not self.adaptive:  # nothing to choose: every expert
             self.kernel, self.args = cpu._experts_token, (rows, np.arange(e, dtype=np.int64), s, size, keep)
             return
         computes = brick.router.computes
         token, batch = (routing_for(computes, self.weighted, path) for path in ("token", "batch"))
         routing_for(computes, self.weighted, "grouped")
+        if self.adaptive:
+            token = batch = TORCH
         if token is not TORCH:
             self.kernel, self.args = token(brick, self)
         if batch is not TORCH:
@@ -273,6 +282,33 @@ def _kernel_inputs(x: torch.Tensor, p: Plan) -> np.ndarray:
     return xn.astype(np.float64) if p.exact else np.ascontiguousarray(xn)
 
 
+def _route(brick, x: torch.Tensor, p: Plan) -> tuple[np.ndarray, torch.Tensor | None, torch.Tensor | None]:
+    """``(chosen [T, k] int64, weights or None, copy coefficients or None)`` routed as the reference path routes
+    (:meth:`BrickFFN.route_tokens`); a per-token budget's cut by router mass compiled (:func:`cpu.cut_by_mass`:
+    the same float64 sums in the same order as :func:`~brickwork.bricks.adaptive.kept_counts`)."""
+    from brickwork.kernels import cpu
+
+    with torch.no_grad():
+        if not p.adaptive or not HAVE_NUMBA:
+            selection, weights, copy = brick.route_tokens(x)
+            return selection.numpy().astype(np.int64), weights, copy
+        values = ranked_values(brick, brick.scores(x)).float()
+        budget = brick.spec.token_budget
+        chosen, dropped = cpu.cut_by_mass(
+            np.ascontiguousarray(values.numpy()),
+            brick.spec.active,
+            budget.threshold,
+            budget.min_active,
+            budget.zero_mass,
+            not p.weighted,
+        )
+        weights = None
+        if p.weighted:
+            selection = torch.from_numpy(chosen)
+            weights = kept_weights(brick, values.gather(1, selection.clamp_min(0)), selection < 0)
+        return chosen, weights, copy_coefficients(budget, torch.from_numpy(dropped))
+
+
 def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor:
     """Tokens ``x [T, D]`` one at a time through the fused per-token kernel; returns ``y [T, D]``."""
     from brickwork.kernels import cpu
@@ -280,22 +316,22 @@ def tokens_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tenso
     p = p or plan(brick)
     xn = _kernel_inputs(x, p)
     out = np.empty(xn.shape, dtype=np.float32)
-    if p.weighted:
-        with torch.no_grad():
-            chosen, weights = brick.route(x)
-        chosen, weights = chosen.numpy().astype(np.int64), weights.numpy().astype(np.float32)
+    copy = None
+    if p.weighted or p.kernel is None:  # routed in torch, as the reference path routes
+        chosen, weights, copy = _route(brick, x, p)
         rows, s, size, keep = p.experts_args
-        for t in range(xn.shape[0]):
-            cpu.weighted_experts_token(xn[t], rows, chosen[t], weights[t], s, size, keep, out[t])
-    elif p.kernel is None:  # a router scored in torch, as the reference path scores it
-        with torch.no_grad():
-            chosen = brick.select(x).numpy().astype(np.int64)
-        for t in range(xn.shape[0]):
-            cpu._experts_token(xn[t], p.experts_args[0], chosen[t], *p.experts_args[1:], out[t])
+        if weights is None:
+            for t in range(xn.shape[0]):
+                cpu._experts_token(xn[t], rows, chosen[t], s, size, keep, out[t])
+        else:
+            weights = weights.numpy().astype(np.float32)
+            for t in range(xn.shape[0]):
+                cpu.weighted_experts_token(xn[t], rows, chosen[t], weights[t], s, size, keep, out[t])
     else:
         for t in range(xn.shape[0]):
             p.kernel(xn[t], *p.args, out[t])
-    return torch.from_numpy(out)
+    y = torch.from_numpy(out)
+    return y if copy is None else add_copy(y, x, copy)
 
 
 def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor:
@@ -308,11 +344,9 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
     xn = _kernel_inputs(x, p)
     rows, s, size, keep = p.experts_args
     size = max(size, 1)  # no routed experts: nothing is listed per expert
-    weights = None
-    if p.weighted:
-        with torch.no_grad():
-            selection, weights = brick.route(x)
-        chosen = selection.numpy().astype(np.int64)
+    weights = copy = None
+    if p.weighted or p.adaptive:
+        chosen, weights, copy = _route(brick, x, p)
     elif brick.spec.active == brick.spec.num_experts:  # nothing to choose
         e = brick.spec.num_experts
         chosen = np.broadcast_to(np.arange(e, dtype=np.int64), (len(xn), e))
@@ -324,16 +358,19 @@ def batch_forward(brick, x: torch.Tensor, p: Plan | None = None) -> torch.Tensor
         chosen = p.router_batch(xn)
     h = cpu.hidden_batch(xn, chosen, rows, s, size)
     if weights is not None:  # each expert's h times its weight, in float32 as the reference path multiplies
-        scale = np.zeros((len(xn), brick.spec.num_experts), dtype=np.float32)
-        np.put_along_axis(scale, chosen, weights.numpy().astype(np.float32), axis=1)
-        h[:, s:] *= np.repeat(scale, size, axis=1)
+        e = brick.spec.num_experts
+        scale = np.zeros((len(xn), e + 1), dtype=np.float32)  # a dropped slot (-1) lands in the last column
+        np.put_along_axis(scale, np.where(chosen < 0, e, chosen), weights.numpy().astype(np.float32), axis=1)
+        h[:, s:] *= np.repeat(scale[:, :e], size, axis=1)
     dense_down = not p.down_sparse and not p.exact  # a float32 matmul cannot give the exact sums
     if dense_down and len(xn) >= switch_point("dense_down_min", p.family, p.fraction):
         with torch.no_grad():
-            return torch.from_numpy(h) @ brick.down_t.detach()
-    out = np.empty(xn.shape, dtype=np.float32)
-    cpu.down_batch(h, chosen, rows, s, size, keep, out, xn)
-    return torch.from_numpy(out)
+            y = torch.from_numpy(h) @ brick.down_t.detach()
+    else:
+        out = np.empty(xn.shape, dtype=np.float32)
+        cpu.down_batch(h, chosen, rows, s, size, keep, out, xn)
+        y = torch.from_numpy(out)
+    return y if copy is None else add_copy(y, x, copy)
 
 
 def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
@@ -344,12 +381,20 @@ def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
     if s:
         h = act(x @ brick.gate[:s].t()) * (x @ brick.up[:s].t())
         y = h @ brick.down_t[:s]
-    selection, weights = brick.route(x)  # [T, k] each
+    chosen, weights, copy = _route(brick, x, plan(brick))  # [T, k] each, and the copy coefficients or None
+    selection = torch.from_numpy(chosen)
     flat = selection.flatten()
+    tokens = torch.arange(x.shape[0]).repeat_interleave(selection.shape[1])
+    if weights is not None:
+        weights = weights.flatten()
+    if brick.spec.adaptive:  # the slots a per-token budget dropped (-1) run nothing
+        kept = flat >= 0
+        flat, tokens = flat[kept], tokens[kept]
+        weights = None if weights is None else weights[kept]
     order = torch.argsort(flat, stable=True)
     if weights is not None:
-        weights = weights.flatten()[order]
-    tokens = torch.arange(x.shape[0]).repeat_interleave(selection.shape[1])[order]
+        weights = weights[order]
+    tokens = tokens[order]
     counts = torch.bincount(flat, minlength=e).tolist()
     start = 0
     for expert, count in enumerate(counts):
@@ -363,7 +408,7 @@ def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
             h = h * weights[start : start + count, None]
         y.index_add_(0, tok, h @ brick.down_t[rows])
         start += count
-    return y
+    return y if copy is None else add_copy(y, x, copy)
 
 
 def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:

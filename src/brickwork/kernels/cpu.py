@@ -17,7 +17,10 @@ every token adds its columns, four per pass.
 
 Threads: the loops are split over numba's threads (``prange``: neuron slices per token, neurons or tokens for a
 batch); the default is torch's thread count. Every sum runs in an order fixed by one token's own data, so
-results do not depend on the thread count.
+results do not depend on the thread count. Every cached function that calls a parallel one is compiled
+``parallel=True`` itself, prange or not: a cached serial caller of a parallel function can crash, or compute
+garbage, when a later process loads it from the cache (numba issues #4807 and #8578; seen here as a segfault of
+the linear router's per-token kernel once another process had cached ``_experts_token`` first).
 
 Accumulation: every kernel sums in the dtype of the inputs ``x`` it is given. float32 inputs: float32 sums.
 float64 inputs (the float32 inputs widened, for bricks with ``accumulate="float64"``): products and sums in
@@ -28,6 +31,7 @@ float64, so that the result does not depend on the order of the sums (see :class
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -40,6 +44,13 @@ except ImportError:  # pragma: no cover - numba is a dependency; this keeps an i
 HAVE_NUMBA = numba is not None
 
 if HAVE_NUMBA:
+    # The callers of parallel functions are compiled parallel=True for the cache's sake (see Threads above), with
+    # no loop of their own to run in parallel; numba's warning that it found none says nothing to act on.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"(?s).*'parallel=True' was specified but no transformation for parallel execution",
+        category=numba.NumbaPerformanceWarning,
+    )
     # Neurons are split into this many fixed slices (the units of parallel work): for the down sums each slice
     # has its own accumulator and the slices are summed in order at the end, so whole contiguous rows are
     # streamed and the result does not depend on the number of threads.
@@ -304,13 +315,22 @@ if HAVE_NUMBA:
 
     @njit(cache=True, inline="always")
     def _computed_neurons(chosen, shared, size):
-        """Stored indices of the shared neurons, then of each chosen expert's neurons, for one token."""
-        neurons = np.empty(shared + chosen.shape[0] * size, dtype=np.int64)
+        """Stored indices of the shared neurons, then of each chosen expert's neurons, for one token; a slot
+        holding -1 (an expert a per-token budget dropped) is skipped."""
+        routed = 0
+        for c in range(chosen.shape[0]):
+            if chosen[c] >= 0:
+                routed += 1
+        neurons = np.empty(shared + routed * size, dtype=np.int64)
         for i in range(shared):
             neurons[i] = i
+        j = shared
         for c in range(chosen.shape[0]):
+            if chosen[c] < 0:
+                continue
             for i in range(size):
-                neurons[shared + c * size + i] = shared + chosen[c] * size + i
+                neurons[j + i] = shared + chosen[c] * size + i
+            j += size
         return neurons
 
     @njit(cache=True, inline="always")
@@ -364,10 +384,14 @@ if HAVE_NUMBA:
         neurons = _computed_neurons(chosen, shared, size)
         m = neurons.shape[0]
         h = _token_hidden(x, rows, neurons)
+        j = shared
         for c in range(chosen.shape[0]):
+            if chosen[c] < 0:  # dropped by a per-token budget: not computed
+                continue
             w = np.float32(weights[c])
             for i in range(size):
-                h[shared + c * size + i] *= w
+                h[j + i] *= w
+            j += size
         if keep >= m:
             _down_rows(rows, neurons, h, out, x)
         else:
@@ -386,12 +410,12 @@ if HAVE_NUMBA:
             scores[i] = acc
         return _topk_indices(scores, active)
 
-    @njit(cache=True, fastmath=True)
+    @njit(cache=True, parallel=True, fastmath=True)  # parallel: it calls parallel functions (numba #8578)
     def linear_router_token(x, router_w, router_b, active, rows, shared, size, keep, out):
         """One token through a carved FFN routed by ``scores = W x + b``: route, compute, sum; one call."""
         _experts_token(x, rows, _linear_choice(x, router_w, router_b, active), shared, size, keep, out)
 
-    @njit(cache=True, fastmath=True)
+    @njit(cache=True, parallel=True, fastmath=True)  # parallel: it calls parallel functions (numba #8578)
     def partial_router_token(x, input_keep, gate_t, up_t, active, rows, shared, size, keep, out):
         """One token through a carved FFN routed by the partial-input estimate (TEAL-style); one call."""
         cols = _topk_indices(np.abs(x).astype(np.float32), input_keep)
@@ -411,13 +435,14 @@ if HAVE_NUMBA:
 
     @njit(cache=True)
     def _token_lists(items, n):
-        """For ``items [T, k]`` of values in [0, n): ``offsets [n + 1]`` and ``tokens`` such that
+        """For ``items [T, k]`` of values in [0, n) (or -1: nothing): ``offsets [n + 1]`` and ``tokens`` such that
         ``tokens[offsets[v]:offsets[v + 1]]`` are the rows holding value v, ascending."""
         rows, k = items.shape
         offsets = np.zeros(n + 1, dtype=np.int64)
         for t in range(rows):
             for c in range(k):
-                offsets[items[t, c] + 1] += 1
+                if items[t, c] >= 0:
+                    offsets[items[t, c] + 1] += 1
         for v in range(n):
             offsets[v + 1] += offsets[v]
         tokens = np.empty(offsets[n], dtype=np.int64)
@@ -425,8 +450,9 @@ if HAVE_NUMBA:
         for t in range(rows):
             for c in range(k):
                 v = items[t, c]
-                tokens[fill[v]] = t
-                fill[v] += 1
+                if v >= 0:
+                    tokens[fill[v]] = t
+                    fill[v] += 1
         return offsets, tokens
 
     @njit(cache=True, parallel=True)
@@ -436,6 +462,54 @@ if HAVE_NUMBA:
         for t in prange(values.shape[0]):
             out[t] = _topk_indices(values[t], k)
         return out
+
+    @njit(cache=True)
+    def _cut_row(values, active, threshold, min_active, zero_mass, clamp, chosen):
+        """One token of :func:`cut_by_mass`: writes its row of ``chosen``, returns its dropped share."""
+        top = _topk_indices(values, active)
+        k = top.shape[0]
+        ranked = np.empty(k, dtype=np.float32)
+        for i in range(k):
+            ranked[i] = values[top[i]]
+        # router order: by value, ties by position (top lists equal values in ascending position; a stable sort
+        # keeps that)
+        order = np.argsort(-ranked, kind="mergesort")
+        cumulative = np.empty(k, dtype=np.float64)
+        total = 0.0
+        for i in range(k):
+            mass = np.float64(ranked[order[i]])
+            if clamp and mass < 0.0:
+                mass = 0.0
+            total += mass
+            cumulative[i] = total
+        kept = k
+        if threshold < 1.0:
+            goal = threshold * (total + zero_mass) - zero_mass
+            short = 1 if goal > 0.0 else 0
+            for i in range(k):
+                if cumulative[i] < goal:
+                    short += 1
+            kept = min(max(short, min(min_active, k)), k)
+        for i in range(k):
+            chosen[i] = top[order[i]] if i < kept else -1
+        if not total > 0.0:
+            return 0.0
+        reached = cumulative[kept - 1] if kept > 0 else 0.0
+        return 1.0 - reached / max(total, 2.2250738585072014e-308)
+
+    @njit(cache=True, parallel=True)
+    def cut_by_mass(values, active, threshold, min_active, zero_mass, clamp):
+        """A per-token budget's routing (:mod:`brickwork.bricks.adaptive`) from ``values [T, E]``, the router's
+        probabilities (or, ``clamp``: its scores, whose mass is clamped at 0): ``(chosen [T, active], dropped [T])``,
+        each token's top ``active`` experts in router order with -1 past those it keeps, and the share of mass it
+        drops. The masses are summed in float64 in router order, as :func:`~brickwork.bricks.adaptive.kept_counts`
+        sums them (no fastmath: the same operations, the same bits)."""
+        tokens = values.shape[0]
+        chosen = np.empty((tokens, active), dtype=np.int64)
+        dropped = np.empty(tokens, dtype=np.float64)
+        for t in prange(tokens):
+            dropped[t] = _cut_row(values[t], active, threshold, min_active, zero_mass, clamp, chosen[t])
+        return chosen, dropped
 
     @njit(cache=True, parallel=True, fastmath=True)
     def linear_router_batch(x, router_w, router_b, active):
@@ -548,20 +622,22 @@ if HAVE_NUMBA:
     @njit(cache=True, parallel=True)
     def _kept_rows(h, chosen, shared, size, keep):
         """``[T, keep]`` stored indices of the ``keep`` largest |h| among each token's computed neurons (all of
-        them when ``keep`` is at least their number), in the order :func:`_topk_indices` gives."""
+        them when ``keep`` is at least their number), in the order :func:`_topk_indices` gives; a token that
+        computes fewer (a per-token budget dropped experts) has -1 after its own."""
         tokens = h.shape[0]
-        m = shared + chosen.shape[1] * size
-        k = min(keep, m)
+        k = min(keep, shared + chosen.shape[1] * size)
         out = np.empty((tokens, k), dtype=np.int64)
         for t in prange(tokens):
             computed = _computed_neurons(chosen[t], shared, size)
+            m = computed.shape[0]
             if k < m:
                 values = np.empty(m, dtype=np.float32)
                 for i in range(m):
                     values[i] = abs(h[t, computed[i]])
                 out[t] = computed[_topk_indices(values, k)]
             else:
-                out[t] = computed
+                out[t, :m] = computed
+                out[t, m:] = -1
         return out
 
     @njit(cache=True, parallel=True, fastmath=True)
@@ -572,10 +648,12 @@ if HAVE_NUMBA:
             acc = np.zeros(out.shape[1], dtype=x.dtype)
             for i in range(kept.shape[1]):
                 n = kept[t, i]
+                if n < 0:  # the token's own neurons end here
+                    break
                 _axpy(rows[n, 2], x.dtype.type(h[t, n]), acc)
             out[t] = acc
 
-    @njit(cache=True)
+    @njit(cache=True, parallel=True)  # parallel: it calls parallel functions (numba #8578)
     def hidden_batch(x, chosen, rows, shared, size):
         """``h [T, F]`` of each token's shared and chosen experts' neurons (0 elsewhere)."""
         e = (rows.shape[0] - shared) // size
@@ -584,7 +662,7 @@ if HAVE_NUMBA:
         _hidden_batch(x, rows, shared, size, offsets, tokens, h)
         return h
 
-    @njit(cache=True)
+    @njit(cache=True, parallel=True)  # parallel: it calls parallel functions (numba #8578)
     def down_batch(h, chosen, rows, shared, size, keep, out, x):
         """out = the down projection of ``h`` over each token's computed neurons, or their ``keep`` largest |h|:
         only those down rows are read; summed in the dtype of the inputs ``x``."""

@@ -66,12 +66,17 @@ class Router(nn.Module):
     # "linear": x W^T + b with (W, b) = linear_form(), routed inside the compiled kernels;
     # "partial": PartialInputRouter's estimate from each token's largest inputs, routed inside the kernels.
     computes: str = "scores"
+    # Whether the scores estimate each expert's activation mass (non-negative, and additive over experts), so
+    # that a share of a token's total means something: per-token budgets of the ``sum`` rule keep experts by
+    # their share of these scores, clamped at 0 (brickwork.bricks.adaptive); other routers' are refused.
+    predicts_mass: bool = False
 
     def forward(self, x: torch.Tensor, brick: BrickFFN) -> torch.Tensor:
         raise NotImplementedError
 
-    def weights_read(self, brick: BrickFFN) -> int:
-        """Weights a token reads to be routed (its parameters, by default)."""
+    def weights_read(self, brick: BrickFFN, routed: int | None = None) -> int:
+        """Weights a token reads to be routed (its parameters, by default) when it runs ``routed`` experts (None:
+        ``brick.active``; routers that reuse their work for the experts they select read more for fewer)."""
         return sum(p.numel() for p in self.parameters())
 
     def extra_config(self) -> dict:

@@ -39,6 +39,7 @@ def ridge_fit(
 class FittedRouter(Router):
     kind = "fitted"
     computes = "linear"
+    predicts_mass = True
     needs_samples = True
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):

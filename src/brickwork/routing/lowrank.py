@@ -37,6 +37,7 @@ def covariance_weighted_lowrank(
 @register_router
 class LowRankRouter(Router):
     kind = "lowrank"
+    predicts_mass = True
     needs_samples = True
 
     def __init__(

@@ -12,14 +12,16 @@ from brickwork.routing.base import Router, RouterInputs, register_router
 @register_router
 class OracleRouter(Router):
     kind = "oracle"
+    predicts_mass = True
 
     def forward(self, x, brick):
         h = brick.hidden(x, brick.num_shared, brick.d_ff)
         return h.abs().view(x.shape[0], brick.num_experts, brick.expert_size).sum(-1)
 
-    def weights_read(self, brick) -> int:
+    def weights_read(self, brick, routed=None) -> int:
         # The gate/up rows of the experts it then leaves out (those it selects are counted with the experts).
-        return brick.input_weights_per_neuron * brick.expert_size * (brick.num_experts - brick.active)
+        left_out = brick.num_experts - (brick.active if routed is None else routed)
+        return brick.input_weights_per_neuron * brick.expert_size * left_out
 
     @classmethod
     def build(cls, inputs: RouterInputs) -> OracleRouter:

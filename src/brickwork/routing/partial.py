@@ -27,6 +27,7 @@ DEFAULT_INPUT_FRACTION = 0.25
 class PartialInputRouter(Router):
     kind = "partial"
     computes = "partial"
+    predicts_mass = True
 
     def __init__(self, input_fraction: float = DEFAULT_INPUT_FRACTION):
         super().__init__()
@@ -50,8 +51,8 @@ class PartialInputRouter(Router):
         h = h.abs().view(x.shape[0], brick.num_experts, brick.expert_size)
         return h.sum(-1, dtype=torch.float64).float() if exact else h.sum(-1)
 
-    def weights_read(self, brick) -> int:
-        left_out = brick.expert_size * (brick.num_experts - brick.active)
+    def weights_read(self, brick, routed=None) -> int:
+        left_out = brick.expert_size * (brick.num_experts - (brick.active if routed is None else routed))
         keep = math.ceil(self.input_fraction * brick.d_model)
         return keep * (2 if brick.gate is not None else 1) * left_out
 

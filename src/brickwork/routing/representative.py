@@ -16,6 +16,7 @@ from brickwork.routing.base import Router, RouterInputs, register_router
 @register_router
 class RepresentativeRouter(Router):
     kind = "representative"
+    predicts_mass = True
 
     def __init__(
         self,

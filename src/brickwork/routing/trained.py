@@ -95,6 +95,7 @@ def train_linear_router(
 class TrainedRouter(FittedRouter):
     kind = "trained"
     needs_samples = True
+    predicts_mass = False  # softmax logits trained to rank experts, not a regression of their mass
 
     @classmethod
     def build(

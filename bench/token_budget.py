@@ -1,0 +1,256 @@
+"""Per-token budgets (bw.fit_token_budget) against the uniform top-k at equal average reads.
+
+One carve with a cap above the targets (by default 64 experts, 8 shared, the sigmoid combine rule, the fitted router
+without intercept, top-k for 75% reads). For each target:
+
+- ``uniform``: the same artefact at a fixed top-k within the target (``bw.set_budget``);
+- ``uniform, carved at the target``: a separate carve with the uniform row's top-k, its combine weights fitted for
+  it (``--no-separate`` leaves it out);
+- per-token budgets fitted on the calibration text to the uniform row's reads (so that both read the same on
+  average): one threshold for every layer, one per layer, with MoE++'s copy expert, and with the zero expert
+  (``min_active=0`` and ``--zero-share``).
+
+Every row is scored on the same held-out windows (perplexity ratio to dense, KL, top-1 agreement) and its reads per
+token are counted on them (mean and worst case). Batch-1 decode speed of the global per-token budget against the
+uniform row: interleaved runs of two copies of the artefact, medians. Writes results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import machine_info, write_results  # noqa: E402
+
+import brickwork as bw  # noqa: E402
+from brickwork.benchmarks.quality import HeldOut  # noqa: E402
+from brickwork.benchmarks.speed import _decode_steps, _interleaved  # noqa: E402
+from brickwork.bricks import calibrate, carved_layers  # noqa: E402
+from brickwork.bricks.token_budget import ReadCounter  # noqa: E402
+
+# name -> fit_token_budget options (None: the uniform top-k rows)
+VARIANTS = {
+    "per-token, one threshold": {},
+    "per-token, per layer": {"per_layer": True},
+    "per-token + copy expert": {"copy": True},
+    "per-token + zero expert": {"min_active": 0, "zero_share": None},  # zero_share from --zero-share
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--router-samples", type=int, default=8192)
+    parser.add_argument(
+        "--fit-tokens", type=int, default=4096, help="calibration tokens fit_token_budget uses"
+    )
+    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--shared", type=int, default=8)
+    parser.add_argument(
+        "--cap", type=float, default=0.75, help="the carve's own top-k, as a fraction of the FFN"
+    )
+    parser.add_argument("--combine", default="sigmoid")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--zero-share", type=float, default=0.5, help="the zero expert's mass / mean token mass"
+    )
+    parser.add_argument("--no-separate", action="store_true", help="leave out the carves made at each target")
+    parser.add_argument("--decode-steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few windows")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/token-budget-smollm2"))
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.calib_tokens, args.router_samples, args.fit_tokens = "tiny-llama", 1024, 512, 512
+        args.eval_tokens, args.window, args.experts, args.shared = 512, 64, 16, 2
+        args.decode_steps, args.repeats, args.targets = 4, 3, [0.6, 0.45]
+    started = time.perf_counter()
+    machine = machine_info()
+    if args.model.startswith("tiny-"):
+        from brickwork.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+        model, tokenizer = build_tiny_model(args.model.removeprefix("tiny-")).eval(), build_tiny_tokenizer()
+    else:
+        model, tokenizer = bw.load_model(args.model, progress=False)
+    held_out = {d: HeldOut(tokenizer, d, args.eval_tokens, args.window) for d in args.eval}
+    for h in held_out.values():
+        h.cache_dense(model)
+    base = bw.CarveConfig(
+        calib_tokens=args.calib_tokens, router_samples=args.router_samples, window=args.window
+    )
+    calibration = calibrate(model, tokenizer, args.calib, base, progress=False)
+
+    def carve(fraction: float | None = None, active: int | None = None) -> float:
+        config = bw.CarveConfig(
+            experts=args.experts,
+            shared=args.shared,
+            active_fraction=fraction,
+            active=active,
+            method="activation",
+            router="fitted",
+            router_options={"intercept": False},
+            combine=args.combine,
+            accumulate="float32",
+            calib_tokens=args.calib_tokens,
+            router_samples=args.router_samples,
+            window=args.window,
+        )
+        return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
+
+    def score() -> dict:
+        with ReadCounter(model) as counter:
+            scores = {d: h.score(model) for d, h in held_out.items()}
+        reads = counter.reads()
+        return {"heldout": scores, "reads": reads.mean, "worst": reads.worst, "layers": reads.layers}
+
+    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": [], "speed": []}
+    cap = carve(args.cap)
+    results["cap"] = {"fraction": cap, **score()}
+    print(
+        f"cap {cap:.1%}: " + ", ".join(f"{d} x{s['ratio']:.3f}" for d, s in results["cap"]["heldout"].items())
+    )
+    for target in args.targets:
+        bw.set_token_budget(model, None)
+        fractions = bw.set_budget(model, target)
+        sizes = {i: b.d_ff * b.weights_per_neuron for i, b in carved_layers(model).items()}
+        uniform_reads = sum(fractions[i] * sizes[i] for i in sizes) / sum(sizes.values())
+        rows = [{"target": target, "name": "uniform top-k", **score()}]
+        top_k = next(iter(carved_layers(model).values())).active
+        uniform = copy.deepcopy(model) if not args.no_speed else None
+        bw.set_budget(model, None)  # back to the cap: tokens choose within it
+        adaptive = None
+        for name in args.variants:
+            options = dict(VARIANTS[name])
+            if "zero_share" in options:
+                options["zero_share"] = args.zero_share
+            fit = bw.fit_token_budget(
+                model, tokenizer, args.calib, uniform_reads, tokens=args.fit_tokens, window=args.window,
+                progress=False, **options,
+            )  # fmt: skip
+            row = {"target": target, "name": name, "options": options, "fit": fit.to_dict(), **score()}
+            rows.append(row)
+            if name == "per-token, one threshold" and not args.no_speed:
+                adaptive = copy.deepcopy(model)
+            bw.set_token_budget(model, None)
+        if not args.no_separate:
+            bw.uncarve_(model)
+            carve(active=top_k)  # the uniform row's top-k, its combine weights fitted for it
+            rows.append({"target": target, "name": "uniform, carved at the target", **score()})
+            bw.uncarve_(model)
+            carve(args.cap)
+        for row in rows:
+            row["ratio"] = {d: s["ratio"] for d, s in row["heldout"].items()}
+            print(f"{target:.0%} {row['name']:<32} reads {row['reads']:.1%} (worst {row['worst']:.1%}) "
+                  + " ".join(f"{d} x{r:.3f}" for d, r in row["ratio"].items()), flush=True)  # fmt: skip
+        results["rows"] += rows
+        if uniform is not None and adaptive is not None:
+            prompt = torch.randint(
+                3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
+            )
+            times = _interleaved(
+                {
+                    "uniform": _decode_steps(uniform, prompt, args.decode_steps),
+                    "adaptive": _decode_steps(adaptive, prompt, args.decode_steps),
+                },
+                args.repeats,
+            )
+            results["speed"].append(
+                {
+                    "target": target,
+                    "uniform_s": times["uniform"],
+                    "adaptive_s": times["adaptive"],
+                    "speedup": times["uniform"] / times["adaptive"],
+                }
+            )
+            print(
+                f"{target:.0%} batch-1 decode: adaptive / uniform speed x{results['speed'][-1]['speedup']:.3f}"
+            )
+        uniform = adaptive = None
+        write_results(args.out, results, render(results))
+    results["seconds"] = time.perf_counter() - started
+    write_results(args.out, results, render(results))
+    print(render(results))
+
+
+def render(results: dict) -> str:
+    s, m = results["settings"], results["machine"]
+    corpora = s["eval"]
+    cap = results["cap"]
+    lines = [
+        f"# Per-token budgets against the uniform top-k ({s['model']})",
+        "",
+        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}; carve: {s['experts']} experts ({s['shared']} shared), "
+        f"`{s['combine']}` combine, fitted router without intercept, cap {cap['fraction']:.1%} of the FFN read per "
+        f"token; calibration `{s['calib']}` {s['calib_tokens']} tokens (token budgets fitted on {s['fit_tokens']} of "
+        f"them); {s['eval_tokens']} held-out tokens per corpus.",
+        "",
+        "Per-token budgets are fitted to the uniform row's reads (its fixed top-k within the target). *reads*: mean "
+        "FFN weights read per token on the held-out tokens (router and shared neurons included), *worst*: the "
+        "most a token can read. Perplexity ratio to dense, " + " / ".join(corpora) + ".",
+        "",
+        f"The cap itself: reads {cap['reads']:.1%}, "
+        + " / ".join(f"x{cap['heldout'][d]['ratio']:.3f}" for d in corpora),
+        "",
+        "*vs uniform*: perplexity ratio over the uniform top-k row's.",
+        "",
+        "| target | row | reads | worst | perplexity ratio | KL | top-1 agreement | vs uniform |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results["rows"]:
+        uniform = next(
+            u for u in results["rows"] if u["target"] == r["target"] and u["name"] == "uniform top-k"
+        )
+        h = r["heldout"]
+        lines.append(
+            f"| {r['target']:.0%} | {r['name']} | {r['reads']:.1%} | {r['worst']:.1%} | "
+            + " / ".join(f"x{h[d]['ratio']:.3f}" for d in corpora)
+            + " | "
+            + " / ".join(f"{h[d]['kl']:.3f}" for d in corpora)
+            + " | "
+            + " / ".join(f"{h[d]['agreement']:.1%}" for d in corpora)
+            + " | "
+            + " / ".join(f"{h[d]['ratio'] / uniform['heldout'][d]['ratio']:.3f}" for d in corpora)
+            + " |"
+        )
+    if results["speed"]:
+        lines += [
+            "",
+            f"Batch-1 decode ({s['decode_steps']} steps after a 16-token prompt, medians of {s['repeats']} "
+            "interleaved repeats), per-token budget (one threshold) against the uniform top-k at the same reads:",
+            "",
+        ]
+        for t in results["speed"]:
+            lines.append(
+                f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s, per-token "
+                f"{1 / t['adaptive_s']:.1f} tokens/s (x{t['speedup']:.3f})"
+            )
+    copies = [r for r in results["rows"] if r.get("fit", {}).get("copy")]
+    if copies:
+        lines += [
+            "",
+            "Copy expert, per layer on the calibration tokens: what dropping experts loses, and after:",
+            "",
+        ]
+        for r in copies:
+            fits = r["fit"]["copy"].values()
+            lost = sum(c["lost"] for c in fits) / len(fits)
+            after = sum(c["after"] for c in fits) / len(fits)
+            lines.append(f"- {r['target']:.0%}: mean relative error {lost:.4f} -> {after:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
