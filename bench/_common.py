@@ -2,4 +2,13 @@
 
 from brickwork.benchmarks.common import machine_info, write_results
 
-__all__ = ["machine_info", "write_results"]
+__all__ = ["add_model_arguments", "machine_info", "write_results"]
+
+
+def add_model_arguments(parser) -> None:
+    """The model, calibration and held-out options the quality benchmarks share."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--router-samples", type=int, default=8192)
+    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])

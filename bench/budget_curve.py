@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
+from _common import add_model_arguments, machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
 from brickwork.bricks import calibrate, carved_layers  # noqa: E402
@@ -42,11 +42,7 @@ FAMILIES = ("neuron-level default", "stock 64 experts softmax", "stock 64 expert
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="wiki")
-    parser.add_argument("--calib-tokens", type=int, default=16384)
-    parser.add_argument("--router-samples", type=int, default=8192)
-    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
+    add_model_arguments(parser)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--carve-at", type=float, default=0.5, help="the artefact's own budget")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5, 0.75])

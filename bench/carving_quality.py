@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
+from _common import add_model_arguments, machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
 from brickwork.benchmarks.common import CONFIG_KEYS  # noqa: E402
@@ -45,11 +45,7 @@ def parse_config(text: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="wiki")
-    parser.add_argument("--calib-tokens", type=int, default=16384)
-    parser.add_argument("--router-samples", type=int, default=8192)
-    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
+    add_model_arguments(parser)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per corpus")
     parser.add_argument(
         "--config",

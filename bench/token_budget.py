@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
+from _common import add_model_arguments, machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
 from brickwork.benchmarks.quality import HeldOut  # noqa: E402
@@ -45,14 +45,10 @@ VARIANTS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calib", default="wiki")
-    parser.add_argument("--calib-tokens", type=int, default=16384)
-    parser.add_argument("--router-samples", type=int, default=8192)
+    add_model_arguments(parser)
     parser.add_argument(
         "--fit-tokens", type=int, default=4096, help="calibration tokens fit_token_budget uses"
     )
-    parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--experts", type=int, default=64)

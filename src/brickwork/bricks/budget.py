@@ -55,6 +55,22 @@ def _apply(brick: BrickFFN, settings: dict) -> None:
         brick.router.input_fraction = settings["router_config"]["input_fraction"]
 
 
+def per_layer(value, bricks: dict, scalars: tuple, usage: str) -> dict:
+    """``value`` spread over the carved ``bricks``: a dict names layers (each must be carved), None means None
+    everywhere, and a value of the ``scalars`` types applies to every layer; anything else is refused with
+    ``usage``."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(bricks))
+        if unknown:
+            raise BrickworkError(f"layers {unknown} are not carved; carved layers are {sorted(bricks)}")
+        return dict(value)
+    if value is None:
+        return dict.fromkeys(bricks)
+    if isinstance(value, scalars) and not isinstance(value, bool):
+        return dict.fromkeys(bricks, float(value) if isinstance(value, int) else value)
+    raise BrickworkError(f"{usage}; got {value!r}")
+
+
 def calibrated(brick: BrickFFN) -> dict:
     """The settings ``brick`` was carved with (recorded on its first re-budgeting)."""
     record = brick.__dict__.get("_calibrated")
@@ -150,17 +166,9 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
     bricks = carved_layers(model)
     if not bricks:
         raise BrickworkError("set_budget needs a carved model (brickwork.carve_ or brickwork.load)")
-    if isinstance(budget, dict):
-        unknown = sorted(set(budget) - set(bricks))
-        if unknown:
-            raise BrickworkError(f"layers {unknown} are not carved; carved layers are {sorted(bricks)}")
-        wanted = dict(budget)
-    elif budget is None:
-        wanted = dict.fromkeys(bricks)
-    elif isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        wanted = dict.fromkeys(bricks, float(budget))
-    else:
-        raise BrickworkError(f"a budget is a fraction, a {{layer: fraction}} dict or None; got {budget!r}")
+    wanted = per_layer(
+        budget, bricks, (int, float), "a budget is a fraction, a {layer: fraction} dict or None"
+    )
     # every layer's new settings first: a refused budget leaves the model as it was
     plans = {
         index: calibrated(bricks[index]) if value is None else layer_settings(bricks[index], value)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from brickwork.bricks.adaptive import TokenBudget, dropped_share, fit_copy_gain, kept_counts
+from brickwork.bricks.budget import per_layer
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
@@ -106,19 +107,12 @@ def set_token_budget(
     (None: fixed top-k). A refused value leaves the model as it was.
     """
     bricks = _layers(model, "set_token_budget")
-    if isinstance(threshold, dict):
-        unknown = sorted(set(threshold) - set(bricks))
-        if unknown:
-            raise BrickworkError(f"layers {unknown} are not carved; carved layers are {sorted(bricks)}")
-        wanted = dict(threshold)
-    elif threshold is None:
-        wanted = dict.fromkeys(bricks)
-    elif isinstance(threshold, (int, float, TokenBudget)) and not isinstance(threshold, bool):
-        wanted = dict.fromkeys(bricks, threshold)
-    else:
-        raise BrickworkError(
-            f"a token budget is a threshold in (0, 1], a {{layer: threshold}} dict or None; got {threshold!r}"
-        )
+    wanted = per_layer(
+        threshold,
+        bricks,
+        (int, float, TokenBudget),
+        "a token budget is a threshold in (0, 1], a {layer: threshold} dict or None",
+    )
     budgets = {  # every layer's budget first: a refused one leaves the model as it was
         index: None
         if value is None
