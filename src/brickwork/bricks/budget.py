@@ -55,7 +55,7 @@ def _apply(brick: BrickFFN, settings: dict) -> None:
         brick.router.input_fraction = settings["router_config"]["input_fraction"]
 
 
-def per_layer(value, bricks: dict, scalars: tuple, usage: str) -> dict:
+def spread_over_layers(value, bricks: dict, scalars: tuple, usage: str) -> dict:
     """``value`` spread over the carved ``bricks``: a dict names layers (each must be carved), None means None
     everywhere, and a value of the ``scalars`` types applies to every layer; anything else is refused with
     ``usage``."""
@@ -166,7 +166,7 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
     bricks = carved_layers(model)
     if not bricks:
         raise BrickworkError("set_budget needs a carved model (brickwork.carve_ or brickwork.load)")
-    wanted = per_layer(
+    wanted = spread_over_layers(
         budget, bricks, (int, float), "a budget is a fraction, a {layer: fraction} dict or None"
     )
     # every layer's new settings first: a refused budget leaves the model as it was

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from brickwork.bricks.adaptive import TokenBudget, dropped_share, fit_copy_gain, kept_counts
-from brickwork.bricks.budget import per_layer
+from brickwork.bricks.budget import spread_over_layers
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
@@ -107,7 +107,7 @@ def set_token_budget(
     (None: fixed top-k). A refused value leaves the model as it was.
     """
     bricks = _layers(model, "set_token_budget")
-    wanted = per_layer(
+    wanted = spread_over_layers(
         threshold,
         bricks,
         (int, float, TokenBudget),
