@@ -337,6 +337,8 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
 def _default_export_format(model: str, out: Path) -> str:
     """``export --format`` when not given: gguf for a ``.gguf`` output, else the stock format that computes the
     carve's combine rule (sigmoid: glm4_moe; otherwise qwen2_moe)."""
+    from brickwork.io.export import rule_architecture
+
     if Path(out).suffix == ".gguf":
         return "gguf"
     try:
@@ -344,7 +346,7 @@ def _default_export_format(model: str, out: Path) -> str:
         rules = {(layer.get("combine") or {}).get("rule", "sum") for layer in layers}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "qwen2_moe"  # the checks that follow say what is wrong with the folder
-    return "glm4_moe" if rules == {"sigmoid"} else "qwen2_moe"
+    return rule_architecture(rules.pop()) if len(rules) == 1 else "qwen2_moe"
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

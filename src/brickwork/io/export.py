@@ -95,9 +95,13 @@ class _Plan:
 
     def stock_format(self, format: str) -> str:
         """The transformers architecture built for ``format``: a GGUF file of a ``sigmoid`` carve is glm4moe."""
-        if format == "gguf":
-            return "glm4_moe" if self.rule == "sigmoid" else "qwen2_moe"
-        return format
+        return rule_architecture(self.rule) if format == "gguf" else format
+
+
+def rule_architecture(rule: str) -> str:
+    """The stock transformers architecture that computes combine ``rule``: glm4_moe for ``sigmoid`` (GLM-4.5's
+    gate), qwen2_moe for the others."""
+    return "glm4_moe" if rule == "sigmoid" else "qwen2_moe"
 
 
 def plan_export(model, format: str) -> _Plan:
