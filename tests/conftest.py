@@ -129,3 +129,16 @@ def publish(root: Path, project: str, filename: str, data: bytes, fragment: str 
         f'<html><body><a href="../../files/{filename}#sha256={frag}">{filename}</a><br/></body></html>'
     )
     return digest
+
+
+def cli_carved(tmp_path, tiny_dir, text_file) -> Path:
+    """``brickwork carve`` of the tiny Llama (8 experts, 1 shared, top-4) into ``tmp_path / "carved"``."""
+    from brickwork.cli.main import main as cli
+
+    out = tmp_path / "carved"
+    carve = (
+        f"carve {tiny_dir} --calib {text_file} --experts 8 --shared 1 --active 4 --method random "
+        f"--calib-tokens 512 --router-samples 256 --window 64 --out {out} -q"
+    )
+    assert cli(carve.split()) == 0
+    return out

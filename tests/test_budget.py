@@ -9,7 +9,7 @@ import brickwork as bw
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.presets import recommended
 from brickwork.errors import BrickworkError
-from conftest import carved_tiny, tiny
+from conftest import carved_tiny, cli_carved, tiny
 
 
 def _logits(model, ids):
@@ -107,12 +107,7 @@ def test_bad_budgets_are_refused_and_leave_the_model_as_it_was(text_file, tokeni
 def test_cli_eval_at_another_budget(tmp_path, tiny_dir, text_file, capsys):
     from brickwork.cli.main import main as cli
 
-    out = tmp_path / "carved"
-    carve = (
-        f"carve {tiny_dir} --calib {text_file} --experts 8 --shared 1 --active 4 --method random "
-        f"--calib-tokens 512 --router-samples 256 --window 64 --out {out} -q"
-    )
-    assert cli(carve.split()) == 0
+    out = cli_carved(tmp_path, tiny_dir, text_file)
     assert cli(["eval", str(out), "--data", str(text_file), "--window", "64", "--budget", "0.4", "-q"]) == 0
     printed = capsys.readouterr().out
     assert "budget 40.0%" in printed and "perplexity" in printed

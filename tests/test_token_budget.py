@@ -13,7 +13,7 @@ from brickwork.bricks.adaptive import TokenBudget, dropped_share, kept_counts
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.token_budget import ReadCounter
 from brickwork.errors import BrickworkError
-from conftest import carved_tiny
+from conftest import carved_tiny, cli_carved
 
 CONFIGS = {
     "sum fitted": dict(experts=8, shared=1, active=4, router="fitted", router_options={"intercept": False}),
@@ -295,12 +295,7 @@ def test_export_refuses_a_token_budget(text_file, tokenizer):
 def test_cli_eval_with_a_token_threshold_or_a_fitted_token_budget(tmp_path, tiny_dir, text_file, capsys):
     from brickwork.cli.main import main as cli
 
-    out = tmp_path / "carved"
-    carve = (
-        f"carve {tiny_dir} --calib {text_file} --experts 8 --shared 1 --active 4 --method random "
-        f"--calib-tokens 512 --router-samples 256 --window 64 --out {out} -q"
-    )
-    assert cli(carve.split()) == 0
+    out = cli_carved(tmp_path, tiny_dir, text_file)
     capsys.readouterr()
     common = ["eval", str(out), "--data", str(text_file), "--window", "64", "--max-tokens", "256", "-q"]
     report = tmp_path / "eval.json"
