@@ -86,12 +86,17 @@ def test_bad_settings_are_refused_clearly(text_file, task_file):
 def test_bench_quality_command(tmp_path, text_file, task_file, capsys):
     out = tmp_path / "bench"
     command = (
-        f"bench quality --quick --fractions 0.5 --methods random --routers fitted --baselines cats "
+        f"bench quality --quick --fractions 0.5 --methods random --routers fitted --baselines cats --stock "
         f"--calib {text_file} --eval {text_file} --tasks {task_file} --out {out} -q"
     )
     assert cli(command.split()) == 0
     printed = capsys.readouterr().out
     assert "random+fitted" in printed and "cats keep 50%" in printed
+    stock = next(
+        r for r in json.loads((out / "results.json").read_text())["rows"] if r["name"].startswith("stock")
+    )
+    assert stock["config"]["combine"] == "sigmoid" and stock["name"] in printed
+    assert 0.4 < stock["active_fraction"] < 0.6
     assert (out / "quality.png").stat().st_size > 0
     assert cli(f"bench quality --quick --tasks no_such_task --out {out} -q".split()) == 2
     assert "Unknown task 'no_such_task'" in capsys.readouterr().err

@@ -41,6 +41,7 @@ class QualityBenchConfig:
     experts: int = 16
     shared: int = 2
     neuron_level: bool = True  # the measured neuron-level default at each fraction
+    stock: bool = False  # the stock-exportable default (``carve --stock``: sigmoid experts) at each fraction
     baselines: tuple[str, ...] = ("cats", "teal", "oracle")
     calib: str = "wiki"
     calib_tokens: int = 16384
@@ -159,7 +160,7 @@ class HeldOut:
 def _carve_configs(
     config: QualityBenchConfig, d_ff: int, d_model: int, gated: bool
 ) -> list[tuple[str, dict]]:
-    from brickwork.bricks.presets import recommended
+    from brickwork.bricks.presets import recommended, stock_recommended
     from brickwork.grouping import GROUPING_METHODS
 
     methods = config.methods or tuple(GROUPING_METHODS)
@@ -194,6 +195,14 @@ def _carve_configs(
             out.append(
                 (
                     f"neuron+partial (default {fraction:.0%})",
+                    {k: v for k, v in c.to_dict().items() if k in CONFIG_KEYS},
+                )
+            )
+        if config.stock:
+            c = stock_recommended(fraction, d_ff=d_ff)
+            out.append(
+                (
+                    f"stock {c.combine} ({c.shared}+{c.active} of {c.experts}, default {fraction:.0%})",
                     {k: v for k, v in c.to_dict().items() if k in CONFIG_KEYS},
                 )
             )
@@ -481,6 +490,8 @@ def _series(row: dict) -> str:
     c = row["config"]
     if c["experts"] >= 512 or c["router"] == "partial" and "neuron" in row["name"]:
         return "carved: neuron-level default (partial router)"
+    if c.get("combine", "sum") != "sum":
+        return f"carved: stock default ({c['combine']} experts)"
     return f"carved: {c['method']} + {c['router']}"
 
 

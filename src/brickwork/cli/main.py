@@ -309,6 +309,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
         "routers": tuple(args.routers) if args.routers else None,
         "baselines": tuple(args.baselines),
         "neuron_level": not args.no_neuron_level,
+        "stock": args.stock,
         "tasks": tuple(args.tasks) if args.tasks is not None else None,
         "seed": args.seed,
         "quick": args.quick,
@@ -319,6 +320,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
         "shared",
         "calib",
         "calib_tokens",
+        "router_samples",
         "eval_tokens",
         "task_examples",
         "harness",
@@ -1067,9 +1069,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, help="experts per FFN in the grid (default 16)")
     p.add_argument("--shared", type=int, help="shared experts in the grid (default 2)")
     p.add_argument("--no-neuron-level", action="store_true", help="leave out the neuron-level default rows")
+    p.add_argument(
+        "--stock",
+        action="store_true",
+        help="add the stock-exportable default (carve --stock: sigmoid experts) at each fraction",
+    )
     p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
     p.add_argument("--calib", help=f"calibration text (default {DEFAULT_CALIBRATION}); {data_help}")
     p.add_argument("--calib-tokens", type=int, help="calibration tokens (default 16384)")
+    p.add_argument(
+        "--router-samples",
+        type=int,
+        help="(x, h) pairs per layer the routers fit on (default 8192; memory: samples x (d_model + d_ff) x 4 "
+        "bytes per layer, for all layers at once)",
+    )
     p.add_argument("--eval", nargs="+", help=f"held-out corpora (default {' '.join(DEFAULT_EVALUATION)})")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens per corpus (default 1024)")
     p.add_argument(
