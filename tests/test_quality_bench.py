@@ -98,6 +98,12 @@ def test_bench_quality_command(tmp_path, text_file, task_file, capsys):
     assert stock["config"]["combine"] == "sigmoid" and stock["name"] in printed
     assert 0.4 < stock["active_fraction"] < 0.6
     assert (out / "quality.png").stat().st_size > 0
+    none = tmp_path / "none"
+    command = (
+        "bench quality --quick --fractions 0.5 --methods random --routers fitted --baselines --tasks none"
+    )
+    assert cli(f"{command} --calib {text_file} --eval {text_file} --out {none} -q".split()) == 0
+    assert json.loads((none / "results.json").read_text())["settings"]["tasks"] == []
     assert cli(f"bench quality --quick --tasks no_such_task --out {out} -q".split()) == 2
     assert "Unknown task 'no_such_task'" in capsys.readouterr().err
 

@@ -310,7 +310,8 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
         "baselines": tuple(args.baselines),
         "neuron_level": not args.no_neuron_level,
         "stock": args.stock,
-        "tasks": tuple(args.tasks) if args.tasks is not None else None,
+        # "--tasks" alone or "--tasks none": no downstream tasks
+        "tasks": None if args.tasks is None else tuple(t for t in args.tasks if t.lower() != "none"),
         "seed": args.seed,
         "quick": args.quick,
     }
