@@ -230,10 +230,13 @@ class BrickFFN(nn.Module):
     def exact(self, x: torch.Tensor) -> bool:
         """Whether this call sums in float64 and rounds once (``accumulate="float64"``, float32 inputs, and no
         gradient wanted: training stays in float32)."""
-        return (
-            self.accumulate == "float64"
-            and x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.up.requires_grad))
+        return self.accumulate == "float64" and x.dtype == torch.float32 and not self.needs_grad(x)
+
+    def needs_grad(self, x: torch.Tensor) -> bool:
+        """Whether this call must build an autograd graph: gradients on, and ``x`` or any of the brick's weights
+        (the router's included) wants one. Training takes the differentiable reference path."""
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters())
         )
 
     def hidden(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -414,7 +414,7 @@ def grouped_forward(brick, x: torch.Tensor) -> torch.Tensor:
 def fast_forward(brick, x: torch.Tensor) -> torch.Tensor | None:
     """``brick``'s output for ``x [T, D]`` on the fastest measured path, or None for the reference path (training,
     unsupported bricks)."""
-    if torch.is_grad_enabled() and (x.requires_grad or brick.up.requires_grad):
+    if brick.needs_grad(x):
         return None  # training: the reference path is the differentiable one
     p = plan(brick)
     if not p.supported:  # no kernel runs this brick (not CPU fp32 SwiGLU, or no numba): the reference path

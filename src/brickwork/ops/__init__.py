@@ -1,0 +1,7 @@
+"""Brick operations on a carved model ("Configurable Foundation Models", Xiao et al. 2024): grow new bricks, update
+the bricks a domain uses, merge bricks of several children, prune the bricks a domain never uses.
+
+Each operation is one module and works on a carved model in memory; the result saves like any carve
+(:func:`brickwork.save`). :mod:`brickwork.ops.usage` measures which bricks a text routes to, and
+:mod:`brickwork.ops.train` is the next-token training loop grow and update share.
+"""
