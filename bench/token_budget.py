@@ -32,6 +32,7 @@ import brickwork as bw  # noqa: E402
 from brickwork.benchmarks.quality import HeldOut  # noqa: E402
 from brickwork.benchmarks.speed import _decode_steps, _interleaved  # noqa: E402
 from brickwork.bricks import calibrate, carved_layers  # noqa: E402
+from brickwork.bricks.budget import allocate_budgets  # noqa: E402
 from brickwork.bricks.token_budget import ReadCounter  # noqa: E402
 
 # name -> fit_token_budget options (None: the uniform top-k rows)
@@ -41,6 +42,9 @@ VARIANTS = {
     "per-token + copy expert": {"copy": True},
     "per-token + zero expert": {"min_active": 0, "zero_share": None},  # zero_share from --zero-share
 }
+# per-layer budgets (bw.allocate_budgets, HMoE / Mix'n'Match), alone and as per-layer caps under one per-token
+# threshold; --layer-step is the allocation's step, --layer-lift how far above the target the caps' mean sits
+LAYER_VARIANTS = ("per-layer top-k", "per-layer caps + per-token")
 
 
 def main() -> None:
@@ -58,7 +62,15 @@ def main() -> None:
     )
     parser.add_argument("--combine", default="sigmoid")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *LAYER_VARIANTS])
+    parser.add_argument("--layer-step", type=float, default=0.1, help="allocate_budgets' step")
+    parser.add_argument(
+        "--layer-lift",
+        type=float,
+        default=0.1,
+        help="per-layer caps + per-token: the caps are allocated at the target plus this, and one per-token "
+        "threshold brings the mean reads back to the uniform row's",
+    )
     parser.add_argument(
         "--zero-share", type=float, default=0.5, help="the zero expert's mass / mean token mass"
     )
@@ -106,6 +118,30 @@ def main() -> None:
         )
         return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
 
+    def layer_variant(name: str, target: float, reads: float) -> dict:
+        """Per-layer budgets from measured sensitivity on the calibration text; with a per-token threshold under
+        them fitted back to ``reads``. Leaves the artefact at its cap."""
+        lift = 0.0 if name == "per-layer top-k" else args.layer_lift
+        layers = allocate_budgets(
+            model, tokenizer, args.calib, target + lift, step=args.layer_step, tokens=args.fit_tokens,
+            window=args.window, progress=False,
+        )  # fmt: skip
+        fit = None
+        if lift:
+            fit = bw.fit_token_budget(
+                model,
+                tokenizer,
+                args.calib,
+                reads,
+                tokens=args.fit_tokens,
+                window=args.window,
+                progress=False,
+            ).to_dict()
+        row = {"layers": {str(i): b for i, b in layers.items()}, "fit": fit, **score()}
+        bw.set_token_budget(model, None)
+        bw.set_budget(model, None)
+        return row
+
     def score() -> dict:
         with ReadCounter(model) as counter:
             scores = {d: h.score(model) for d, h in held_out.items()}
@@ -129,6 +165,9 @@ def main() -> None:
         bw.set_budget(model, None)  # back to the cap: tokens choose within it
         adaptive = None
         for name in args.variants:
+            if name in LAYER_VARIANTS:
+                rows.append({"target": target, "name": name, **layer_variant(name, target, uniform_reads)})
+                continue
             options = dict(VARIANTS[name])
             if "zero_share" in options:
                 options["zero_share"] = args.zero_share
@@ -233,7 +272,7 @@ def render(results: dict) -> str:
                 f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s, per-token "
                 f"{1 / t['adaptive_s']:.1f} tokens/s (x{t['speedup']:.3f})"
             )
-    copies = [r for r in results["rows"] if r.get("fit", {}).get("copy")]
+    copies = [r for r in results["rows"] if (r.get("fit") or {}).get("copy")]
     if copies:
         lines += [
             "",
