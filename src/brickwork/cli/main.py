@@ -17,7 +17,7 @@ def _cmd_setup(args: argparse.Namespace) -> None:
     from brickwork.data.corpora import prepare_corpora
     from brickwork.models.loading import cache_bundled_model
 
-    for name, path in prepare_corpora(args.corpora, force=args.force).items():
+    for name, path in prepare_corpora(args.corpora, force=args.force, progress=not args.quiet).items():
         print(f"corpus {name:<9} {path}")
     for alias in args.models:
         print(f"model  {alias:<9} {cache_bundled_model(alias, force=args.force, progress=not args.quiet)}")
@@ -752,7 +752,7 @@ def _default_storage_dtype() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from brickwork.data.corpora import CORPORA, DEFAULT_CALIBRATION, DEFAULT_EVALUATION
+    from brickwork.data.corpora import CORPORA, DEFAULT_CALIBRATION, DEFAULT_EVALUATION, SETUP_CORPORA
     from brickwork.models.loading import BUNDLED_MODELS, DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="brickwork", description=__doc__)
@@ -768,7 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("setup", help="prepare the built-in corpora and cache the bundled default model")
-    p.add_argument("--corpora", nargs="*", default=list(CORPORA), help="corpora to prepare (default: all)")
+    p.add_argument(
+        "--corpora",
+        nargs="*",
+        default=list(SETUP_CORPORA),
+        help=f"corpora to prepare (default: {' '.join(SETUP_CORPORA)}; the domain corpora, "
+        f"{' '.join(sorted(set(CORPORA) - set(SETUP_CORPORA)))}, are downloaded from Debian on first use)",
+    )
     p.add_argument(
         "--models",
         nargs="*",

@@ -1,0 +1,167 @@
+"""Debian binary packages (``.deb``) as corpus archives: fetched over HTTP, pinned by SHA-256, read in pure Python.
+
+A ``.deb`` is an ``ar`` archive ("!<arch>\\n", then members behind 60-byte headers) whose ``data.tar.xz`` (or
+``.gz``) holds the installed files; brickwork reads it with ``tarfile``, so it needs neither dpkg nor ar.
+
+Each file is kept at ``$BRICKWORK_HOME/archives/<file>.deb``: a copy already there (downloaded by hand on a
+machine without access, say) is used when its SHA-256 is the pinned one, and a download lands there, verified,
+under a temporary name first, so a broken download never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from brickwork.errors import BrickworkError
+from brickwork.models.loading import cache_dir
+
+_AR_MAGIC = b"!<arch>\n"
+_AR_HEADER = 60
+# Compressions of data.tar that tarfile reads without extra packages; Debian also uses zstd and bzip2.
+_TAR_MODES = {".xz": "r:xz", ".gz": "r:gz", "": "r:"}
+
+
+@dataclass(frozen=True)
+class DebFile:
+    """One ``.deb`` of the Debian archive, pinned by URL, size and SHA-256."""
+
+    url: str
+    sha256: str
+    size: int = 0
+
+    @property
+    def filename(self) -> str:
+        return Path(unquote(urlsplit(self.url).path)).name
+
+
+def archives_dir() -> Path:
+    return cache_dir() / "archives"
+
+
+def _manual_hint(deb: DebFile, path: Path) -> str:
+    package = deb.filename.split("_")[0]
+    return (
+        f"Offline, or once Debian no longer serves this version, download {deb.filename} (sha256 "
+        f"{deb.sha256}) by hand, from a Debian mirror or https://snapshot.debian.org/binary/{package}/, "
+        f"and put it at {path}."
+    )
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_deb(deb: DebFile, progress: bool = True, timeout: float = 60) -> Path:
+    """The verified local copy of ``deb``: the one in :func:`archives_dir` if there, else a download."""
+    target = archives_dir() / deb.filename
+    if target.is_file():
+        actual = _sha256_of(target)
+        if actual != deb.sha256:
+            raise BrickworkError(
+                f"{target} has sha256 {actual}, not the pinned {deb.sha256}; delete it (brickwork then "
+                f"downloads {deb.url} again) or replace it with the right file."
+            )
+        return target
+    from tqdm.auto import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{deb.filename}.{os.getpid()}.part"
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(deb.url, timeout=timeout) as response, open(partial, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or deb.size or None
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=deb.filename, disable=not progress, leave=False
+            ) as bar:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if digest.hexdigest() != deb.sha256:
+            raise BrickworkError(
+                f"{deb.url} downloaded with sha256 {digest.hexdigest()}, not the pinned {deb.sha256}; not "
+                f"using it. {_manual_hint(deb, target)}"
+            )
+        os.replace(partial, target)
+    except (urllib.error.URLError, OSError) as exc:  # HTTPError (e.g. 404) is a URLError
+        raise BrickworkError(f"Downloading {deb.url} failed ({exc}). {_manual_hint(deb, target)}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def ar_members(data: bytes) -> dict[str, bytes]:
+    """The members of an ``ar`` archive (the common format of ``.deb`` files), by name."""
+    if not data.startswith(_AR_MAGIC):
+        raise BrickworkError("not an ar archive (a .deb starts with '!<arch>')")
+    members: dict[str, bytes] = {}
+    offset = len(_AR_MAGIC)
+    while offset + _AR_HEADER <= len(data):
+        header = data[offset : offset + _AR_HEADER]
+        if header[58:60] != b"`\n":
+            raise BrickworkError(f"damaged ar header at byte {offset}")
+        name = header[:16].decode("ascii", errors="replace").rstrip().removesuffix("/")
+        try:
+            size = int(header[48:58].decode("ascii").strip())
+        except ValueError as exc:
+            raise BrickworkError(f"damaged ar header at byte {offset} (size field)") from exc
+        start = offset + _AR_HEADER
+        if start + size > len(data):
+            raise BrickworkError(f"ar member {name} is cut short (truncated archive)")
+        members[name] = data[start : start + size]
+        offset = start + size + size % 2  # members are padded to an even length
+    return members
+
+
+def _data_tar(path: Path) -> tarfile.TarFile:
+    try:
+        members = ar_members(path.read_bytes())
+    except BrickworkError as exc:
+        raise BrickworkError(f"{path} is not a readable .deb: {exc}") from exc
+    names = [name for name in members if name.startswith("data.tar")]
+    if not names:
+        raise BrickworkError(f"{path} holds no data.tar member (members: {', '.join(members)})")
+    compression = names[0].removeprefix("data.tar")
+    if compression not in _TAR_MODES:
+        raise BrickworkError(
+            f"{path} holds {names[0]}; brickwork reads data.tar.xz and data.tar.gz only "
+            f"(unpack it with dpkg-deb and pass the text file instead)"
+        )
+    return tarfile.open(fileobj=io.BytesIO(members[names[0]]), mode=_TAR_MODES[compression])
+
+
+def _normal(name: str) -> str:
+    return name.removeprefix("./")
+
+
+def read_deb_files(path: Path, select: Callable[[str], bool]) -> dict[str, bytes]:
+    """The regular files of the ``.deb`` at ``path`` whose path (without a leading ``./``) ``select`` accepts."""
+    files: dict[str, bytes] = {}
+    with _data_tar(path) as tar:
+        for info in tar:
+            if info.isfile() and select(_normal(info.name)):
+                handle = tar.extractfile(info)
+                if handle is not None:
+                    files[_normal(info.name)] = handle.read()
+    return files
+
+
+def read_deb_member(path: Path, member: str) -> bytes:
+    """One file of the ``.deb`` at ``path``."""
+    files = read_deb_files(path, lambda name: name == _normal(member))
+    if not files:
+        raise BrickworkError(f"{member} is not a file in {path.name}")
+    return files[_normal(member)]
