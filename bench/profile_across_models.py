@@ -23,7 +23,9 @@ from brickwork.profiling.stats import MASS_SHARE_FRACTIONS  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b"])
+    parser.add_argument(
+        "--models", nargs="+", default=["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b"]
+    )
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--out", type=Path, default=Path("bench/results/profile-across-models"))
