@@ -74,6 +74,8 @@ class BrickFFN(nn.Module):
         self.last_balance: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None  # and the selections per expert it counted
         self.last_selection: torch.Tensor | None = None
+        # new routed bricks grown beside these (brickwork.ops.grow.GrownExperts), added to the output; None: none
+        self.grown: nn.Module | None = None
 
     @classmethod
     def from_spec(cls, spec: BrickSpec, activation: nn.Module, router: Router) -> BrickFFN:
@@ -326,7 +328,8 @@ class BrickFFN(nn.Module):
 
             y = fast_forward(self, x.reshape(-1, self.d_model))
             if y is not None:
-                return y.view(*x.shape[:-1], self.d_model)
+                y = y.view(*x.shape[:-1], self.d_model)
+                return y if self.grown is None else y + self.grown(x)
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -343,6 +346,8 @@ class BrickFFN(nn.Module):
                 y = y + self.down_bias
         if copy is not None:
             y = add_copy(y, x, copy)
+        if self.grown is not None:
+            y = y + self.grown(x)
         return y.view(*shape[:-1], self.d_model)
 
     def masked_hidden(self, x: torch.Tensor) -> torch.Tensor:

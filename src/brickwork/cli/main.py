@@ -546,6 +546,63 @@ def _cmd_recover(args: argparse.Namespace) -> None:
         PartialState().destroy_process_group()
 
 
+def _cmd_grow(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.data.sources import check_source
+    from brickwork.io_utils import check_output_dir
+    from brickwork.models.loading import check_window
+    from brickwork.ops.grow import grow_
+    from brickwork.ops.train import TrainConfig
+
+    config = TrainConfig(**_given(args, TrainConfig))
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "experts",
+            "kind",
+            "expert_size",
+            "rank",
+            "active",
+            "layers",
+            "replay_tokens",
+            "replay_weight",
+        )
+        if hasattr(args, name)
+    }
+    check_source(args.data)
+    if args.replay is not None:
+        check_source(args.replay)
+    _check_device(args.device)
+    _check_model(args.model)
+    if not (Path(args.model) / "brickwork.json").is_file():
+        raise BrickworkError(
+            f"{args.model} is not a carved model (no brickwork.json): grow takes `carve --out`"
+        )
+    inputs = _local_inputs(args.model, args.data, args.replay)
+    check_output_dir(args.out, "carve", args.overwrite, inputs)
+    model, tokenizer = bw.load_model(args.model, device=args.device, progress=not args.quiet)
+    check_window(model, config.window)
+    report = grow_(
+        model, tokenizer, args.data, config=config, replay=args.replay, progress=not args.quiet, **options
+    )
+    gates = report.gate_new.values()
+    line = f"grew {len(report.layers)} layers ({report.trainable} weights) in {report.seconds:.1f} s; loss "
+    line += f"{report.losses[0]:.4f} -> {report.losses[-1]:.4f}; mean gate on --data {sum(gates) / len(gates):.3f}"
+    if report.gate_replay is not None:
+        replayed = report.gate_replay.values()
+        line += f", on --replay {sum(replayed) / len(replayed):.3f}"
+    print(line)
+    out = bw.save(
+        model,
+        args.out,
+        tokenizer,
+        overwrite=args.overwrite,
+        extra_files={"grow.json": json.dumps(report.to_dict(), indent=2)},
+        inputs=inputs,
+    )
+    print(f"saved to {out}/")
+
+
 DEMO_PROMPTS = (
     "The capital of France is",
     "Once upon a time, a little fox",
@@ -1054,6 +1111,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory for the recovered model")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_recover)
+
+    import inspect
+
+    from brickwork.ops.grow import DEFAULT_RANK, KINDS, grow_
+    from brickwork.ops.train import TrainConfig
+
+    grow_defaults = {n: q.default for n, q in inspect.signature(grow_).parameters.items()}
+    p = sub.add_parser(
+        "grow",
+        help="add new routed experts for new text, the carved ones frozen (trains only the new experts and their "
+        "router; --replay keeps their gates closed on the original text)",
+    )
+    p.add_argument("model", help="a carved model directory")
+    p.add_argument("--data", required=True, help=f"the new text: {data_help}")
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"new experts per layer (default {grow_defaults['experts']})",
+    )
+    p.add_argument(
+        "--kind",
+        choices=KINDS,
+        default=argparse.SUPPRESS,
+        help=f"fresh FFN neurons or low-rank experts (default {grow_defaults['kind']})",
+    )
+    p.add_argument(
+        "--expert-size",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="--kind ffn: neurons per new expert (default: the carved expert size)",
+    )
+    p.add_argument(
+        "--rank", type=int, default=argparse.SUPPRESS, help=f"--kind lora: rank (default {DEFAULT_RANK})"
+    )
+    p.add_argument(
+        "--active",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"new experts each token selects (default {grow_defaults['active']})",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=argparse.SUPPRESS,
+        help="carved layers to grow (default: all)",
+    )
+    p.add_argument(
+        "--replay", help=f"text of the original domain the new gates must stay closed on: {data_help}"
+    )
+    p.add_argument(
+        "--replay-tokens",
+        type=int,
+        default=argparse.SUPPRESS,
+        help=f"replay tokens (default {grow_defaults['replay_tokens']})",
+    )
+    p.add_argument(
+        "--replay-weight",
+        type=float,
+        default=argparse.SUPPRESS,
+        help=f"weight of the replay gate term (default {grow_defaults['replay_weight']})",
+    )
+    _config_option(p, "--tokens", TrainConfig, "tokens", type=int)
+    _config_option(p, "--window", TrainConfig, "window", type=int)
+    _config_option(p, "--batch-size", TrainConfig, "batch_size", type=int)
+    _config_option(p, "--lr", TrainConfig, "lr", type=float)
+    _config_option(
+        p, "--seed", TrainConfig, "seed", "seed of the new experts and of the batch order", type=int
+    )
+    p.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1; default cpu)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the grown model")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.set_defaults(func=_cmd_grow)
 
     bench = sub.add_parser("bench", help="benchmarks: quality vs FFN weights read; speed against dense")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -133,6 +133,12 @@ def plan_export(model, format: str) -> _Plan:
         raise BrickworkError(
             "heads x head_dim differs from hidden_size; Qwen2-MoE engines (vLLM) assume they are equal"
         )
+    grown = sorted(index for index, brick in bricks.items() if brick.grown is not None)
+    if grown:
+        raise BrickworkError(
+            f"layers {grown} hold grown bricks (brickwork.ops.grow), which stock MoE formats have no place for; "
+            "export the model they were grown on (or remove them with brickwork.ops.grow.remove_grown_)"
+        )
     specs = {index: brick.spec for index, brick in bricks.items()}
     budgeted = sorted(index for index, spec in specs.items() if spec.token_budget is not None)
     if budgeted:

@@ -35,12 +35,30 @@ FORMAT_VERSION = 1
 
 
 def _layer_record(index: int, brick: BrickFFN) -> dict:
-    return {
+    record = {
         "layer": index,
         **brick.spec.to_dict(),
         "active_fraction": brick.active_fraction(),
         "calibrated": calibrated(brick),  # the carved settings, which set_budget(model, None) restores
     }
+    if brick.grown is not None:  # new bricks grown beside the carved ones (brickwork.ops.grow)
+        record["grown"] = brick.grown.spec.to_dict()
+    return record
+
+
+def _grown_spec(directory: Path, record: dict):
+    """The GrownSpec of a layer record's ``grown`` bank, None when it has none (files before grow had none)."""
+    from brickwork.ops.grow import GrownSpec
+
+    if "grown" not in record:
+        return None
+    try:
+        return GrownSpec.from_dict(record["grown"])
+    except (TypeError, ValueError) as exc:
+        raise BrickworkError(
+            f"{directory}/brickwork.json: layer {record['layer']}'s 'grown' record is damaged ({exc}); save the "
+            "model again"
+        ) from exc
 
 
 def _model_card(meta: dict) -> str:
@@ -305,9 +323,10 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     ffns = find_ffns(model)
     seen: set[int] = set()
     specs = [_check_record(directory, record, ffns, seen) for record in layers]  # all, before building any
+    grown = [_grown_spec(directory, record) for record in layers]
     # The weights load into the rebuilt model's dtype (float32), as they always have, whatever they were carved in.
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    for record, spec in zip(layers, specs, strict=True):
+    for record, spec, grown_spec in zip(layers, specs, grown, strict=True):
         index, spec = record["layer"], replace(spec, dtype=dtype)
         router = ROUTERS[spec.router].empty(
             spec.num_experts,
@@ -327,6 +346,10 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
                 raise BrickworkError(
                     f"{directory}/brickwork.json: layer {index}'s 'calibrated' record is damaged ({exc})"
                 ) from exc
+        if grown_spec is not None:  # an empty bank: its weights load with the others
+            from brickwork.ops.grow import GrownExperts
+
+            brick.grown = GrownExperts.for_brick(brick, grown_spec)
         _swap_in(ffn, brick)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -77,10 +78,13 @@ def train_lm_(
     masks: dict | None = None,
     progress: bool = True,
     desc: str = "training",
+    extra_loss: Callable[[int], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``params`` of ``model`` in place on ``data``'s next-token loss (every other parameter frozen); ``masks``
-    (parameter -> bool row mask) limits a parameter to some rows. Returns a report: steps, losses, trainable
-    weights, seconds. Refuses (BrickworkError) a run whose loss or weights stop being finite."""
+    (parameter -> bool row mask) limits a parameter to some rows; ``extra_loss(step)``, when given, is a term added
+    to each step's loss (grow's gate penalty on replay text). Returns a report: steps, losses (next-token only),
+    extra_losses (when given), trainable weights, seconds. Refuses (BrickworkError) a run whose loss or weights stop
+    being finite."""
     from brickwork.data.sources import token_windows
 
     config = config or TrainConfig()
@@ -99,7 +103,7 @@ def train_lm_(
     row_masks = [(p, mask.to(device).view(-1, *([1] * (p.dim() - 1)))) for p, mask in masks.items()]
     was_training = model.training
     model.train()
-    losses = []
+    losses, extra_losses = [], []
     try:
         bar = tqdm(batches(windows, config), desc=desc, unit="step", disable=not progress)
         for step, batch in enumerate(bar):
@@ -108,12 +112,17 @@ def train_lm_(
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
             )
-            if not torch.isfinite(loss):
+            total = loss
+            if extra_loss is not None:
+                extra = extra_loss(step)
+                extra_losses.append(extra.item())
+                total = loss + extra
+            if not torch.isfinite(total):
                 raise BrickworkError(
-                    f"the training loss is {loss.item()} at step {step + 1}: training diverged (lower --lr); "
+                    f"the training loss is {total.item()} at step {step + 1}: training diverged (lower --lr); "
                     "nothing was saved"
                 )
-            loss.backward()
+            total.backward()
             for p, mask in row_masks:
                 if p.grad is not None:
                     p.grad.mul_(mask)
@@ -133,6 +142,7 @@ def train_lm_(
         "steps": len(losses),
         "tokens": len(losses) * config.window * config.batch_size,
         "losses": losses,
+        **({"extra_losses": extra_losses} if extra_loss is not None else {}),
         "trainable": trainable_count(params, masks),
         "seconds": time.perf_counter() - started,
     }
