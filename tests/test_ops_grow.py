@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.carve import carved_layers, uncarve_
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 from brickwork.ops.grow import GrownExperts, GrownSpec, grow_, grown_layers, plan_grow, remove_grown_
@@ -101,6 +101,8 @@ def test_grow_trains_only_the_bank_lowers_the_loss_and_removes_to_the_original(
     assert not any(p.requires_grad for p in model.parameters())
     assert _loss(model, tokenizer, new_text) < loss_before - 0.05
     assert min(report.gate_new.values()) > 0 and max(report.gate_new.values()) < 1
+    with pytest.raises(BrickworkError, match="grown experts"):
+        uncarve_(model)
     remove_grown_(model)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

@@ -413,6 +413,12 @@ def uncarve_(model: nn.Module) -> nn.Module:
     bricks = carved_layers(model)
     if not bricks:
         raise BrickworkError("this model has no carved layers")
+    grown = sorted(i for i, b in bricks.items() if getattr(b, "grown", None) is not None)
+    if grown:
+        raise BrickworkError(
+            f"layers {grown} hold grown experts, which the dense FFN has no place for; remove them first "
+            "(brickwork.ops.grow.remove_grown_) or keep the model carved"
+        )
     for brick in bricks.values():
         ffn: FFN = brick._ffn
         for (path, name), shape in brick._dense_shapes.items():
