@@ -188,8 +188,8 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
         )  # fmt: skip
         grown = score(
             f"grow ({args.grow_experts} experts per layer, replay {args.calib})", child,
-            {"trainable": report["trainable"], "seconds": report["seconds"], "lr": args.lr_grow,
-             "losses": report["losses"]},
+            {"trainable": report.trainable, "seconds": report.seconds, "lr": args.lr_grow,
+             "losses": report.losses, "grow": report.to_dict()},
         )  # fmt: skip
         del child
     usage = expert_usage(model, tokenizer, new_train, tokens=args.usage_tokens, progress=False)
