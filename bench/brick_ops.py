@@ -134,11 +134,11 @@ def load(args):
 
 def run(args, model, tokenizer, splits, windows, results) -> None:
     """Every row, appended to ``results["rows"]`` (and written) as it is measured."""
-    from brickwork.ops.grow import grow_
-    from brickwork.ops.merge import average_children, merge_children
     from brickwork.ops.prune import prune_for_domain_
     from brickwork.ops.update import choose_bricks, update_
 
+    from brickwork.ops.grow import grow_
+    from brickwork.ops.merge import average_children, merge_children
     from brickwork.ops.usage import expert_usage
 
     d_ff = bw.find_ffns(model)[0].d_ff

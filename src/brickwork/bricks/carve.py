@@ -113,8 +113,19 @@ def _swap_in(ffn: FFN, brick: BrickFFN) -> None:
 
 
 def carved_layers(model: nn.Module) -> dict[int, BrickFFN]:
-    """The BrickFFNs of a carved model, by layer index."""
-    return {brick._ffn.index: brick for brick in model.modules() if isinstance(brick, BrickFFN)}
+    """The BrickFFNs of a carved model, by layer index. A merged model (several children's bricks in a layer,
+    :mod:`brickwork.ops.merge`) is refused: what reads or changes one carve's bricks does not apply to it."""
+    layers = {}
+    for module in model.modules():
+        children = getattr(module, "merged_children", None)
+        if children is not None:
+            raise BrickworkError(
+                f"this model is merged from {children} children's bricks (brickwork merge), and this works on "
+                "one carve's bricks: use one child, or their average (brickwork merge --average)"
+            )
+        if isinstance(module, BrickFFN):
+            layers[module._ffn.index] = module
+    return layers
 
 
 def plan_layers(model: nn.Module, config: CarveConfig) -> list[FFN]:

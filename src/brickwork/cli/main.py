@@ -603,6 +603,72 @@ def _cmd_grow(args: argparse.Namespace) -> None:
     print(f"saved to {out}/")
 
 
+def _merge_default(name: str):
+    import inspect
+
+    from brickwork.ops.merge import merge_children
+
+    return inspect.signature(merge_children).parameters[name].default
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.data.sources import check_source
+    from brickwork.io_utils import check_output_dir
+    from brickwork.models.loading import check_window
+    from brickwork.ops.merge import average_children, check_children, merge_children
+
+    if args.average:
+        if args.data or hasattr(args, "tokens") or hasattr(args, "window"):
+            raise BrickworkError(
+                "--data, --tokens and --window fit the router of a merge; --average takes none"
+            )
+    elif not args.data or len(args.data) != len(args.children):
+        raise BrickworkError(
+            f"give one --data text per child: {len(args.children)} children, {len(args.data or [])} texts"
+        )
+    for data in args.data or []:
+        check_source(data)
+    for child in args.children:
+        _check_model(child)
+        if not (Path(child) / "brickwork.json").is_file():
+            raise BrickworkError(
+                f"{child} is not a carved model (no brickwork.json): merge takes carved children"
+            )
+    inputs = _local_inputs(*args.children)
+    check_output_dir(args.out, "carve", args.overwrite, inputs)
+    loaded = [bw.load_model(child, progress=not args.quiet) for child in args.children]
+    children, tokenizer = [m for m, _ in loaded], loaded[0][1]
+    if args.average:
+        checked = check_children(children)
+        model = average_children(children)
+        summary = {
+            "average": True,
+            "children": args.children,
+            "differing_layers": checked.differing_layers,
+            "differing_parameters": checked.differing_parameters,
+        }
+        print(
+            f"averaged {len(children)} children: bricks differ in layers {checked.differing_layers}, "
+            f"{len(checked.differing_parameters)} other parameters differ"
+        )
+    else:
+        options = {k: getattr(args, k) for k in ("tokens", "window") if hasattr(args, k)}
+        check_window(children[0], options.get("window", _merge_default("window")))
+        model, report = merge_children(children, args.data, tokenizer, progress=not args.quiet, **options)
+        summary = {"average": False, "children": args.children, **report.to_dict()}
+        print(report.summary())
+    out = bw.save(
+        model,
+        args.out,
+        tokenizer,
+        overwrite=args.overwrite,
+        extra_files={"merge.json": json.dumps(summary, indent=2)},
+        inputs=inputs,
+    )
+    print(f"saved to {out}/")
+
+
 DEMO_PROMPTS = (
     "The capital of France is",
     "Once upon a time, a little fox",
@@ -1185,6 +1251,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory for the grown model")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_grow)
+
+    p = sub.add_parser(
+        "merge",
+        help="merge children of one carve (fine-tuned on different domains) into one model whose layers route "
+        "each token to one child's bricks (Branch-Train-MiX), or --average their weights",
+    )
+    p.add_argument("children", nargs="+", help="carved child model directories (the same carve)")
+    p.add_argument("--data", nargs="+", help=f"one domain text per child, in order; {data_help}")
+    p.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=argparse.SUPPRESS,
+        help=f"tokens of each domain text: the router fits on {100 * (1 - _merge_default('heldout')):.0f}%%, its accuracy "
+        f"is measured on the rest (default {_merge_default('tokens')})",
+    )
+    p.add_argument(
+        "--window",
+        type=_window,
+        default=argparse.SUPPRESS,
+        help=f"tokens per window (default {_merge_default('window')})",
+    )
+    p.add_argument("--average", action="store_true", help="average every weight of the children instead")
+    p.add_argument("--out", type=Path, required=True, help="output directory for the merged model")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.set_defaults(func=_cmd_merge)
 
     bench = sub.add_parser("bench", help="benchmarks: quality vs FFN weights read; speed against dense")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 
 from brickwork.bricks.budget import calibrated, restore_calibrated
-from brickwork.bricks.carve import _swap_in, carved_layers
+from brickwork.bricks.carve import _swap_in
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import CarveConfig, check_router_options
 from brickwork.bricks.module import BrickFFN
@@ -27,18 +27,24 @@ from brickwork.bricks.spec import BrickSpec
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
 from brickwork.models.specs import find_ffns
+from brickwork.ops.merge import MergedBricks, layer_modules
 from brickwork.routing import ROUTERS
 from brickwork.version import __version__
 
 FORMAT = "brickwork-carved"
 FORMAT_VERSION = 1
+MERGED_FORMAT_VERSION = 2  # a model merged from several children (a "merged" record); load reads both
+MAX_CHILDREN = 256  # a merged record asking for more is damaged
 
 
-def _layer_record(index: int, brick: BrickFFN) -> dict:
+def _layer_record(index: int, layer: BrickFFN | MergedBricks) -> dict:
+    brick = (
+        layer.branches[0] if isinstance(layer, MergedBricks) else layer
+    )  # a merged layer's branches share one spec
     record = {
         "layer": index,
         **brick.spec.to_dict(),
-        "active_fraction": brick.active_fraction(),
+        "active_fraction": layer.active_fraction(),
         "calibrated": calibrated(brick),  # the carved settings, which set_budget(model, None) restores
     }
     if brick.grown is not None:  # new bricks grown beside the carved ones (brickwork.ops.grow)
@@ -61,6 +67,21 @@ def _grown_spec(directory: Path, record: dict):
         ) from exc
 
 
+def _merged_record(model, layers: dict) -> dict | None:
+    """The ``merged`` record of a model merged from several children (:mod:`brickwork.ops.merge`), else None."""
+    merged = {i: m for i, m in layers.items() if isinstance(m, MergedBricks)}
+    if not merged:
+        return None
+    children = {m.merged_children for m in merged.values()}
+    if len(children) != 1:
+        raise BrickworkError(f"the merged layers hold different numbers of children ({sorted(children)})")
+    return {
+        "children": children.pop(),
+        "layers": sorted(merged),
+        "domains": (model.brickwork.get("merged") or {}).get("domains"),
+    }
+
+
 def _model_card(meta: dict) -> str:
     config = meta["carve_config"]
     fractions = [layer["active_fraction"] for layer in meta["layers"]]
@@ -74,6 +95,14 @@ def _model_card(meta: dict) -> str:
             f"- FFN weights read per token (carved layers, router included): {sum(fractions) / len(fractions):.1%}",
             f"- calibration: `{meta['calibration']}` ({meta['calibration_tokens']} tokens), seed {config['seed']}",
             "",
+            *(
+                [
+                    f"- merged from {meta['merged']['children']} children; routed layers: {meta['merged']['layers']}",
+                    "",
+                ]
+                if "merged" in meta
+                else []
+            ),
             "Load with `brickwork.load(path)`; the result is a `transformers` model (`generate()` works).",
             "",
         ]
@@ -110,7 +139,7 @@ def save(
     An existing carve there is replaced; any other non-empty directory only with ``overwrite=True``; ``inputs``
     (paths the caller read) may be neither ``directory`` nor inside it. Models with non-finite weights are refused.
     """
-    bricks = carved_layers(model)
+    bricks = layer_modules(model)
     if not bricks or not hasattr(model, "brickwork"):
         raise BrickworkError(
             "save() takes a model carved with brickwork.carve_; for a dense model use model.save_pretrained"
@@ -128,6 +157,9 @@ def save(
         "calibration_tokens": model.brickwork["calibration_tokens"],
         "layers": [_layer_record(i, b) for i, b in sorted(bricks.items())],
     }
+    merged = _merged_record(model, bricks)
+    if merged is not None:
+        meta["format_version"], meta["merged"] = MERGED_FORMAT_VERSION, merged
     with atomic_directory(directory, "carve", overwrite, inputs) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -158,12 +190,12 @@ def _read_meta(directory: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BrickworkError(f"{path} is not a carved-model record")
     version = meta.get("format_version", 0)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or version > MERGED_FORMAT_VERSION:
         writer = meta.get("brickwork_version")
         by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
         raise BrickworkError(
             f"{directory} uses carved-model format {version!r}{by}; this brickwork ({__version__}) reads format "
-            f"{FORMAT_VERSION} and older: upgrade brickwork to load it"
+            f"{MERGED_FORMAT_VERSION} and older: upgrade brickwork to load it"
         )
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
@@ -273,6 +305,29 @@ def _check_record(directory: Path, record, ffns: list, seen: set) -> BrickSpec:
     return spec
 
 
+def _check_merged(directory: Path, meta: dict) -> tuple[int, set[int]]:
+    """The merged record's children per merged layer and its merged layers ((1, {}) for a carve that is not
+    merged)."""
+    record = meta.get("merged")
+    if record is None:
+        return 1, set()
+    carved = [r.get("layer") for r in meta["layers"] if isinstance(r, dict)]
+    layers = record.get("layers") if isinstance(record, dict) else None
+    if (
+        not isinstance(record, dict)
+        or not _is_int(record.get("children"), 2, MAX_CHILDREN)
+        or not isinstance(layers, list)
+        or not layers
+        or len(set(layers)) != len(layers)
+        or not all(_is_int(i, 0) and i in carved for i in layers)
+    ):
+        raise BrickworkError(
+            f"{directory}/brickwork.json: the merged record is damaged (children 2 to {MAX_CHILDREN}, layers "
+            "among the carved ones); save the model again"
+        )
+    return record["children"], set(layers)
+
+
 def _record_spec(record: dict) -> BrickSpec:
     """The spec in a layer record (files of every brickwork version: see :meth:`BrickSpec.from_dict` and
     :func:`_combine`)."""
@@ -295,6 +350,28 @@ def _combine(record: dict) -> Combine:
         raise ValueError(f"stock_routing renormalise {stock['renormalise']!r} is not true or false")
     rule = "softmax_topk" if stock["renormalise"] else "softmax"
     return Combine(rule, temperature=stock["temperature"], scale=stock["scale"])
+
+
+def _empty_brick(directory: Path, record: dict, spec: BrickSpec, ffn) -> BrickFFN:
+    """An empty brick of a checked layer ``record``'s ``spec``, with its carved settings, to load weights into."""
+    router = ROUTERS[spec.router].empty(
+        spec.num_experts,
+        spec.d_model,
+        spec.d_ff,
+        spec.gated,
+        routed_neurons=spec.num_experts * spec.expert_size,
+        **spec.router_config,
+    )
+    brick = BrickFFN.from_spec(spec, ffn.activation, router)
+    carved = record.get("calibrated")  # written since run-time budgets: the settings set_budget restores
+    if carved is not None:
+        try:
+            restore_calibrated(brick, carved)
+        except (TypeError, ValueError) as exc:
+            raise BrickworkError(
+                f"{directory}/brickwork.json: layer {record['layer']}'s 'calibrated' record is damaged ({exc})"
+            ) from exc
+    return brick
 
 
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -324,33 +401,21 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     seen: set[int] = set()
     specs = [_check_record(directory, record, ffns, seen) for record in layers]  # all, before building any
     grown = [_grown_spec(directory, record) for record in layers]
+    children, merged = _check_merged(directory, meta)
     # The weights load into the rebuilt model's dtype (float32), as they always have, whatever they were carved in.
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     for record, spec, grown_spec in zip(layers, specs, grown, strict=True):
         index, spec = record["layer"], replace(spec, dtype=dtype)
-        router = ROUTERS[spec.router].empty(
-            spec.num_experts,
-            spec.d_model,
-            spec.d_ff,
-            spec.gated,
-            routed_neurons=spec.num_experts * spec.expert_size,
-            **spec.router_config,
-        )
         ffn = ffns[index]
-        brick = BrickFFN.from_spec(spec, ffn.activation, router)
-        carved = record.get("calibrated")  # written since run-time budgets: the settings set_budget restores
-        if carved is not None:
-            try:
-                restore_calibrated(brick, carved)
-            except (TypeError, ValueError) as exc:
-                raise BrickworkError(
-                    f"{directory}/brickwork.json: layer {index}'s 'calibrated' record is damaged ({exc})"
-                ) from exc
+        bricks = [
+            _empty_brick(directory, record, spec, ffn) for _ in range(children if index in merged else 1)
+        ]
         if grown_spec is not None:  # an empty bank: its weights load with the others
             from brickwork.ops.grow import GrownExperts
 
-            brick.grown = GrownExperts.for_brick(brick, grown_spec)
-        _swap_in(ffn, brick)
+            for brick in bricks:
+                brick.grown = GrownExperts.for_brick(brick, grown_spec)
+        _swap_in(ffn, MergedBricks(bricks) if index in merged else bricks[0])
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
@@ -367,5 +432,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
         "calibration": meta.get("calibration"),
         "calibration_tokens": meta.get("calibration_tokens"),
     }
+    if merged:
+        model.brickwork["merged"] = meta["merged"]
     model.name_or_path = str(directory)
     return model.to(device).eval()
