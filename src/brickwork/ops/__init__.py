@@ -5,3 +5,17 @@ Each operation is one module and works on a carved model in memory; the result s
 (:func:`brickwork.save`). :mod:`brickwork.ops.usage` measures which bricks a text routes to, and
 :mod:`brickwork.ops.train` is the next-token training loop grow and update share.
 """
+
+from brickwork.ops.prune import PruneReport, prune_for_domain_
+from brickwork.ops.update import UpdateReport, choose_bricks, update_
+from brickwork.ops.usage import ExpertUsage, expert_usage
+
+__all__ = [
+    "ExpertUsage",
+    "PruneReport",
+    "UpdateReport",
+    "choose_bricks",
+    "expert_usage",
+    "prune_for_domain_",
+    "update_",
+]
