@@ -430,6 +430,12 @@ def uncarve_(model: nn.Module) -> nn.Module:
             f"layers {grown} hold grown experts, which the dense FFN has no place for; remove them first "
             "(brickwork.ops.grow.remove_grown_) or keep the model carved"
         )
+    pruned = sorted(i for i, b in bricks.items() if b.pruned_from is not None)
+    if pruned:  # refused before any layer changes
+        raise BrickworkError(
+            f"layers {pruned} were pruned (brickwork prune): their dense FFNs cannot be rebuilt; uncarve the "
+            "carve from before pruning"
+        )
     for brick in bricks.values():
         ffn: FFN = brick._ffn
         for (path, name), shape in brick._dense_shapes.items():

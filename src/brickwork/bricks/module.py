@@ -10,6 +10,7 @@ from torch import nn
 from brickwork.bricks.adaptive import add_copy, cap_mass, route_within_cap
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.spec import BrickSpec
+from brickwork.errors import BrickworkError
 from brickwork.grouping.base import Grouping
 from brickwork.models.specs import FFNWeights
 from brickwork.routing.base import Router, topk_by_position
@@ -69,6 +70,8 @@ class BrickFFN(nn.Module):
         self.gate_bias = param(d_ff) if spec.gate_bias else None
         self.down_bias = param(d_model) if spec.down_bias else None
         self.register_buffer("neuron_order", torch.arange(d_ff))
+        # the dense FFN's d_ff when experts were pruned away (brickwork.ops.prune): no dense FFN to give back
+        self.pruned_from: int | None = None
         self.record_selection = False  # when True, keep the latest forward's [T, active] selection
         # training a weighted rule: the latest forward's load-balancing term (see balance_loss), else None
         self.last_balance: torch.Tensor | None = None
@@ -177,6 +180,11 @@ class BrickFFN(nn.Module):
 
     def to_dense_weights(self) -> FFNWeights:
         """The dense FFN's weights in the original neuron order (an exact inverse of :meth:`from_dense`)."""
+        if self.pruned_from is not None:
+            raise BrickworkError(
+                f"this brick was pruned ({self.d_ff} of the dense FFN's {self.pruned_from} neurons kept): the "
+                "dense FFN cannot be rebuilt; load the carve from before pruning"
+            )
         inverse = torch.argsort(self.neuron_order)
 
         def back(t):

@@ -669,6 +669,123 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     print(f"saved to {out}/")
 
 
+def _load_carved(args: argparse.Namespace, command: str):
+    """The carved model ``args.model`` and its tokenizer, after the data, the output and the window are checked."""
+    import brickwork as bw
+    from brickwork.data.sources import check_source
+    from brickwork.io_utils import check_output_dir
+    from brickwork.models.loading import check_window
+
+    for data in [args.data, *(getattr(args, "eval", None) or [])]:
+        check_source(data)
+    _check_model(args.model)
+    if not (Path(args.model) / "brickwork.json").is_file():
+        raise BrickworkError(
+            f"{args.model} is not a carved model (no brickwork.json): {command} takes `carve --out`"
+        )
+    inputs = _local_inputs(args.model)
+    check_output_dir(args.out, "carve", args.overwrite, inputs)
+    model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
+    check_window(model, args.window)
+    return model, tokenizer, inputs
+
+
+def _cmd_prune(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.ops.prune import prune_for_domain_
+    from brickwork.ops.usage import expert_usage
+
+    if args.tokens < args.window:
+        raise BrickworkError(f"--tokens {args.tokens} is less than one --window of {args.window} tokens")
+    model, tokenizer, inputs = _load_carved(args, "prune")
+    usage = expert_usage(
+        model, tokenizer, args.data, tokens=args.tokens, window=args.window, progress=not args.quiet
+    )
+
+    def perplexities() -> dict[str, float]:
+        return {
+            data: bw.evaluate(
+                model,
+                tokenizer,
+                data,
+                window=args.window,
+                max_tokens=args.eval_tokens,
+                progress=not args.quiet,
+            ).perplexity
+            for data in args.eval or []
+        }
+
+    before = perplexities()
+    report = prune_for_domain_(model, usage, args.coverage, args.min_experts)
+    print(report.summary())
+    after = perplexities()
+    for data in before:
+        print(f"{data:<12} perplexity {before[data]:9.3f} unpruned -> {after[data]:9.3f} pruned")
+    record = report.to_dict() | {
+        "usage": usage.to_dict(),
+        "eval": {d: {"unpruned": before[d], "pruned": after[d]} for d in before},
+    }
+    out = bw.save(
+        model,
+        args.out,
+        tokenizer,
+        overwrite=args.overwrite,
+        extra_files={"prune.json": json.dumps(record, indent=2)},
+        inputs=inputs,
+    )
+    print(f"saved to {out}/")
+
+
+def _cmd_update(args: argparse.Namespace) -> None:
+    import brickwork as bw
+    from brickwork.ops.train import TrainConfig
+    from brickwork.ops.update import choose_bricks, update_
+    from brickwork.ops.usage import expert_usage
+
+    config = TrainConfig(**_given(args, TrainConfig))
+    auto = args.bricks == "auto"
+    if not auto and (not args.bricks.isdigit() or int(args.bricks) < 1):
+        raise BrickworkError(
+            f"--bricks takes auto or a number of experts per layer >= 1, got {args.bricks!r}"
+        )
+    if not auto and args.coverage is not None:
+        raise BrickworkError(
+            "--coverage chooses the experts of --bricks auto; with a number of experts, leave it out"
+        )
+    args.window = config.window
+    model, tokenizer, inputs = _load_carved(args, "update")
+    usage = expert_usage(
+        model,
+        tokenizer,
+        args.data,
+        tokens=min(config.tokens, USAGE_TOKENS),
+        window=config.window,
+        progress=not args.quiet,
+    )
+    bricks = (
+        choose_bricks(usage, coverage=args.coverage)
+        if auto
+        else choose_bricks(usage, experts=int(args.bricks))
+    )
+    report = update_(
+        model, tokenizer, args.data, bricks, config, train_router=args.train_router, progress=not args.quiet
+    )
+    print(report.summary())
+    out = bw.save(
+        model,
+        args.out,
+        tokenizer,
+        overwrite=args.overwrite,
+        extra_files={"update.json": json.dumps(report.to_dict() | {"usage": usage.to_dict()}, indent=2)},
+        inputs=inputs,
+    )
+    print(f"saved to {out}/")
+
+
+# update chooses experts by their usage on at most this many tokens of the training text
+USAGE_TOKENS = 16384
+
+
 DEMO_PROMPTS = (
     "The capital of France is",
     "Once upon a time, a little fox",
@@ -1276,6 +1393,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory for the merged model")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser(
+        "prune",
+        help="keep, per carved layer, only the routed experts a domain's text selects (a smaller model for that "
+        "domain); prints experts and FFN parameters before and after",
+    )
+    p.add_argument("model", help="a carved model directory")
+    p.add_argument("--data", required=True, help=f"the domain's text; {data_help}")
+    p.add_argument(
+        "--tokens",
+        type=_positive_int,
+        default=16384,
+        help="domain tokens to count selections on (default 16384)",
+    )
+    p.add_argument(
+        "--coverage",
+        type=_fraction,
+        default=1.0,
+        help="keep the experts making up this share of each layer's selections (default 1: every expert selected)",
+    )
+    p.add_argument(
+        "--min-experts", type=_positive_int, help="experts each layer keeps at least (default: its top-k)"
+    )
+    p.add_argument("--window", type=_window, default=512, help="tokens per window (default 512)")
+    p.add_argument(
+        "--eval",
+        nargs="+",
+        metavar="CORPUS",
+        help=f"also compare perplexity before and after on: {data_help}",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=_positive_int,
+        help="stop after this many tokens per --eval corpus (default: all)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory for the pruned model")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.set_defaults(func=_cmd_prune)
+
+    from brickwork.ops.train import TrainConfig
+
+    p = sub.add_parser(
+        "update",
+        help="train only the routed experts a domain's text uses (everything else frozen) on that text",
+    )
+    p.add_argument("model", help="a carved model directory")
+    p.add_argument("--data", required=True, help=f"the domain's training text; {data_help}")
+    p.add_argument(
+        "--bricks",
+        required=True,
+        help="auto: per layer the experts covering --coverage of its selections on --data; N: the N most used",
+    )
+    p.add_argument(
+        "--coverage",
+        type=_fraction,
+        help="with --bricks auto: share of each layer's selections (default 0.5)",
+    )
+    p.add_argument(
+        "--train-router",
+        action="store_true",
+        help="also train the chosen experts' router rows (weighted rules)",
+    )
+    _config_option(p, "--tokens", TrainConfig, "tokens", type=int)
+    _config_option(p, "--window", TrainConfig, "window", type=int)
+    _config_option(p, "--batch-size", TrainConfig, "batch_size", type=int)
+    _config_option(p, "--lr", TrainConfig, "lr", type=float)
+    _config_option(p, "--seed", TrainConfig, "seed", type=int)
+    p.add_argument("--out", type=Path, required=True, help="output directory for the updated model")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    p.set_defaults(func=_cmd_update)
 
     bench = sub.add_parser("bench", help="benchmarks: quality vs FFN weights read; speed against dense")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

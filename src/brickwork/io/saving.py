@@ -46,6 +46,8 @@ def _layer_record(index: int, layer: BrickFFN | MergedBricks) -> dict:
         **brick.spec.to_dict(),
         "active_fraction": layer.active_fraction(),
         "calibrated": calibrated(brick),  # the carved settings, which set_budget(model, None) restores
+        # a pruned brick (brickwork.ops.prune): the dense FFN's d_ff, which its own d_ff is below
+        **({} if brick.pruned_from is None else {"pruned_from": brick.pruned_from}),
     }
     if brick.grown is not None:  # new bricks grown beside the carved ones (brickwork.ops.grow)
         record["grown"] = brick.grown.spec.to_dict()
@@ -286,6 +288,13 @@ def _check_record(directory: Path, record, ffns: list, seen: set) -> BrickSpec:
         "gate_bias": weights.gate_bias is not None,
         "down_bias": weights.down_bias is not None,
     }
+    pruned_from = record.get("pruned_from")
+    if pruned_from is not None:  # a pruned brick keeps fewer neurons than the base model's FFN
+        if pruned_from != weights.d_ff or type(pruned_from) is not int:
+            bad(f"{index}: pruned_from is {pruned_from!r}, the base model's FFN has d_ff {weights.d_ff}")
+        if not _is_int(record["d_ff"], 1, weights.d_ff - 1):
+            bad(f"{index}: d_ff {record['d_ff']!r} of a pruned layer is not in [1, {weights.d_ff - 1}]")
+        expected["d_ff"] = record["d_ff"]
     for key, value in expected.items():
         if record[key] != value or type(record[key]) is not type(value):
             bad(f"{index}: {key} is {record[key]!r}, the base model's FFN has {value!r}")
@@ -363,6 +372,7 @@ def _empty_brick(directory: Path, record: dict, spec: BrickSpec, ffn) -> BrickFF
         **spec.router_config,
     )
     brick = BrickFFN.from_spec(spec, ffn.activation, router)
+    brick.pruned_from = record.get("pruned_from")  # a layer pruned for a domain (brickwork prune)
     carved = record.get("calibrated")  # written since run-time budgets: the settings set_budget restores
     if carved is not None:
         try:
