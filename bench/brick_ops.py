@@ -31,6 +31,7 @@ import math
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--old", nargs="+", default=["botchan", "lee-news", "wiki"])
     parser.add_argument("--test-every", type=int, default=10)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--eval-window", type=int, default=512)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=65536, help="training tokens of every trained row")
@@ -110,14 +112,17 @@ def main() -> None:
     machine = machine_info()
     if args.quick:
         args.calib_tokens, args.eval_tokens, args.tokens, args.window, args.batch_size = 1024, 256, 256, 64, 2
-        args.usage_tokens = 512
+        args.usage_tokens, args.eval_window = 512, 64
     model, tokenizer = load(args)
     results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": []}
     with tempfile.TemporaryDirectory(prefix="brickwork-bench-ops-") as tmp:
         splits = {d: split_corpus(d, Path(tmp), args.test_every) for d in {args.new, args.second}}
         test = {args.new: splits[args.new][1], args.second: splits[args.second][1]}
-        windows = {d: token_windows(tokenizer, str(path), 512, args.eval_tokens) for d, path in test.items()}
-        windows |= {d: token_windows(tokenizer, d, 512, args.eval_tokens) for d in args.old}
+        windows = {
+            d: token_windows(tokenizer, str(path), args.eval_window, args.eval_tokens)
+            for d, path in test.items()
+        }
+        windows |= {d: token_windows(tokenizer, d, args.eval_window, args.eval_tokens) for d in args.old}
         run(args, model, tokenizer, splits, windows, results)
     results["seconds"] = time.perf_counter() - started
     write_results(args.out, results, render(results))
@@ -134,18 +139,17 @@ def load(args):
 
 def run(args, model, tokenizer, splits, windows, results) -> None:
     """Every row, appended to ``results["rows"]`` (and written) as it is measured."""
-    from brickwork.ops.prune import prune_for_domain_
-    from brickwork.ops.update import choose_bricks, update_
-
     from brickwork.ops.grow import grow_
     from brickwork.ops.merge import average_children, merge_children
+    from brickwork.ops.prune import prune_for_domain_
+    from brickwork.ops.update import choose_bricks, update_
     from brickwork.ops.usage import expert_usage
 
     d_ff = bw.find_ffns(model)[0].d_ff
     config = stock_recommended(args.fraction, d_ff=d_ff)
-    config = bw.CarveConfig(**(config.to_dict() | {"calib_tokens": args.calib_tokens, "window": 512}))
+    config = replace(config, calib_tokens=args.calib_tokens, window=args.eval_window)
     if args.quick:
-        config = bw.CarveConfig(**(config.to_dict() | {"router_samples": 512}))
+        config = replace(config, router_samples=512)
     t = time.perf_counter()
     report = bw.carve_(model, config, calib=args.calib, tokenizer=tokenizer, progress=False)
     seconds = time.perf_counter() - t
@@ -202,8 +206,8 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
         )
         updated = score(
             f"update (experts covering {args.update_coverage:.0%} of the domain's selections)", child_new,
-            {"trainable": report["trainable"], "seconds": report["seconds"], "lr": args.lr_update,
-             "losses": report["losses"]},
+            {"trainable": report.trainable, "seconds": report.seconds, "lr": args.lr_update,
+             "losses": report.losses, "update": report.to_dict()},
         )  # fmt: skip
     if "lora" in args.rows:
         from peft import LoraConfig, get_peft_model
@@ -229,7 +233,7 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
         for coverage in (1.0, 0.99):
             child = copy.deepcopy(model)
             report = prune_for_domain_(child, usage, coverage=coverage)
-            score(f"prune for {args.new} (coverage {coverage:.0%})", child, {"prune": report})
+            score(f"prune for {args.new} (coverage {coverage:.0%})", child, {"prune": report.to_dict()})
             del child
     if "merge" in args.rows and child_new is not None:
         usage2 = expert_usage(model, tokenizer, second_train, tokens=args.usage_tokens, progress=False)
@@ -244,7 +248,8 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
         merged, report = merge_children(
             [child_new, child_second], [new_train, second_train], tokenizer, tokens=args.usage_tokens
         )
-        score("merged (router over both children's bricks)", merged, {"merge": report}, on=[*pair, *args.old])
+        merge = report.to_dict() | {"accuracy": dict(zip(pair, report.domain_accuracy, strict=True))}
+        score("merged (router over both children's bricks)", merged, {"merge": merge}, on=[*pair, *args.old])
         averaged = average_children([child_new, child_second])
         score("averaged children", averaged, on=[*pair, *args.old])
 

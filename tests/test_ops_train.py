@@ -63,3 +63,15 @@ def test_expert_usage_counts_every_selection(text_file, tokenizer):
         assert set(every.tolist()) == set(torch.nonzero(counts).flatten().tolist())
         top = usage.covering(layer, 0.5)
         assert usage.shares(layer)[top].sum() >= 0.5 - 1e-9 and len(top) <= len(every)
+
+
+def test_a_trained_weighted_carve_keeps_no_graph(text_file, tokenizer):
+    import copy
+
+    model = carved_tiny(
+        text_file, tokenizer, experts=8, shared=1, active=2, router="fitted", combine="sigmoid"
+    )
+    brick = next(iter(carved_layers(model).values()))
+    train_lm_(model, [brick.up], tokenizer, str(text_file), TrainConfig(128, 32, 2), progress=False)
+    assert all(b.last_balance is None for b in carved_layers(model).values())
+    copy.deepcopy(model)  # a tensor holding a graph cannot be deep-copied

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 
 
@@ -134,6 +135,9 @@ def train_lm_(
         model.train(was_training)
         for p in model.parameters():
             p.requires_grad_(False)
+        for module in model.modules():  # a weighted rule's last balance term holds the last step's graph
+            if isinstance(module, BrickFFN):
+                module.last_balance = module.last_load = None
     for p in params:
         if not torch.isfinite(p.detach()).all():
             raise BrickworkError("training left non-finite weights (lower --lr); nothing was saved")
