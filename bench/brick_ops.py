@@ -210,7 +210,10 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
              "losses": report.losses, "update": report.to_dict()},
         )  # fmt: skip
     if "lora" in args.rows:
-        from peft import LoraConfig, get_peft_model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            sys.exit("the LoRA rows need peft: pip install -e '.[lora]' (or leave lora out of --rows)")
 
         per_rank = lora_per_rank(model)
         for matched in (grown, updated):
