@@ -42,6 +42,7 @@ from _common import machine_info, write_results  # noqa: E402
 import brickwork as bw  # noqa: E402
 from brickwork.bricks.presets import stock_recommended  # noqa: E402
 from brickwork.data.sources import iter_documents, token_windows  # noqa: E402
+from brickwork.evaluation.perplexity import mean_nll  # noqa: E402
 from brickwork.ops.train import TrainConfig, train_lm_  # noqa: E402
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -59,16 +60,9 @@ def split_corpus(source: str, into: Path, every: int) -> tuple[Path, Path]:
     return paths
 
 
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch: int = 4) -> float:
+def perplexity(model, windows: torch.Tensor) -> float:
     model.eval()
-    total, count = 0.0, 0
-    for part in windows.split(batch):
-        logits = model(input_ids=part).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1))
-        total += float(nll) * part[:, 1:].numel()
-        count += part[:, 1:].numel()
-    return math.exp(total / count)
+    return math.exp(mean_nll(model, windows))
 
 
 def lora_per_rank(model) -> int:

@@ -194,16 +194,6 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
 
 
 @torch.no_grad()
-def _mean_nll(model: nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
-    total, count = 0.0, 0
-    for part in windows.split(batch):
-        logits = model(input_ids=part).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1))
-        total += float(nll) * part[:, 1:].numel()
-        count += part[:, 1:].numel()
-    return total / count
-
-
 def allocate_budgets(
     model: nn.Module,
     tokenizer,
@@ -229,6 +219,7 @@ def allocate_budgets(
     from tqdm.auto import tqdm
 
     from brickwork.data.sources import token_windows
+    from brickwork.evaluation.perplexity import mean_nll
 
     bricks = carved_layers(model)
     if not bricks:
@@ -243,13 +234,13 @@ def allocate_budgets(
     windows = token_windows(tokenizer, data, window, tokens)
     uniform = dict.fromkeys(bricks, budget)
     set_budget(model, uniform)
-    base = _mean_nll(model, windows)
+    base = mean_nll(model, windows)
     cost, gain = {}, {}
     for index in tqdm(sorted(bricks), desc="layer sensitivity", unit="layer", disable=not progress):
         set_budget(model, uniform | {index: budget - step})
-        cost[index] = _mean_nll(model, windows) - base
+        cost[index] = mean_nll(model, windows) - base
         set_budget(model, uniform | {index: budget + step})
-        gain[index] = base - _mean_nll(model, windows)
+        gain[index] = base - mean_nll(model, windows)
         set_budget(model, uniform)
     chosen, free = dict(uniform), set(bricks)
     while len(free) >= 2:  # the best (raise, lower) pair of layers not yet moved, while it is a net gain

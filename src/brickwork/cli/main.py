@@ -77,6 +77,25 @@ def _config_option(p, flag: str, cls, name: str, text: str | None = None, **kwar
     )
 
 
+def _default_of(function, name: str):
+    """The default of ``function``'s parameter ``name`` (where an API function, not the CLI, decides it)."""
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
+def _function_option(p, flag: str, function, name: str, text: str, **kwargs) -> None:
+    """An option for a parameter of an API function: absent unless given (the function decides its default),
+    the function's default shown in the help."""
+    p.add_argument(
+        flag,
+        dest=name,
+        default=argparse.SUPPRESS,
+        help=f"{text} (default {_default_of(function, name)})",
+        **kwargs,
+    )
+
+
 def _given(args: argparse.Namespace, cls) -> dict:
     """The options of ``cls``'s fields that the user gave."""
     from dataclasses import fields
@@ -603,14 +622,6 @@ def _cmd_grow(args: argparse.Namespace) -> None:
     print(f"saved to {out}/")
 
 
-def _merge_default(name: str):
-    import inspect
-
-    from brickwork.ops.merge import merge_children
-
-    return inspect.signature(merge_children).parameters[name].default
-
-
 def _cmd_merge(args: argparse.Namespace) -> None:
     import brickwork as bw
     from brickwork.data.sources import check_source
@@ -654,7 +665,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
         )
     else:
         options = {k: getattr(args, k) for k in ("tokens", "window") if hasattr(args, k)}
-        check_window(children[0], options.get("window", _merge_default("window")))
+        check_window(children[0], options.get("window", _default_of(merge_children, "window")))
         model, report = merge_children(children, args.data, tokenizer, progress=not args.quiet, **options)
         summary = {"average": False, "children": args.children, **report.to_dict()}
         print(report.summary())
@@ -1295,12 +1306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_recover)
 
-    import inspect
-
     from brickwork.ops.grow import DEFAULT_RANK, KINDS, grow_
+    from brickwork.ops.merge import merge_children
     from brickwork.ops.train import TrainConfig
 
-    grow_defaults = {n: q.default for n, q in inspect.signature(grow_).parameters.items()}
     p = sub.add_parser(
         "grow",
         help="add new routed experts for new text, the carved ones frozen (trains only the new experts and their "
@@ -1308,18 +1317,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="a carved model directory")
     p.add_argument("--data", required=True, help=f"the new text: {data_help}")
-    p.add_argument(
-        "--experts",
-        type=int,
-        default=argparse.SUPPRESS,
-        help=f"new experts per layer (default {grow_defaults['experts']})",
-    )
-    p.add_argument(
-        "--kind",
-        choices=KINDS,
-        default=argparse.SUPPRESS,
-        help=f"fresh FFN neurons or low-rank experts (default {grow_defaults['kind']})",
-    )
+    _function_option(p, "--experts", grow_, "experts", "new experts per layer", type=int)
+    _function_option(p, "--kind", grow_, "kind", "fresh FFN neurons or low-rank experts", choices=KINDS)
     p.add_argument(
         "--expert-size",
         type=int,
@@ -1329,12 +1328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rank", type=int, default=argparse.SUPPRESS, help=f"--kind lora: rank (default {DEFAULT_RANK})"
     )
-    p.add_argument(
-        "--active",
-        type=int,
-        default=argparse.SUPPRESS,
-        help=f"new experts each token selects (default {grow_defaults['active']})",
-    )
+    _function_option(p, "--active", grow_, "active", "new experts each token selects", type=int)
     p.add_argument(
         "--layers",
         type=int,
@@ -1345,17 +1339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replay", help=f"text of the original domain the new gates must stay closed on: {data_help}"
     )
-    p.add_argument(
-        "--replay-tokens",
-        type=int,
-        default=argparse.SUPPRESS,
-        help=f"replay tokens (default {grow_defaults['replay_tokens']})",
-    )
-    p.add_argument(
-        "--replay-weight",
-        type=float,
-        default=argparse.SUPPRESS,
-        help=f"weight of the replay gate term (default {grow_defaults['replay_weight']})",
+    _function_option(p, "--replay-tokens", grow_, "replay_tokens", "replay tokens", type=int)
+    _function_option(
+        p, "--replay-weight", grow_, "replay_weight", "weight of the replay gate term", type=float
     )
     _config_option(p, "--tokens", TrainConfig, "tokens", type=int)
     _config_option(p, "--window", TrainConfig, "window", type=int)
@@ -1376,19 +1362,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("children", nargs="+", help="carved child model directories (the same carve)")
     p.add_argument("--data", nargs="+", help=f"one domain text per child, in order; {data_help}")
-    p.add_argument(
+    heldout = _default_of(merge_children, "heldout")
+    _function_option(
+        p,
         "--tokens",
+        merge_children,
+        "tokens",
+        f"tokens of each domain text: the router fits on {100 * (1 - heldout):.0f}%%, its accuracy is measured "
+        "on the rest",
         type=_positive_int,
-        default=argparse.SUPPRESS,
-        help=f"tokens of each domain text: the router fits on {100 * (1 - _merge_default('heldout')):.0f}%%, its accuracy "
-        f"is measured on the rest (default {_merge_default('tokens')})",
     )
-    p.add_argument(
-        "--window",
-        type=_window,
-        default=argparse.SUPPRESS,
-        help=f"tokens per window (default {_merge_default('window')})",
-    )
+    _function_option(p, "--window", merge_children, "window", "tokens per window", type=_window)
     p.add_argument("--average", action="store_true", help="average every weight of the children instead")
     p.add_argument("--out", type=Path, required=True, help="output directory for the merged model")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)

@@ -10,17 +10,14 @@ under a temporary name first, so a broken download never leaves a file that look
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
 import tarfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from brickwork.data.registry import fetch_verified, sha256_of
 from brickwork.errors import BrickworkError
 from brickwork.models.loading import cache_dir
 
@@ -56,51 +53,18 @@ def _manual_hint(deb: DebFile, path: Path) -> str:
     )
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_deb(deb: DebFile, progress: bool = True, timeout: float = 60) -> Path:
     """The verified local copy of ``deb``: the one in :func:`archives_dir` if there, else a download."""
     target = archives_dir() / deb.filename
     if target.is_file():
-        actual = _sha256_of(target)
+        actual = sha256_of(target)
         if actual != deb.sha256:
             raise BrickworkError(
                 f"{target} has sha256 {actual}, not the pinned {deb.sha256}; delete it (brickwork then "
                 f"downloads {deb.url} again) or replace it with the right file."
             )
         return target
-    from tqdm.auto import tqdm
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.parent / f".{deb.filename}.{os.getpid()}.part"
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(deb.url, timeout=timeout) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or deb.size or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=deb.filename, disable=not progress, leave=False
-            ) as bar:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != deb.sha256:
-            raise BrickworkError(
-                f"{deb.url} downloaded with sha256 {digest.hexdigest()}, not the pinned {deb.sha256}; not "
-                f"using it. {_manual_hint(deb, target)}"
-            )
-        os.replace(partial, target)
-    except (urllib.error.URLError, OSError) as exc:  # HTTPError (e.g. 404) is a URLError
-        raise BrickworkError(f"Downloading {deb.url} failed ({exc}). {_manual_hint(deb, target)}") from exc
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+    return fetch_verified(deb.url, target, deb.sha256, _manual_hint(deb, target), progress, timeout, deb.size)
 
 
 def ar_members(data: bytes) -> dict[str, bytes]:

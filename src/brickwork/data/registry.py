@@ -103,31 +103,39 @@ def verify(spec: RegistryFile, path: Path) -> Path:
 
 def download(spec: RegistryFile, into: Path, progress: bool = True, timeout: float = 600) -> Path:
     """Fetch ``spec`` into the directory ``into`` (verified, written under a temporary name, then renamed)."""
+    return fetch_verified(
+        file_url(spec), into / spec.filename, spec.sha256, _manual_hint(spec), progress, timeout
+    )
+
+
+def fetch_verified(
+    url: str, target: Path, sha256: str, hint: str, progress: bool = True, timeout: float = 600, size=None
+) -> Path:
+    """Download ``url`` to ``target``: written under a temporary name and renamed only once its SHA-256 is
+    ``sha256`` (a BrickworkError ending with ``hint``, what the user can do, otherwise); ``size``: the expected
+    length in bytes, for the progress bar when the server does not say."""
     from tqdm.auto import tqdm
 
-    url = file_url(spec)
-    into.mkdir(parents=True, exist_ok=True)
-    target = into / spec.filename
-    partial = into / f".{spec.filename}.{os.getpid()}.part"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.{os.getpid()}.part"
     digest = hashlib.sha256()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
+            total = int(response.headers.get("Content-Length") or 0) or size or None
             with tqdm(
-                total=total, unit="B", unit_scale=True, desc=spec.filename, disable=not progress, leave=False
+                total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress, leave=False
             ) as bar:
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
                     bar.update(len(chunk))
-        if digest.hexdigest() != spec.sha256:
+        if digest.hexdigest() != sha256:
             raise BrickworkError(
-                f"{url} downloaded with sha256 {digest.hexdigest()}, not the pinned {spec.sha256}; not "
-                f"using it. {_manual_hint(spec)}"
+                f"{url} downloaded with sha256 {digest.hexdigest()}, not the pinned {sha256}; not using it. {hint}"
             )
         os.replace(partial, target)
-    except (urllib.error.URLError, OSError) as exc:
-        raise BrickworkError(f"Downloading {url} failed ({exc}). {_manual_hint(spec)}") from exc
+    except (urllib.error.URLError, OSError) as exc:  # HTTPError (e.g. 404) is a URLError
+        raise BrickworkError(f"Downloading {url} failed ({exc}). {hint}") from exc
     finally:
         partial.unlink(missing_ok=True)
     return target

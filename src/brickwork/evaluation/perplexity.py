@@ -125,3 +125,18 @@ def _batches(windows, batch_size: int):
             batch = []
     if batch:
         yield torch.stack(batch)
+
+
+@torch.no_grad()
+def mean_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token negative log-likelihood of ``model`` over the token windows ``[N, T]`` (on the model's
+    device); ``math.exp`` of it is the perplexity."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for part in windows.split(batch_size):
+        part = part.to(device)
+        logits = model(input_ids=part).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1))
+        total += float(nll) * part[:, 1:].numel()
+        count += part[:, 1:].numel()
+    return total / count
