@@ -248,3 +248,23 @@ def test_grow_command(tmp_path, tiny_dir, text_file, new_text, tokenizer, capsys
     assert "rank is the size" in capsys.readouterr().err
     assert cli(f"grow {carved} --data {tmp_path / 'none.txt'} --out {tmp_path / 'y'} -q".split()) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_what_reads_only_the_carved_bricks_refuses_a_grown_model(text_file, new_text, tokenizer):
+    from brickwork.bricks.token_budget import ReadCounter
+    from brickwork.ops.prune import prune_for_domain_
+    from brickwork.ops.usage import expert_usage
+    from brickwork.recovery.local import recover_local_
+
+    model = _carved(text_file, tokenizer)
+    usage = expert_usage(model, tokenizer, str(new_text), tokens=128, window=32, progress=False)
+    grow_(model, tokenizer, str(new_text), experts=1, config=TrainConfig(64, 32, 2, 1e-3), progress=False)
+    for call in (
+        lambda: bw.set_budget(model, 0.5),
+        lambda: bw.set_token_budget(model, 0.9),
+        lambda: ReadCounter(model),
+        lambda: prune_for_domain_(model, usage),
+        lambda: recover_local_(model, tokenizer, str(text_file), progress=False),
+    ):
+        with pytest.raises(BrickworkError, match="does not handle grown experts"):
+            call()

@@ -249,3 +249,27 @@ def test_cli_merge_and_average(tmp_path, family, tokenizer, domains, capsys):
     assert cli(["merge", *dirs, "--data", domains[0], "--out", str(tmp_path / "x"), "-q"]) == 2
     assert "one --data text per child" in capsys.readouterr().err
     assert cli(["merge", *dirs, "--average", "--data", *domains, "--out", str(tmp_path / "x"), "-q"]) == 2
+
+
+def test_pruned_children_merge_save_and_load(tmp_path, family, tokenizer, domains):
+    from brickwork.ops.prune import prune_for_domain_
+    from brickwork.ops.usage import expert_usage
+
+    children = _children(family)
+    usage = expert_usage(children[0], tokenizer, domains[0], tokens=256, window=32, progress=False)
+    for child in children:  # both pruned alike (one carve), each then its own weights
+        prune_for_domain_(child, usage, coverage=0.9)
+    merged, _ = merge_children(children, domains, tokenizer, **MERGE)
+    bw.save(merged, tmp_path / "merged", tokenizer)
+    loaded = bw.load(tmp_path / "merged")
+    ids = _ids(tokenizer, domains[0])
+    assert torch.equal(_logits(loaded, ids), _logits(merged, ids))
+
+
+def test_grown_children_are_refused(family, tokenizer, domains):
+    from brickwork.ops.grow import grow_
+
+    children = _children(family)
+    grow_(children[1], tokenizer, domains[1], experts=1, config=TrainConfig(64, 32, 2, 1e-3), progress=False)
+    with pytest.raises(BrickworkError, match="merge does not handle grown experts"):
+        merge_children(children, domains, tokenizer, **MERGE)

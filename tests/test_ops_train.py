@@ -75,3 +75,26 @@ def test_a_trained_weighted_carve_keeps_no_graph(text_file, tokenizer):
     train_lm_(model, [brick.up], tokenizer, str(text_file), TrainConfig(128, 32, 2), progress=False)
     assert all(b.last_balance is None for b in carved_layers(model).values())
     copy.deepcopy(model)  # a tensor holding a graph cannot be deep-copied
+
+
+def test_training_with_dropout_is_deterministic(text_file, tokenizer):
+    from brickwork.models.tiny import build_tiny_model
+
+    def run():
+        model = build_tiny_model("gpt2")
+        model.config.resid_pdrop = model.config.embd_pdrop = 0.1
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.1
+        train_lm_(
+            model,
+            list(model.parameters()),
+            tokenizer,
+            str(text_file),
+            TrainConfig(128, 32, 2),
+            progress=False,
+        )
+        return model.state_dict()
+
+    first, second = run(), run()
+    assert all(torch.equal(v, second[k]) for k, v in first.items())

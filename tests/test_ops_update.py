@@ -100,9 +100,9 @@ def test_update_refuses_bad_choices(text_file, tokenizer):
     with pytest.raises(BrickworkError, match="not carved"):
         update_(model, tokenizer, data, {9: [0]}, CONFIG, progress=False)
     with pytest.raises(BrickworkError, match="not distinct experts"):
-        update_(model, tokenizer, data, {0: [7, 7]}, CONFIG, progress=False)
+        update_(model, tokenizer, data, {0: [3, 3]}, CONFIG, progress=False)
     with pytest.raises(BrickworkError, match="not distinct experts"):
-        update_(model, tokenizer, data, {0: [7]} | {1: [8]}, CONFIG, progress=False)
+        update_(model, tokenizer, data, {0: [3]} | {1: [7]}, CONFIG, progress=False)
     with pytest.raises(BrickworkError, match="nothing to train"):
         update_(model, tokenizer, data, {0: []}, CONFIG, progress=False)
     with pytest.raises(BrickworkError, match="unweighted sum"):

@@ -32,7 +32,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 
@@ -168,6 +168,7 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
     bricks = carved_layers(model)
     if not bricks:
         raise BrickworkError("set_budget needs a carved model (brickwork.carve_ or brickwork.load)")
+    refuse_grown(bricks, "set_budget")
     wanted = spread_over_layers(
         budget, bricks, (int, float), "a budget is a fraction, a {layer: fraction} dict or None"
     )

@@ -112,6 +112,17 @@ def _swap_in(ffn: FFN, brick: BrickFFN) -> None:
     object.__setattr__(brick, "_ffn", ffn)
 
 
+def refuse_grown(bricks: dict[int, BrickFFN], what: str) -> None:
+    """Refuse (BrickworkError) layers holding experts grown beside the carved ones (:mod:`brickwork.ops.grow`):
+    ``what`` reads, counts or retrains the carved bricks alone and would be wrong for them."""
+    grown = sorted(i for i, b in bricks.items() if getattr(b, "grown", None) is not None)
+    if grown:
+        raise BrickworkError(
+            f"{what} does not handle grown experts (layers {grown}); remove them first "
+            "(brickwork.ops.grow.remove_grown_) or apply it before growing"
+        )
+
+
 def carved_layers(model: nn.Module) -> dict[int, BrickFFN]:
     """The BrickFFNs of a carved model, by layer index. A merged model (several children's bricks in a layer,
     :mod:`brickwork.ops.merge`) is refused: what reads or changes one carve's bricks does not apply to it."""
@@ -424,12 +435,7 @@ def uncarve_(model: nn.Module) -> nn.Module:
     bricks = carved_layers(model)
     if not bricks:
         raise BrickworkError("this model has no carved layers")
-    grown = sorted(i for i, b in bricks.items() if getattr(b, "grown", None) is not None)
-    if grown:
-        raise BrickworkError(
-            f"layers {grown} hold grown experts, which the dense FFN has no place for; remove them first "
-            "(brickwork.ops.grow.remove_grown_) or keep the model carved"
-        )
+    refuse_grown(bricks, "uncarve_ (the dense FFN has no place for them)")
     pruned = sorted(i for i, b in bricks.items() if b.pruned_from is not None)
     if pruned:  # refused before any layer changes
         raise BrickworkError(

@@ -27,7 +27,7 @@ from torch import nn
 
 from brickwork.bricks.adaptive import TokenBudget, dropped_share, fit_copy_gain, kept_counts
 from brickwork.bricks.budget import spread_over_layers
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 
@@ -75,6 +75,7 @@ def _layers(model: nn.Module, what: str) -> dict[int, BrickFFN]:
     bricks = carved_layers(model)
     if not bricks:
         raise BrickworkError(f"{what} needs a carved model (brickwork.carve_ or brickwork.load)")
+    refuse_grown(bricks, what)
     return bricks
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from brickwork.bricks.budget import calibrated
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 from brickwork.routing.fitted import RIDGE
@@ -118,6 +118,7 @@ def clone_brick(brick: BrickFFN) -> BrickFFN:
     """A copy of ``brick`` alone (weights, router, carved settings), not tied to any model's layer."""
     copied = BrickFFN.from_spec(brick.spec, copy.deepcopy(brick.act), copy.deepcopy(brick.router))
     copied.load_state_dict(brick.state_dict())
+    copied.pruned_from = brick.pruned_from  # a child pruned for its domain stays pruned (and saves as such)
     if "_calibrated" in brick.__dict__:
         copied.__dict__["_calibrated"] = copy.deepcopy(brick.__dict__["_calibrated"])
     return copied.to(brick.up.device)
@@ -163,6 +164,8 @@ def check_children(children: list[nn.Module]) -> ChildrenCheck:
             keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
             raise BrickworkError(f"child {i}'s config differs from child 0's in {keys[:5]}; {hint}")
     bricks = [carved_layers(child) for child in children]  # refuses a child that is itself merged
+    for layers in bricks:
+        refuse_grown(layers, "merge")
     for i, layers in enumerate(bricks):
         if sorted(layers) != sorted(bricks[0]):
             raise BrickworkError(

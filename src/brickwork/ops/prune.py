@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from brickwork.bricks.budget import calibrated, restore_calibrated
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 from brickwork.models.specs import find_ffns
@@ -146,6 +146,7 @@ def brick_params(brick: nn.Module) -> int:
 def _ffn_params(model) -> int:
     """Every FFN's parameters: bricks as :func:`brick_params` counts them, dense FFNs their weights."""
     bricks = carved_layers(model)
+    refuse_grown(bricks, "pruning")
     total = sum(brick_params(b) for b in bricks.values())
     for ffn in find_ffns(model):
         if ffn.index not in bricks:

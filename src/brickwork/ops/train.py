@@ -105,6 +105,10 @@ def train_lm_(
     was_training = model.training
     model.train()
     losses, extra_losses = [], []
+    # dropout (GPT-2, OPT, BERT train with it) draws from the global generator: seed it, and restore it after
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    rng.__enter__()
+    torch.manual_seed(config.seed)
     try:
         bar = tqdm(batches(windows, config), desc=desc, unit="step", disable=not progress)
         for step, batch in enumerate(bar):
@@ -132,6 +136,7 @@ def train_lm_(
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
+        rng.__exit__(None, None, None)
         model.train(was_training)
         for p in model.parameters():
             p.requires_grad_(False)

@@ -150,7 +150,7 @@ def update_(
                     "(carve --combine sigmoid), or leave train_router off"
                 )
             layout = ROUTER_ROWS.get(brick.router.kind)
-            if layout is None:
+            if not layout:
                 raise BrickworkError(
                     f"the {brick.router.kind!r} router's rows per expert are unknown; routers that can train "
                     f"per expert: {', '.join(sorted(k for k, v in ROUTER_ROWS.items() if v))}"

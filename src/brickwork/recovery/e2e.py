@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.errors import BrickworkError
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def recover_e2e_(
     from brickwork.data.sources import token_windows
 
     config = config or E2EConfig()
+    refuse_grown(carved_layers(model), "recovery")
     if not carved_layers(model):
         raise BrickworkError("the model has no carved layer to recover: carve it first")
     if resume and checkpoint_dir is None:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 from brickwork.models.specs import find_ffns
@@ -217,6 +217,7 @@ def recover_local_(
 
     config = config or LocalRecoveryConfig()
     bricks = carved_layers(model)
+    refuse_grown(bricks, "recovery")
     if not bricks:
         raise BrickworkError("the model has no carved layer to recover: carve it first")
     started = time.perf_counter()
