@@ -150,6 +150,7 @@ def test_pruned_model_saves_loads_and_refuses_uncarving(text_file, tokenizer, do
 
     meta_path = out / "brickwork.json"
     meta = json.loads(meta_path.read_text())
+    assert meta["format_version"] == 2  # older brickwork says "upgrade", not "damaged"
     layer = next(r for r in meta["layers"] if "pruned_from" in r)
     for damage in ({"pruned_from": layer["pruned_from"] + 1}, {"pruned_from": "64"}, {"pruned_from": None}):
         record = dict(layer) | damage

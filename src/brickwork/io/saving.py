@@ -33,7 +33,9 @@ from brickwork.version import __version__
 
 FORMAT = "brickwork-carved"
 FORMAT_VERSION = 1
-MERGED_FORMAT_VERSION = 2  # a model merged from several children (a "merged" record); load reads both
+# 2: a model the brick operations changed (brickwork.ops): a "merged" record, or layers with "grown" experts or
+# "pruned_from"; plain carves still write 1, so older brickwork reads them, and says "upgrade" for the others
+OPS_FORMAT_VERSION = 2
 MAX_CHILDREN = 256  # a merged record asking for more is damaged
 
 
@@ -161,7 +163,9 @@ def save(
     }
     merged = _merged_record(model, bricks)
     if merged is not None:
-        meta["format_version"], meta["merged"] = MERGED_FORMAT_VERSION, merged
+        meta["merged"] = merged
+    if merged is not None or any("grown" in r or "pruned_from" in r for r in meta["layers"]):
+        meta["format_version"] = OPS_FORMAT_VERSION
     with atomic_directory(directory, "carve", overwrite, inputs) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -192,12 +196,12 @@ def _read_meta(directory: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BrickworkError(f"{path} is not a carved-model record")
     version = meta.get("format_version", 0)
-    if not isinstance(version, int) or version > MERGED_FORMAT_VERSION:
+    if not isinstance(version, int) or version > OPS_FORMAT_VERSION:
         writer = meta.get("brickwork_version")
         by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
         raise BrickworkError(
             f"{directory} uses carved-model format {version!r}{by}; this brickwork ({__version__}) reads format "
-            f"{MERGED_FORMAT_VERSION} and older: upgrade brickwork to load it"
+            f"{OPS_FORMAT_VERSION} and older: upgrade brickwork to load it"
         )
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
