@@ -22,12 +22,12 @@ from brickwork.bricks.budget import calibrated, restore_calibrated
 from brickwork.bricks.carve import _swap_in
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import CarveConfig, check_router_options
+from brickwork.bricks.merged import MergedBricks, layer_modules
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import BrickSpec
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
 from brickwork.models.specs import find_ffns
-from brickwork.ops.merge import MergedBricks, layer_modules
 from brickwork.routing import ROUTERS
 from brickwork.version import __version__
 
@@ -58,7 +58,7 @@ def _layer_record(index: int, layer: BrickFFN | MergedBricks) -> dict:
 
 def _grown_spec(directory: Path, record: dict):
     """The GrownSpec of a layer record's ``grown`` bank, None when it has none (files before grow had none)."""
-    from brickwork.ops.grow import GrownSpec
+    from brickwork.bricks.grown import GrownSpec
 
     if "grown" not in record:
         return None
@@ -425,7 +425,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             _empty_brick(directory, record, spec, ffn) for _ in range(children if index in merged else 1)
         ]
         if grown_spec is not None:  # an empty bank: its weights load with the others
-            from brickwork.ops.grow import GrownExperts
+            from brickwork.bricks.grown import GrownExperts
 
             for brick in bricks:
                 brick.grown = GrownExperts.for_brick(brick, grown_spec)
