@@ -48,6 +48,11 @@ from brickwork.ops.train import TrainConfig, train_lm_  # noqa: E402
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def label(source: str) -> str:
+    """A short name for a text: a built-in corpus's name, a file's stem."""
+    return Path(source).stem if Path(source).is_file() else source
+
+
 def split_corpus(source: str, into: Path, every: int) -> tuple[Path, Path]:
     """``source``'s documents split into a training and a test file: one document in ``every`` goes to test."""
     train, test = [], []
@@ -230,7 +235,9 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
         for coverage in (1.0, 0.99):
             child = copy.deepcopy(model)
             report = prune_for_domain_(child, usage, coverage=coverage)
-            score(f"prune for {args.new} (coverage {coverage:.0%})", child, {"prune": report.to_dict()})
+            score(
+                f"prune for {label(args.new)} (coverage {coverage:.0%})", child, {"prune": report.to_dict()}
+            )
             del child
     if "merge" in args.rows and child_new is not None:
         usage2 = expert_usage(model, tokenizer, second_train, tokens=args.usage_tokens, progress=False)
@@ -240,8 +247,8 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
             TrainConfig(**(vars(train) | {"lr": args.lr_update})),
         )  # fmt: skip
         pair = [args.new, args.second]
-        score(f"child updated on {args.new}", child_new, on=[*pair, *args.old])
-        score(f"child updated on {args.second}", child_second, on=[*pair, *args.old])
+        score(f"child updated on {label(args.new)}", child_new, on=[*pair, *args.old])
+        score(f"child updated on {label(args.second)}", child_second, on=[*pair, *args.old])
         merged, report = merge_children(
             [child_new, child_second], [new_train, second_train], tokenizer, tokens=args.usage_tokens
         )
@@ -276,7 +283,9 @@ def render(results: dict) -> str:
         "*gain*: the fall in log-perplexity on the new domain, as a share of full fine-tuning's; *forgetting*: "
         "the perplexity change on each original domain (" + ", ".join(old) + ").",
         "",
-        f"| row | {new} | gain vs full FT | " + " | ".join(old) + " | trainable weights | seconds |",
+        f"| row | {label(new)} | gain vs full FT | "
+        + " | ".join(map(label, old))
+        + " | trainable weights | seconds |",
         "|---|---:|---:|" + "---:|" * len(old) + "---:|---:|",
     ]
     trained = [r for r in rows if "trainable" in r]
@@ -298,7 +307,7 @@ def render(results: dict) -> str:
             f"## Pruning for `{new}`: experts the domain's training text never selects (coverage 100%), or "
             "outside the most selected 99%",
             "",
-            f"| row | FFN weights kept | {new} | " + " | ".join(old) + " |",
+            f"| row | FFN weights kept | {label(new)} | " + " | ".join(map(label, old)) + " |",
             "|---|---:|---:|" + "---:|" * len(old),
         ]
         for r in pruned:
@@ -316,7 +325,7 @@ def render(results: dict) -> str:
             "",
             "## Merging two children (each updated on one domain)",
             "",
-            "| row | " + " | ".join(pair + old) + " |",
+            "| row | " + " | ".join(map(label, pair + old)) + " |",
             "|---|" + "---:|" * (len(pair) + len(old)),
         ]
         for r in merged:
@@ -329,7 +338,7 @@ def render(results: dict) -> str:
                 "",
                 "Router: share of each domain's held-out tokens sent to that domain's child, mean over layers:",
             ]
-            lines += [f"- {d}: {a:.1%}" for d, a in report["accuracy"].items()]
+            lines += [f"- {label(d)}: {a:.1%}" for d, a in report["accuracy"].items()]
     return "\n".join(lines) + "\n"
 
 
