@@ -20,7 +20,7 @@ merging: two children updated on two domains (``--new`` and ``--second``), merge
 
 Reported: perplexity on the new domain's test side and on each original domain, the gain on the new domain
 (fraction of full fine-tuning's, in log-perplexity), the change on the original ones (forgetting), trainable
-weights and seconds. Writes results.json, results.md and brick_ops.png.
+weights and seconds. Writes results.json and results.md (no plot yet).
 """
 
 from __future__ import annotations
