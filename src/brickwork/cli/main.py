@@ -769,7 +769,7 @@ def _cmd_update(args: argparse.Namespace) -> None:
         model,
         tokenizer,
         args.data,
-        tokens=min(config.tokens, USAGE_TOKENS),
+        tokens=min(config.tokens, _default_of(expert_usage, "tokens")),  # at most what prune counts on
         window=config.window,
         progress=not args.quiet,
     )
@@ -791,10 +791,6 @@ def _cmd_update(args: argparse.Namespace) -> None:
         inputs=inputs,
     )
     print(f"saved to {out}/")
-
-
-# update chooses experts by their usage on at most this many tokens of the training text
-USAGE_TOKENS = 16384
 
 
 DEMO_PROMPTS = (
@@ -1309,6 +1305,7 @@ def build_parser() -> argparse.ArgumentParser:
     from brickwork.ops.grow import DEFAULT_RANK, KINDS, grow_
     from brickwork.ops.merge import merge_children
     from brickwork.ops.train import TrainConfig
+    from brickwork.ops.usage import expert_usage
 
     p = sub.add_parser(
         "grow",
@@ -1385,11 +1382,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="a carved model directory")
     p.add_argument("--data", required=True, help=f"the domain's text; {data_help}")
+    usage_tokens, usage_window = _default_of(expert_usage, "tokens"), _default_of(expert_usage, "window")
     p.add_argument(
         "--tokens",
         type=_positive_int,
-        default=16384,
-        help="domain tokens to count selections on (default 16384)",
+        default=usage_tokens,
+        help=f"domain tokens to count selections on (default {usage_tokens})",
     )
     p.add_argument(
         "--coverage",
@@ -1400,7 +1398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-experts", type=_positive_int, help="experts each layer keeps at least (default: its top-k)"
     )
-    p.add_argument("--window", type=_window, default=512, help="tokens per window (default 512)")
+    p.add_argument(
+        "--window", type=_window, default=usage_window, help=f"tokens per window (default {usage_window})"
+    )
     p.add_argument(
         "--eval",
         nargs="+",
