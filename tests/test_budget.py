@@ -57,15 +57,18 @@ def test_budgets_change_reads_nest_and_return_bit_for_bit(text_file, tokenizer, 
     assert torch.equal(_logits(model, ids), carved)
 
 
-def test_a_partial_router_carve_rebudgeted_is_the_preset_carve_for_that_budget(text_file, tokenizer):
+@pytest.mark.parametrize("budget", [0.3, 0.25, 0.4, 0.75])
+def test_a_partial_router_carve_rebudgeted_is_the_preset_carve_for_that_budget(text_file, tokenizer, budget):
+    # 0.25, 0.4 and 0.75: the preset computes fewer neurons than fit in the budget (it rounds down); re-budgeting must
+    # take the preset's count, not the most that fits
     d_ff, d_model = 64, 32  # the tiny llama's FFN
-    at = {f: recommended(f, d_ff=d_ff, d_model=d_model) for f in (0.5, 0.3)}
+    at = {f: recommended(f, d_ff=d_ff, d_model=d_model) for f in (0.5, budget)}
     keys = ("experts", "shared", "active", "router", "router_options", "down_fraction")
     model, other = (
         carved_tiny(text_file, tokenizer, method="activation", **{k: getattr(at[f], k) for k in keys})
-        for f in (0.5, 0.3)
+        for f in (0.5, budget)
     )
-    bw.set_budget(model, 0.3)
+    bw.set_budget(model, budget)
     for a, b in zip(carved_layers(model).values(), carved_layers(other).values(), strict=True):
         assert (a.active, a.down_keep, a.router.input_fraction) == (
             b.active,

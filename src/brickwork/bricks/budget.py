@@ -11,10 +11,8 @@ dense FFN weights a token reads, router included (:meth:`BrickFFN.active_fractio
   carve has it, keeps its share of the computed neurons.
 - the ``partial`` router (the neuron-level defaults of :func:`brickwork.bricks.presets.recommended`): the number
   of neurons computed, the down rows read and the router's input fraction are set as that preset sets them for
-  the budget, meant to give the carve the preset makes for that budget (same calibration, same neuron order). Measured
-  on SmolLM2 (bench/results/budget-smollm2): within 1.3% of it at 50% and 75%, but 36% worse at 25% on one corpus,
-  so something else differs there (not yet found). Selections are nested only while the input fraction stays the
-  same.
+  the budget, giving exactly the carve the preset makes for that budget from the same calibration (same neuron
+  order, same neuron count). Selections are nested only while the input fraction stays the same.
 
 Weighted combine rules (``softmax``, ``sigmoid``) keep the temperature and scale fitted for the carve's own top-k;
 away from it the weights are no longer least-squares fitted (``softmax_topk`` renormalises, so its total weight
@@ -124,12 +122,20 @@ def layer_settings(brick: BrickFFN, budget: float) -> dict:
 
         def settings_for(k: int) -> dict:
             computed = brick.num_shared + k * brick.expert_size
-            keep = None if down_fraction is None else max(1, math.floor(down_fraction * brick.d_ff))
+            keep = None if down_fraction is None else max(1, round(down_fraction * brick.d_ff))  # as carve_
             return {
                 "active": k,
                 "down_keep": None if keep is None or keep >= computed else keep,
                 "router_config": router_config,
             }
+
+        # the preset's own neuron count, so that the result is the carve the preset makes for this budget; not
+        # the most that fits: at 25% on SmolLM2 perplexity moves by up to 10% per neuron of 1,536 and not
+        # monotonically (bench/results/budget-smollm2/README.md), so "one more" is not "better"
+        if brick.num_shared == 0 and brick.expert_size == 1 and preset.active <= brick.num_experts:
+            chosen = settings_for(preset.active)
+            if _fraction_with(brick, chosen) <= budget * (1 + _TOLERANCE):
+                return chosen
 
     else:
         computed0 = brick.num_shared + carved["active"] * brick.expert_size
