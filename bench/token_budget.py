@@ -11,8 +11,10 @@ without intercept, top-k for 75% reads). For each target:
   (``min_active=0`` and ``--zero-share``).
 
 Every row is scored on the same held-out windows (perplexity ratio to dense, KL, top-1 agreement) and its reads per
-token are counted on them (mean and worst case). Batch-1 decode speed of the global per-token budget against the
-uniform row: interleaved runs of two copies of the artefact, medians. Writes results.json and results.md.
+token are counted on them (mean and worst case). Per-layer budgets (``bw.allocate_budgets``, measured sensitivity)
+come alone and as per-layer caps under one per-token threshold. Batch-1 decode speed of the global per-token budget
+and of the per-layer rows against the uniform row: interleaved runs of copies of the artefact, medians.
+Writes results.json and results.md.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ VARIANTS = {
 # per-layer budgets (bw.allocate_budgets, HMoE / Mix'n'Match), alone and as per-layer caps under one per-token
 # threshold; --layer-step is the allocation's step, --layer-lift how far above the target the caps' mean sits
 LAYER_VARIANTS = ("per-layer top-k", "per-layer caps + per-token")
+# rows whose batch-1 decode speed is measured against the uniform top-k's (interleaved with it)
+SPEED_VARIANTS = ("per-token, one threshold", *LAYER_VARIANTS)
 
 
 def main() -> None:
@@ -138,6 +142,8 @@ def main() -> None:
                 progress=False,
             ).to_dict()
         row = {"layers": {str(i): b for i, b in layers.items()}, "fit": fit, **score()}
+        if not args.no_speed:
+            timed[name] = copy.deepcopy(model)
         bw.set_token_budget(model, None)
         bw.set_budget(model, None)
         return row
@@ -163,7 +169,7 @@ def main() -> None:
         top_k = next(iter(carved_layers(model).values())).active
         uniform = copy.deepcopy(model) if not args.no_speed else None
         bw.set_budget(model, None)  # back to the cap: tokens choose within it
-        adaptive = None
+        timed = {}  # the adaptive rows whose decode speed is measured against the uniform one
         for name in args.variants:
             if name in LAYER_VARIANTS:
                 rows.append({"target": target, "name": name, **layer_variant(name, target, uniform_reads)})
@@ -177,8 +183,8 @@ def main() -> None:
             )  # fmt: skip
             row = {"target": target, "name": name, "options": options, "fit": fit.to_dict(), **score()}
             rows.append(row)
-            if name == "per-token, one threshold" and not args.no_speed:
-                adaptive = copy.deepcopy(model)
+            if name in SPEED_VARIANTS and not args.no_speed:
+                timed[name] = copy.deepcopy(model)
             bw.set_token_budget(model, None)
         if not args.no_separate:
             bw.uncarve_(model)
@@ -191,29 +197,21 @@ def main() -> None:
             print(f"{target:.0%} {row['name']:<32} reads {row['reads']:.1%} (worst {row['worst']:.1%}) "
                   + " ".join(f"{d} x{r:.3f}" for d, r in row["ratio"].items()), flush=True)  # fmt: skip
         results["rows"] += rows
-        if uniform is not None and adaptive is not None:
+        if uniform is not None and timed:
             prompt = torch.randint(
                 3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0)
             )
-            times = _interleaved(
-                {
-                    "uniform": _decode_steps(uniform, prompt, args.decode_steps),
-                    "adaptive": _decode_steps(adaptive, prompt, args.decode_steps),
-                },
-                args.repeats,
-            )
-            results["speed"].append(
-                {
-                    "target": target,
-                    "uniform_s": times["uniform"],
-                    "adaptive_s": times["adaptive"],
-                    "speedup": times["uniform"] / times["adaptive"],
-                }
-            )
-            print(
-                f"{target:.0%} batch-1 decode: adaptive / uniform speed x{results['speed'][-1]['speedup']:.3f}"
-            )
-        uniform = adaptive = None
+            runs = {"uniform top-k": _decode_steps(uniform, prompt, args.decode_steps)}
+            runs |= {name: _decode_steps(m, prompt, args.decode_steps) for name, m in timed.items()}
+            times = _interleaved(runs, args.repeats)
+            speed = {"target": target, "uniform_s": times.pop("uniform top-k"), "variants": {}}
+            for name, seconds in times.items():
+                speed["variants"][name] = {"s": seconds, "speedup": speed["uniform_s"] / seconds}
+                print(
+                    f"{target:.0%} batch-1 decode: {name} / uniform speed x{speed['uniform_s'] / seconds:.3f}"
+                )
+            results["speed"].append(speed)
+        uniform = timed = None
         write_results(args.out, results, render(results))
     results["seconds"] = time.perf_counter() - started
     write_results(args.out, results, render(results))
@@ -264,13 +262,16 @@ def render(results: dict) -> str:
         lines += [
             "",
             f"Batch-1 decode ({s['decode_steps']} steps after a 16-token prompt, medians of {s['repeats']} "
-            "interleaved repeats), per-token budget (one threshold) against the uniform top-k at the same reads:",
+            "interleaved repeats) against the uniform top-k at the same mean reads:",
             "",
         ]
         for t in results["speed"]:
             lines.append(
-                f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s, per-token "
-                f"{1 / t['adaptive_s']:.1f} tokens/s (x{t['speedup']:.3f})"
+                f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s; "
+                + "; ".join(
+                    f"{name} {1 / v['s']:.1f} tokens/s (x{v['speedup']:.3f})"
+                    for name, v in t["variants"].items()
+                )
             )
     copies = [r for r in results["rows"] if (r.get("fit") or {}).get("copy")]
     if copies:
