@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import tempfile
@@ -106,7 +107,17 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", default=["full", "lora", "grow", "update", "prune", "merge"])
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few steps")
     parser.add_argument("--out", type=Path, default=Path("bench/results/brick-ops-smollm2"))
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only render --out's results.json again (results.md, brick-ops.png)",
+    )
     args = parser.parse_args()
+    if args.replot:
+        results = json.loads((args.out / "results.json").read_text())
+        write_results(args.out, results, render(results))
+        plot(results, args.out / "brick-ops.png")
+        return
     started = time.perf_counter()
     machine = machine_info()
     if args.quick:
@@ -125,6 +136,7 @@ def main() -> None:
         run(args, model, tokenizer, splits, windows, results)
     results["seconds"] = time.perf_counter() - started
     write_results(args.out, results, render(results))
+    plot(results, args.out / "brick-ops.png")
     print(render(results))
 
 
@@ -340,6 +352,55 @@ def render(results: dict) -> str:
             ]
             lines += [f"- {label(d)}: {a:.1%}" for d, a in report["accuracy"].items()]
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Left: training loss per step of every trained row. Right: what each row gains on the new domain against what
+    it changes on the original ones (mean over them), both as perplexity changes from the carved parent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, rows = results["settings"], results["rows"]
+    if not rows:
+        return
+    parent, new, old = rows[0], s["new"], s["old"]
+    fig, (curves, scatter) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, r in enumerate(r for r in rows if r.get("losses")):
+        losses = torch.tensor(r["losses"])
+        smooth = min(8, len(losses))  # a running mean over a few steps: single batches are noisy
+        mean = losses.unfold(0, smooth, 1).mean(-1) if len(losses) >= smooth else losses
+        curves.plot(range(smooth, smooth + len(mean)), mean.tolist(), color=f"C{i}", label=r["name"])
+    curves.set_xlabel("training step")
+    curves.set_ylabel("training loss (running mean of 8 steps)")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=6)
+    shown = [
+        r
+        for r in rows[1:]
+        if all(d in r["perplexity"] for d in (new, *old))
+        and r["name"] != f"child updated on {new}"  # = update
+    ]
+    for i, r in enumerate(shown):
+        x = sum(_change(r, parent, d) for d in old) / len(old)
+        y = _change(r, parent, new)
+        scatter.plot([100 * x], [100 * y], "o", color=f"C{i % 10}")
+        name = r["name"] if r["name"].startswith("prune") else r["name"].split(" (")[0]
+        scatter.annotate(name, (100 * x, 100 * y), fontsize=6, xytext=(3, 3),
+                         textcoords="offset points")  # fmt: skip
+    scatter.margins(x=0.3)  # room for the labels
+    scatter.axhline(0, color="grey", lw=0.5)
+    scatter.axvline(0, color="grey", lw=0.5)
+    scatter.set_xlabel("perplexity change on the original domains, mean (%)")
+    scatter.set_ylabel(f"perplexity change on {label(new)} (%)")
+    scatter.grid(alpha=0.3)
+    fig.suptitle(f"Brick operations on {s['model']} (carved parent at {s['fraction']:.0%})", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

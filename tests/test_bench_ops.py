@@ -30,3 +30,8 @@ def test_bench_ops_quick_runs_and_reports_every_row(tmp_path):
     assert rows["full fine-tuning"]["trainable"] > rows["grow"]["trainable"] > 0
     assert "prune for new" in rows and rows["prune for new"]["prune"]["ffn_params_after"] > 0
     assert "## Merging two children" in (out / "results.md").read_text()
+    assert (out / "brick-ops.png").stat().st_size > 0
+    (out / "results.md").unlink()
+    replot = [sys.executable, str(ROOT / "bench" / "brick_ops.py"), "--replot", "--out", str(out)]
+    assert subprocess.run(replot, capture_output=True, text=True, cwd=ROOT, timeout=300).returncode == 0
+    assert "## Merging two children" in (out / "results.md").read_text()
