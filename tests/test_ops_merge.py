@@ -249,6 +249,9 @@ def test_cli_merge_and_average(tmp_path, family, tokenizer, domains, capsys):
     assert cli(["merge", *dirs, "--data", domains[0], "--out", str(tmp_path / "x"), "-q"]) == 2
     assert "one --data text per child" in capsys.readouterr().err
     assert cli(["merge", *dirs, "--average", "--data", *domains, "--out", str(tmp_path / "x"), "-q"]) == 2
+    capsys.readouterr()
+    assert cli(["merge", *dirs, "--average", "--device", "cuda:7", "--out", str(tmp_path / "z"), "-q"]) == 2
+    assert "CUDA device(s)" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 def test_pruned_children_merge_save_and_load(tmp_path, family, tokenizer, domains):

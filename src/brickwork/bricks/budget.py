@@ -24,7 +24,6 @@ A per-token budget (:mod:`brickwork.bricks.token_budget`) stays as it is: tokens
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import torch

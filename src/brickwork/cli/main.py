@@ -640,6 +640,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
         )
     for data in args.data or []:
         check_source(data)
+    _check_device(args.device)
     for child in args.children:
         _check_model(child)
         if not (Path(child) / "brickwork.json").is_file():
@@ -648,7 +649,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
             )
     inputs = _local_inputs(*args.children)
     check_output_dir(args.out, "carve", args.overwrite, inputs)
-    loaded = [bw.load_model(child, progress=not args.quiet) for child in args.children]
+    loaded = [bw.load_model(child, device=args.device, progress=not args.quiet) for child in args.children]
     children, tokenizer = [m for m, _ in loaded], loaded[0][1]
     if args.average:
         checked = check_children(children)
@@ -689,6 +690,7 @@ def _load_carved(args: argparse.Namespace, command: str):
 
     for data in [args.data, *(getattr(args, "eval", None) or [])]:
         check_source(data)
+    _check_device(args.device)
     _check_model(args.model)
     if not (Path(args.model) / "brickwork.json").is_file():
         raise BrickworkError(
@@ -696,7 +698,7 @@ def _load_carved(args: argparse.Namespace, command: str):
         )
     inputs = _local_inputs(args.model)
     check_output_dir(args.out, "carve", args.overwrite, inputs)
-    model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
+    model, tokenizer = bw.load_model(args.model, device=args.device, progress=not args.quiet)
     check_window(model, args.window)
     return model, tokenizer, inputs
 
@@ -1371,6 +1373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _function_option(p, "--window", merge_children, "window", "tokens per window", type=_window)
     p.add_argument("--average", action="store_true", help="average every weight of the children instead")
+    p.add_argument("--device", default="cpu", help="where to merge (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--out", type=Path, required=True, help="output directory for the merged model")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_merge)
@@ -1412,6 +1415,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         help="stop after this many tokens per --eval corpus (default: all)",
     )
+    p.add_argument(
+        "--device", default="cpu", help="where to count and evaluate (cpu, cuda, cuda:1; default cpu)"
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory for the pruned model")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_prune)
@@ -1444,6 +1450,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p, "--batch-size", TrainConfig, "batch_size", type=int)
     _config_option(p, "--lr", TrainConfig, "lr", type=float)
     _config_option(p, "--seed", TrainConfig, "seed", type=int)
+    p.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1; default cpu)")
     p.add_argument("--out", type=Path, required=True, help="output directory for the updated model")
     p.add_argument("--overwrite", action="store_true", help=overwrite_help)
     p.set_defaults(func=_cmd_update)
