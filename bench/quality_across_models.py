@@ -41,9 +41,12 @@ def _family(row: dict, fraction: float) -> str | None:
     return None
 
 
-def collect(bench: dict[str, Path], evals: dict[tuple[str, float], Path], fractions) -> list[dict]:
+def collect(
+    bench: list[tuple[str, Path]], evals: dict[tuple[str, float, str], Path], fractions
+) -> list[dict]:
+    """Every cell the runs measured; where two runs measured one cell, the table shows the first given."""
     cells = []
-    for model, directory in bench.items():
+    for model, directory in bench:
         results = json.loads((directory / "results.json").read_text())
         for fraction in fractions:
             for row in results["rows"]:
@@ -63,14 +66,14 @@ def collect(bench: dict[str, Path], evals: dict[tuple[str, float], Path], fracti
                         "commit": results["machine"]["commit"],
                     }
                 )
-    for (model, fraction), path in evals.items():
+    for (model, fraction, family), path in evals.items():
         report = json.loads(path.read_text())
         cells.append(
             {
                 "model": model,
                 "fraction": fraction,
-                "family": FAMILIES[0],
-                "reads": fraction,
+                "family": family,
+                "reads": report.get("active_fraction", fraction),
                 "ratio": {r["data"]: r["perplexity"] / r["parent_perplexity"] for r in report["results"]},
                 "tokens": {r["data"]: r["tokens"] for r in report["results"]},
                 "source": str(path),
@@ -123,20 +126,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bench", nargs="*", default=[], help="MODEL=DIR of a brickwork bench quality run")
     parser.add_argument(
-        "--eval", nargs="*", default=[], help="MODEL:FRACTION=FILE of a brickwork eval --json"
+        "--bench",
+        nargs="*",
+        default=[],
+        help="MODEL=DIR of a brickwork bench quality run (a model may repeat)",
+    )
+    parser.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        help="MODEL:FRACTION[:stock]=FILE of a brickwork eval --json (the neuron-level default, or with :stock the "
+        "stock default)",
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--out", type=Path, default=Path("bench/results/quality-across-models"))
     args = parser.parse_args()
-    bench = {k: Path(v) for k, v in (item.split("=", 1) for item in args.bench)}
+    bench = [(k, Path(v)) for k, v in (item.split("=", 1) for item in args.bench)]
     evals = {}
     for item in args.eval:
         key, path = item.split("=", 1)
-        model, fraction = key.rsplit(":", 1)
-        evals[(model, float(fraction))] = Path(path)
-    models = list(dict.fromkeys([*bench, *(m for m, _ in evals)]))
+        model, fraction, *stock = key.split(":")
+        if stock not in ([], ["stock"]):
+            raise SystemExit(f"--eval {item}: expected MODEL:FRACTION[:stock]=FILE")
+        evals[(model, float(fraction), FAMILIES[1] if stock else FAMILIES[0])] = Path(path)
+    models = list(dict.fromkeys([*(m for m, _ in bench), *(m for m, _, _ in evals)]))
     cells = collect(bench, evals, args.fractions)
     machine = machine_info()
     results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "cells": cells}

@@ -302,8 +302,11 @@ def test_cli_eval_with_a_token_threshold_or_a_fitted_token_budget(tmp_path, tiny
     assert cli([*common, "--token-threshold", "0.6", "--token-min-active", "0", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "threshold 0.6" in printed and "FFN reads per token" in printed
-    reads = json.loads(report.read_text())["results"][0]["reads"]
+    written = json.loads(report.read_text())
+    reads = written["results"][0]["reads"]
     assert reads["mean"] < reads["worst"]
+    layers = json.loads((out / "brickwork.json").read_text())["layers"]  # equal sizes: the plain mean
+    assert written["active_fraction"] == pytest.approx(sum(x["active_fraction"] for x in layers) / len(layers))
     fit = [*common, "--token-budget", "0.4", "--token-calib", str(text_file), "--token-copy"]
     assert cli(fit) == 0
     assert "per-token budget fitted to 40.0%" in capsys.readouterr().out
