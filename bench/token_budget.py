@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def main() -> None:
         "--layer-lift",
         type=float,
         default=0.1,
-        help="per-layer caps + per-token: the caps are allocated at the target plus this, and one per-token "
+        help="per-layer caps + per-token: the caps are allocated at the uniform row's mean reads plus this, and one per-token "
         "threshold brings the mean reads back to the uniform row's",
     )
     parser.add_argument(
@@ -84,7 +85,17 @@ def main() -> None:
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few windows")
     parser.add_argument("--out", type=Path, default=Path("bench/results/token-budget-smollm2"))
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only render --out's results.json again (results.md, token-budget.png)",
+    )
     args = parser.parse_args()
+    if args.replot:
+        results = json.loads((args.out / "results.json").read_text())
+        write_results(args.out, results, render(results))
+        plot(results, args.out / "token-budget.png")
+        return
     if args.quick:
         args.model, args.calib_tokens, args.router_samples, args.fit_tokens = "tiny-llama", 1024, 512, 512
         args.eval_tokens, args.window, args.experts, args.shared = 512, 64, 16, 2
@@ -122,12 +133,14 @@ def main() -> None:
         )
         return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
 
-    def layer_variant(name: str, target: float, reads: float) -> dict:
-        """Per-layer budgets from measured sensitivity on the calibration text; with a per-token threshold under
-        them fitted back to ``reads``. Leaves the artefact at its cap."""
+    def layer_variant(name: str, reads: float) -> dict:
+        """Per-layer budgets averaging ``reads`` (the uniform row's mean reads, not the nominal target: each layer
+        then reads at most what the uniform row does, on average), moved by measured sensitivity on the
+        calibration text; or per-layer caps ``--layer-lift`` above it with a per-token threshold under them fitted
+        back to ``reads``. Leaves the artefact at its cap."""
         lift = 0.0 if name == "per-layer top-k" else args.layer_lift
         layers = allocate_budgets(
-            model, tokenizer, args.calib, target + lift, step=args.layer_step, tokens=args.fit_tokens,
+            model, tokenizer, args.calib, reads + lift, step=args.layer_step, tokens=args.fit_tokens,
             window=args.window, progress=False,
         )  # fmt: skip
         fit = None
@@ -172,7 +185,7 @@ def main() -> None:
         timed = {}  # the adaptive rows whose decode speed is measured against the uniform one
         for name in args.variants:
             if name in LAYER_VARIANTS:
-                rows.append({"target": target, "name": name, **layer_variant(name, target, uniform_reads)})
+                rows.append({"target": target, "name": name, **layer_variant(name, uniform_reads)})
                 continue
             options = dict(VARIANTS[name])
             if "zero_share" in options:
@@ -215,6 +228,7 @@ def main() -> None:
         write_results(args.out, results, render(results))
     results["seconds"] = time.perf_counter() - started
     write_results(args.out, results, render(results))
+    plot(results, args.out / "token-budget.png")
     print(render(results))
 
 
@@ -286,6 +300,52 @@ def render(results: dict) -> str:
             after = sum(c["after"] for c in fits) / len(fits)
             lines.append(f"- {r['target']:.0%}: mean relative error {lost:.4f} -> {after:.4f}")
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """One panel per target: each row's perplexity ratio over the uniform top-k's at the same mean reads, per
+    held-out corpus (below 1: better than uniform)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora, targets = results["settings"]["eval"], list(dict.fromkeys(r["target"] for r in results["rows"]))
+    if not targets:
+        return
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 3.6), squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        rows = [r for r in results["rows"] if r["target"] == target]
+        uniform = next(r for r in rows if r["name"] == "uniform top-k")
+        shown = [r for r in rows if r is not uniform]
+        height = 0.8 / len(corpora)
+        for j, corpus in enumerate(corpora):
+            ratios = [r["heldout"][corpus]["ratio"] / uniform["heldout"][corpus]["ratio"] for r in shown]
+            ax.barh(
+                [i + j * height for i in range(len(shown))],
+                ratios,
+                height=height,
+                label=corpus,
+                color=f"C{j}",
+            )
+        ax.set_yticks([i + height * (len(corpora) - 1) / 2 for i in range(len(shown))])
+        ax.set_yticklabels([r["name"] for r in shown], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(1, color="grey", lw=0.8)
+        low = min(
+            0.5, *(r["heldout"][c]["ratio"] / uniform["heldout"][c]["ratio"] for r in shown for c in corpora)
+        )
+        ax.set_xlim(low * 0.95, None)
+        ax.set_xlabel("perplexity ratio / the uniform top-k's")
+        ax.set_title(f"{target:.0%} target, {uniform['reads']:.1%} mean reads", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Adaptive budgets at equal mean reads ({results['settings']['model']})", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

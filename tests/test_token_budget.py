@@ -306,7 +306,9 @@ def test_cli_eval_with_a_token_threshold_or_a_fitted_token_budget(tmp_path, tiny
     reads = written["results"][0]["reads"]
     assert reads["mean"] < reads["worst"]
     layers = json.loads((out / "brickwork.json").read_text())["layers"]  # equal sizes: the plain mean
-    assert written["active_fraction"] == pytest.approx(sum(x["active_fraction"] for x in layers) / len(layers))
+    assert written["active_fraction"] == pytest.approx(
+        sum(x["active_fraction"] for x in layers) / len(layers)
+    )
     fit = [*common, "--token-budget", "0.4", "--token-calib", str(text_file), "--token-copy"]
     assert cli(fit) == 0
     assert "per-token budget fitted to 40.0%" in capsys.readouterr().out
