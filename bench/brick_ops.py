@@ -1,7 +1,8 @@
 """Brick operations against the ordinary alternatives, on real text from different domains (issue 19).
 
 One carved parent (by default SmolLM2-135M, the stock-exportable carve at 50% reads: 64 experts, 8 shared,
-sigmoid-weighted, calibrated on wiki). A new domain (``--new``, default ``python-docs``, the Python 3.11 manuals) and
+sigmoid-weighted, calibrated on wiki; ``--parent neuron``: the neuron-level default at that budget, much closer to
+dense). A new domain (``--new``, default ``python-docs``, the Python 3.11 manuals) and
 the original domains (``--old``: the held-out corpora botchan and lee-news, never trained on, and wiki, the
 calibration text). Each domain corpus is split by documents, one in ``--test-every`` to the test side, so training
 and test text never overlap. Every row trains on the same batches of the new domain's training side
@@ -20,7 +21,7 @@ merging: two children updated on two domains (``--new`` and ``--second``), merge
 
 Reported: perplexity on the new domain's test side and on each original domain, the gain on the new domain
 (fraction of full fine-tuning's, in log-perplexity), the change on the original ones (forgetting), trainable
-weights and seconds. Writes results.json and results.md (no plot yet).
+weights and seconds. Writes results.json, results.md and brick-ops.png.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
-from brickwork.bricks.presets import stock_recommended  # noqa: E402
+from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
 from brickwork.data.sources import iter_documents, token_windows  # noqa: E402
 from brickwork.evaluation.perplexity import mean_nll  # noqa: E402
 from brickwork.ops.train import TrainConfig, train_lm_  # noqa: E402
@@ -83,7 +84,13 @@ def lora_per_rank(model) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--fraction", type=float, default=0.5, help="the carve's FFN reads (stock preset)")
+    parser.add_argument("--fraction", type=float, default=0.5, help="the carve's FFN reads")
+    parser.add_argument(
+        "--parent",
+        choices=("stock", "neuron"),
+        default="stock",
+        help="the carved parent: the stock-exportable preset (carve --stock) or the neuron-level default",
+    )
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument(
@@ -156,8 +163,11 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
     from brickwork.ops.update import choose_bricks, update_
     from brickwork.ops.usage import expert_usage
 
-    d_ff = bw.find_ffns(model)[0].d_ff
-    config = stock_recommended(args.fraction, d_ff=d_ff)
+    ffn = bw.find_ffns(model)[0]
+    if args.parent == "stock":
+        config = stock_recommended(args.fraction, d_ff=ffn.d_ff)
+    else:
+        config = recommended(args.fraction, d_ff=ffn.d_ff, d_model=ffn.read().d_model)
     config = replace(config, calib_tokens=args.calib_tokens, window=args.eval_window)
     if args.quick:
         config = replace(config, router_samples=512)
@@ -286,7 +296,7 @@ def render(results: dict) -> str:
     lines = [
         f"# Brick operations against fine-tuning and LoRA ({s['model']})",
         "",
-        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}; carved parent: stock preset at {s['fraction']:.0%} "
+        f"commit `{m['commit']}`, {m['date']}, {m['cpu']}; carved parent: {s.get('parent', 'stock')} preset at {s['fraction']:.0%} "
         f"(reads {carve.get('reads', float('nan')):.1%}), calibrated on `{s['calib']}` ({s['calib_tokens']} tokens); "
         f"new domain `{new}` (one document in {s['test_every']} held out); every trained row: {s['tokens']} tokens "
         f"of `{new}`'s training side, windows of {s['window']}, batches of {s['batch_size']}, AdamW; perplexity on "
@@ -395,7 +405,10 @@ def plot(results: dict, path: Path) -> None:
     scatter.set_xlabel("perplexity change on the original domains, mean (%)")
     scatter.set_ylabel(f"perplexity change on {label(new)} (%)")
     scatter.grid(alpha=0.3)
-    fig.suptitle(f"Brick operations on {s['model']} (carved parent at {s['fraction']:.0%})", fontsize=9)
+    fig.suptitle(
+        f"Brick operations on {s['model']} ({s.get('parent', 'stock')} parent at {s['fraction']:.0%})",
+        fontsize=9,
+    )
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=130)

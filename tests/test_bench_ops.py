@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import synthetic_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bench_ops_quick_runs_and_reports_every_row(tmp_path):
+@pytest.mark.parametrize("parent", ["stock", "neuron"])
+def test_bench_ops_quick_runs_and_reports_every_row(tmp_path, parent):
     texts = {}
     for name, seed in (("new", 1), ("second", 2), ("old", 3)):
         texts[name] = tmp_path / f"{name}.txt"
@@ -21,7 +24,7 @@ def test_bench_ops_quick_runs_and_reports_every_row(tmp_path):
     command = [
         sys.executable, str(ROOT / "bench" / "brick_ops.py"), "--quick", "--calib", str(texts["old"]),
         "--new", str(texts["new"]), "--second", str(texts["second"]), "--old", str(texts["old"]),
-        "--test-every", "2", "--rows", "full", "grow", "update", "prune", "merge", "--out", str(out),
+        "--test-every", "2", "--parent", parent, "--rows", "full", "grow", "update", "prune", "merge", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
