@@ -121,6 +121,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.replot:
+        if not (args.out / "results.json").is_file():
+            raise SystemExit(f"--replot: {args.out} holds no results.json; give the --out of an earlier run")
         results = json.loads((args.out / "results.json").read_text())
         write_results(args.out, results, render(results))
         plot(results, args.out / "brick-ops.png")
@@ -167,7 +169,10 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
     if args.parent == "stock":
         config = stock_recommended(args.fraction, d_ff=ffn.d_ff)
     else:
-        config = recommended(args.fraction, d_ff=ffn.d_ff, d_model=ffn.read().d_model)
+        weights = ffn.read()
+        config = recommended(
+            args.fraction, d_ff=ffn.d_ff, d_model=weights.d_model, gated=weights.gate is not None
+        )
     config = replace(config, calib_tokens=args.calib_tokens, window=args.eval_window)
     if args.quick:
         config = replace(config, router_samples=512)
@@ -383,7 +388,7 @@ def plot(results: dict, path: Path) -> None:
         mean = losses.unfold(0, smooth, 1).mean(-1) if len(losses) >= smooth else losses
         curves.plot(range(smooth, smooth + len(mean)), mean.tolist(), color=f"C{i}", label=r["name"])
     curves.set_xlabel("training step")
-    curves.set_ylabel("training loss (running mean of 8 steps)")
+    curves.set_ylabel("training loss (running mean of up to 8 steps)")
     curves.grid(alpha=0.3)
     curves.legend(fontsize=6)
     shown = [

@@ -44,7 +44,8 @@ def _family(row: dict, fraction: float) -> str | None:
 def collect(
     bench: list[tuple[str, Path]], evals: dict[tuple[str, float, str], Path], fractions
 ) -> list[dict]:
-    """Every cell the runs measured; where two runs measured one cell, the table shows the first given."""
+    """Every cell the runs measured: the benchmark runs' in the order given, then the eval reports'. Where two
+    measured one cell, the table shows the first of these."""
     cells = []
     for model, directory in bench:
         results = json.loads((directory / "results.json").read_text())
@@ -130,7 +131,8 @@ def main() -> None:
         "--bench",
         nargs="*",
         default=[],
-        help="MODEL=DIR of a brickwork bench quality run (a model may repeat)",
+        help="MODEL=DIR of a brickwork bench quality run (a model may repeat: where runs overlap, the first given "
+        "wins)",
     )
     parser.add_argument(
         "--eval",
@@ -145,11 +147,17 @@ def main() -> None:
     bench = [(k, Path(v)) for k, v in (item.split("=", 1) for item in args.bench)]
     evals = {}
     for item in args.eval:
-        key, path = item.split("=", 1)
-        model, fraction, *stock = key.split(":")
-        if stock not in ([], ["stock"]):
-            raise SystemExit(f"--eval {item}: expected MODEL:FRACTION[:stock]=FILE")
-        evals[(model, float(fraction), FAMILIES[1] if stock else FAMILIES[0])] = Path(path)
+        try:
+            key, path = item.split("=", 1)
+            model, fraction, *stock = key.split(":")
+            if stock not in ([], ["stock"]):
+                raise ValueError(stock)
+            cell = (model, float(fraction), FAMILIES[1] if stock else FAMILIES[0])
+        except ValueError:
+            raise SystemExit(f"--eval {item}: expected MODEL:FRACTION[:stock]=FILE") from None
+        if cell in evals:
+            raise SystemExit(f"--eval {item}: {key} is given twice")
+        evals[cell] = Path(path)
     models = list(dict.fromkeys([*(m for m, _ in bench), *(m for m, _, _ in evals)]))
     cells = collect(bench, evals, args.fractions)
     machine = machine_info()

@@ -51,5 +51,9 @@ def test_runs_of_one_model_combine_the_first_given_wins_and_eval_reports_fill_ce
     assert "| m | neuron-level default | - | x1.300 (50%) | - |" in table  # the first run's cell, not x9.9
     assert "| m | stock default (64 experts, sigmoid) | - | x2.500 (51%) | - |" in table
     assert "| big | stock default (64 experts, sigmoid) | x3.000 (26%) | - | - |" in table
-    bad = [sys.executable, str(ROOT / "bench" / "quality_across_models.py"), "--eval", f"big:0.25:x={report}"]
-    assert subprocess.run(bad, capture_output=True, text=True, cwd=ROOT, timeout=120).returncode != 0
+    script = str(ROOT / "bench" / "quality_across_models.py")
+    for item in (f"big:0.25:x={report}", f"big:abc={report}", f"big={report}", "big:0.25"):
+        bad = [sys.executable, script, "--eval", item, "--out", str(tmp_path / "bad")]
+        failed = subprocess.run(bad, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert failed.returncode != 0 and "expected MODEL:FRACTION[:stock]=FILE" in failed.stderr, item
+        assert "Traceback" not in failed.stderr and not (tmp_path / "bad").exists()

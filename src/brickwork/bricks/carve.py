@@ -389,12 +389,7 @@ def carve_(
         allocate_budgets(model, tokenizer, calib, mean, step=config.layer_step, progress=progress)
         bricks = carved_layers(model)
         report.layer_fractions = [bricks[i].active_fraction() for i in report.layers]
-        sizes = {i: b.d_ff * b.weights_per_neuron for i, b in bricks.items()}
-        reads = {i: sizes[i] * bricks[i].active_fraction() for i in bricks}
-        for ffn in find_ffns(model):  # the layers left dense read all of theirs
-            if ffn.index not in bricks:
-                sizes[ffn.index] = reads[ffn.index] = ffn.d_ff * _weights_per_neuron(ffn)
-        report.active_fraction = sum(reads.values()) / sum(sizes.values())
+        report.active_fraction = model_reads(model)
         report.seconds = time.perf_counter() - started
     return report
 
@@ -422,6 +417,24 @@ def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024)
                 part = h[tokens, neurons] @ brick.down_t[s + expert * size : s + (expert + 1) * size]
                 outputs[start + tokens, slots] = part
     return fit_combine(rule, scores.cpu(), outputs.cpu(), target.cpu(), k)  # fitted on the CPU, any device
+
+
+def model_reads(model: nn.Module) -> float:
+    """FFN weights a token reads over every FFN of ``model`` / their dense weights: carved (or merged) layers at
+    their fixed top-k's fraction, router included (the most a token reads under a per-token budget), layers left
+    dense at 1, weighted by layer size."""
+    from brickwork.bricks.merged import layer_modules
+
+    layers = layer_modules(model)
+    sizes, reads = {}, {}
+    for index, layer in layers.items():
+        first = getattr(layer, "branches", [layer])[0]  # a merged layer: the size of one child's bricks
+        sizes[index] = first.d_ff * first.weights_per_neuron
+        reads[index] = sizes[index] * layer.active_fraction()
+    for ffn in find_ffns(model):  # the layers left dense read all of theirs
+        if ffn.index not in layers:
+            sizes[ffn.index] = reads[ffn.index] = ffn.d_ff * _weights_per_neuron(ffn)
+    return sum(reads.values()) / sum(sizes.values())
 
 
 def _weights_per_neuron(ffn: FFN) -> int:

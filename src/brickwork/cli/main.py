@@ -219,6 +219,7 @@ def _apply_token_budget(args: argparse.Namespace, model, tokenizer) -> bool:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     import brickwork as bw
+    from brickwork.bricks.carve import model_reads
     from brickwork.bricks.merged import layer_modules
     from brickwork.data.corpora import DEFAULT_EVALUATION
     from brickwork.data.sources import check_source
@@ -295,13 +296,10 @@ def _cmd_eval(args: argparse.Namespace) -> None:
             line += f"  FFN reads per token {reads.mean:.1%} on average ({reads.worst:.1%} at most)"
         print(line)
     report = {"model": args.model, "parent": args.parent, "results": results}
-    bricks = layer_modules(model)
-    if bricks:  # the carved layers' FFN weights read per token, router included, weighted by layer size
-        first = {i: getattr(b, "branches", [b])[0] for i, b in bricks.items()}  # a merged layer: one child's
-        sizes = {i: b.d_ff * b.weights_per_neuron for i, b in first.items()}
-        report["active_fraction"] = sum(bricks[i].active_fraction() * n for i, n in sizes.items()) / sum(
-            sizes.values()
-        )
+    if layer_modules(
+        model
+    ):  # every FFN's weights read per token, as carve reports it (reads: per-token means)
+        report["active_fraction"] = model_reads(model)
     if args.tasks:
         from brickwork.evaluation import harness
 
