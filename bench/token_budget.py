@@ -70,6 +70,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *LAYER_VARIANTS])
     parser.add_argument("--layer-step", type=float, default=0.1, help="allocate_budgets' step")
     parser.add_argument(
+        "--layer-rounds",
+        type=int,
+        default=1,
+        help="allocate_budgets' rounds (a layer moves one step per round)",
+    )
+    parser.add_argument(
         "--layer-lift",
         type=float,
         default=0.1,
@@ -143,7 +149,7 @@ def main() -> None:
         lift = 0.0 if name == "per-layer top-k" else args.layer_lift
         layers = allocate_budgets(
             model, tokenizer, args.calib, reads + lift, step=args.layer_step, tokens=args.fit_tokens,
-            window=args.window, progress=False,
+            window=args.window, progress=False, rounds=args.layer_rounds,
         )  # fmt: skip
         fit = None
         if lift:
@@ -253,7 +259,9 @@ def render(results: dict) -> str:
         f"The cap itself: reads {cap['reads']:.1%}, "
         + " / ".join(f"x{cap['heldout'][d]['ratio']:.3f}" for d in corpora),
         "",
-        "*vs uniform*: perplexity ratio over the uniform top-k row's.",
+        "*vs uniform*: perplexity ratio over the uniform top-k row's. Per-layer rows: `bw.allocate_budgets` around "
+        f"the uniform row's mean reads, step {s.get('layer_step', 0.1):g}, {s.get('layer_rounds', 1)} round(s); the "
+        f"caps of *per-layer caps + per-token* {s.get('layer_lift', 0.1):g} above them.",
         "",
         "| target | row | reads | worst | perplexity ratio | KL | top-1 agreement | vs uniform |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",

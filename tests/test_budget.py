@@ -145,6 +145,29 @@ def test_layer_budgets_move_reads_from_the_least_to_the_most_sensitive_layers(te
         allocate_budgets(model, tokenizer, str(text_file), 0.1, step=0.2, tokens=256, window=64)
 
 
+def test_layer_budget_rounds_climb_several_steps_and_keep_the_average(text_file, tokenizer):
+    from brickwork.bricks.budget import allocate_budgets
+
+    options = dict(tokens=256, window=64, progress=False)
+    model = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=8, router="fitted")
+    one = allocate_budgets(model, tokenizer, str(text_file), 0.5, step=0.07, **options)
+    chosen = allocate_budgets(model, tokenizer, str(text_file), 0.5, step=0.07, rounds=3, **options)
+    rounds = model.brickwork["budget_allocation"]["rounds"]
+    assert 1 <= len(rounds) <= 3 and rounds[0]["moves"]
+    first = dict.fromkeys(chosen, 0.5) | {u: 0.57 for u, _ in rounds[0]["moves"]}
+    assert first | {d: 0.43 for _, d in rounds[0]["moves"]} == pytest.approx(
+        one
+    )  # round 1 is the one-round result
+    assert sum(chosen.values()) == pytest.approx(0.5 * len(chosen))  # the same average
+    for record in rounds:
+        for up, down in record["moves"]:  # every move a measured net gain, from that round's allocation
+            assert record["gain"][up] - record["cost"][down] > 0
+    steps = {round((v - 0.5) / 0.07) for v in chosen.values()}
+    assert steps <= set(range(-3, 4)) and (len(rounds) == 1 or max(map(abs, steps)) >= 1)
+    with pytest.raises(BrickworkError, match="rounds"):
+        allocate_budgets(model, tokenizer, str(text_file), 0.5, step=0.07, rounds=0, **options)
+
+
 def test_carving_with_sensitivity_layer_budgets(text_file, tokenizer):
     uniform = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=8, router="fitted")
     config = dict(

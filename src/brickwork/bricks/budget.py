@@ -24,6 +24,7 @@ A per-token budget (:mod:`brickwork.bricks.token_budget`) stays as it is: tokens
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -211,6 +212,7 @@ def allocate_budgets(
     tokens: int = 2048,
     window: int = 512,
     progress: bool = True,
+    rounds: int = 1,
 ) -> dict[int, float]:
     """Per-layer budgets averaging ``budget`` (weighted by each layer's FFN size), moved from the layers that lose
     least to the ones that gain most, by measured sensitivity on ``tokens`` of ``data`` (calibration text, not
@@ -220,9 +222,11 @@ def allocate_budgets(
     rather than assumed: with every carved layer at ``budget``, each layer in turn is set to ``budget - step``
     and to ``budget + step`` alone and the mean next-token loss is measured, giving its cost of a smaller
     budget and its gain from a larger one. Layers are then paired greedily, the pair whose raised layer gains most
-    over what its lowered layer costs first, while that is positive (the effects are taken as additive across layers); equal
-    FFN sizes keep the average exact. Returns ``{layer: budget}`` for :func:`set_budget`, which this leaves
-    applied. ``2 L + 1`` forward passes over ``tokens`` for L carved layers.
+    over what its lowered layer costs first, while that is positive (the effects are taken as additive across
+    layers); equal FFN sizes keep the average exact. Each further round (``rounds``) measures again from the
+    allocation so far and moves layers by one more step, so a sensitive layer can climb several steps; it stops
+    early when no pair gains. Returns ``{layer: budget}`` for :func:`set_budget`, which this leaves applied.
+    ``2 L + 1`` forward passes over ``tokens`` per round for L carved layers.
     """
     from tqdm.auto import tqdm
 
@@ -234,36 +238,52 @@ def allocate_budgets(
         raise BrickworkError("allocate_budgets needs a carved model")
     if not 0 < step < budget and budget + step <= 1:
         raise BrickworkError(f"step {step} must leave budget {budget} -/+ step inside (0, 1]")
+    if not isinstance(rounds, int) or rounds < 1:
+        raise BrickworkError(f"rounds must be a positive integer, got {rounds!r}")
     sizes = {i: b.d_ff * b.weights_per_neuron for i, b in bricks.items()}
     if len(set(sizes.values())) > 1:
         raise BrickworkError(
             "allocate_budgets moves equal steps between layers: carved FFNs must be one size"
         )
     windows = token_windows(tokenizer, data, window, tokens)
-    uniform = dict.fromkeys(bricks, budget)
-    set_budget(model, uniform)
-    base = mean_nll(model, windows)
-    cost, gain = {}, {}
-    for index in tqdm(sorted(bricks), desc="layer sensitivity", unit="layer", disable=not progress):
-        set_budget(model, uniform | {index: budget - step})
-        cost[index] = mean_nll(model, windows) - base
-        set_budget(model, uniform | {index: budget + step})
-        gain[index] = base - mean_nll(model, windows)
-        set_budget(model, uniform)
-    chosen, free = dict(uniform), set(bricks)
-    while len(free) >= 2:  # the best (raise, lower) pair of layers not yet moved, while it is a net gain
-        net, up, down = max((gain[u] - cost[d], u, d) for u in free for d in free if u != d)
-        if net <= 0:
+    chosen = dict.fromkeys(bricks, budget)
+    history = []
+    for round_ in range(rounds):
+        set_budget(model, chosen)
+        base = mean_nll(model, windows)
+        cost, gain = {}, {}
+        desc = "layer sensitivity" + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else "")
+        for index in tqdm(sorted(bricks), desc=desc, unit="layer", disable=not progress):
+            for sign, into in ((-1, cost), (1, gain)):
+                moved = round(chosen[index] + sign * step, 12)
+                try:
+                    set_budget(model, chosen | {index: moved})
+                except BrickworkError:  # below one routed expert, or above the dense FFN: not a move
+                    into[index] = math.inf if sign < 0 else -math.inf
+                    continue
+                change = mean_nll(model, windows) - base
+                into[index] = change if sign < 0 else -change
+            set_budget(model, chosen)
+        moves, free = [], set(bricks)
+        while len(free) >= 2:  # the best (raise, lower) pair of layers not yet moved, while it is a net gain
+            net, up, down = max((gain[u] - cost[d], u, d) for u in free for d in free if u != d)
+            if net <= 0:
+                break
+            chosen[up], chosen[down] = round(chosen[up] + step, 12), round(chosen[down] - step, 12)
+            moves.append((up, down))
+            free -= {up, down}
+        finite = lambda values: {i: (v if math.isfinite(v) else None) for i, v in values.items()}  # noqa: E731
+        history.append({"cost": finite(cost), "gain": finite(gain), "moves": moves})
+        if not moves:
             break
-        chosen[up], chosen[down] = budget + step, budget - step
-        free -= {up, down}
     set_budget(model, chosen)
     if hasattr(model, "brickwork"):
         model.brickwork["budget_allocation"] = {
             "budget": budget,
             "step": step,
-            "cost": cost,
-            "gain": gain,
+            "cost": history[0]["cost"],  # the first round's, from the uniform budget
+            "gain": history[0]["gain"],
+            "rounds": history,
             "layers": chosen,
         }
     return chosen
