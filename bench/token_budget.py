@@ -162,7 +162,11 @@ def main() -> None:
                 window=args.window,
                 progress=False,
             ).to_dict()
-        row = {"layers": {str(i): b for i, b in layers.items()}, "fit": fit, **score()}
+        row = {
+            "budgets": {str(i): b for i, b in layers.items()},
+            "fit": fit,
+            **score(),
+        }  # layers: reads per layer
         if not args.no_speed:
             timed[name] = copy.deepcopy(model)
         bw.set_token_budget(model, None)
