@@ -162,11 +162,8 @@ def main() -> None:
                 window=args.window,
                 progress=False,
             ).to_dict()
-        row = {
-            "budgets": {str(i): b for i, b in layers.items()},
-            "fit": fit,
-            **score(),
-        }  # layers: reads per layer
+        budgets = {str(i): b for i, b in layers.items()}  # score()'s "layers" are the reads per layer
+        row = {"budgets": budgets, "fit": fit, **score()}
         if not args.no_speed:
             timed[name] = copy.deepcopy(model)
         bw.set_token_budget(model, None)
