@@ -69,10 +69,11 @@ bench-combine: setup
 
 # one carved artefact re-budgeted (bw.set_budget) against carves made for each budget (SmolLM2-135M)
 bench-budget: setup
-	$(BIN)/python bench/budget_curve.py --out bench/results/budget-smollm2
+	$(BIN)/python bench/budget_curve.py --families "neuron-level default" --out bench/results/budget-smollm2
 
-# per-token budgets (bw.fit_token_budget: tokens keep the experts their router mass needs, within a 75% cap) against the
-# uniform top-k at equal average reads: held-out perplexity, reads per token, batch-1 decode speed (SmolLM2-135M)
+# per-token budgets (bw.fit_token_budget: tokens keep the experts their router mass needs, within a 75% cap) and
+# per-layer budgets (bw.allocate_budgets) against the uniform top-k at equal average reads: held-out perplexity, reads
+# per token, batch-1 decode speed (SmolLM2-135M)
 bench-token-budget: setup
 	$(BIN)/python bench/token_budget.py --out bench/results/token-budget-smollm2
 

@@ -56,9 +56,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     add_model_arguments(parser)
     parser.add_argument(
-        "--fit-tokens", type=int, default=4096, help="calibration tokens fit_token_budget uses"
+        "--fit-tokens",
+        type=int,
+        default=2048,
+        help="calibration tokens fit_token_budget and allocate_budgets use",
     )
-    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--shared", type=int, default=8)
@@ -67,8 +70,10 @@ def main() -> None:
     )
     parser.add_argument("--combine", default="sigmoid")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *LAYER_VARIANTS])
-    parser.add_argument("--layer-step", type=float, default=0.1, help="allocate_budgets' step")
+    parser.add_argument(
+        "--variants", nargs="+", default=[*VARIANTS, *LAYER_VARIANTS], choices=[*VARIANTS, *LAYER_VARIANTS]
+    )
+    parser.add_argument("--layer-step", type=float, default=0.05, help="allocate_budgets' step")
     parser.add_argument(
         "--layer-rounds",
         type=int,
