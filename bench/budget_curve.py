@@ -216,6 +216,16 @@ def plot(results: dict, path: Path) -> None:
             alpha=0.6,
             label=f"{family}: carved per budget",
         )
+        layered = [r for r in results.get("per_layer", []) if r["family"] == family]
+        if layered:
+            ax.plot(
+                [r["fraction"] for r in layered],
+                [r["ratio"][corpus] for r in layered],
+                "x",
+                markersize=9,
+                color=color,
+                label=f"{family}: per-layer budgets (allocate_budgets)",
+            )
     ax.set_yscale("log")
     ax.set_xlabel("FFN weights read per token")
     ax.set_ylabel(f"perplexity / dense ({corpus})")
