@@ -2,7 +2,7 @@
 
 from brickwork.benchmarks.common import machine_info, write_results
 
-__all__ = ["add_model_arguments", "machine_info", "write_results"]
+__all__ = ["add_model_arguments", "machine_info", "replot", "write_results"]
 
 
 def add_model_arguments(parser) -> None:
@@ -12,3 +12,14 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--router-samples", type=int, default=8192)
     parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
+
+
+def replot(out, render, plot, name: str) -> None:
+    """--replot: render ``out``'s results.json again (results.md with ``render``, ``out / name`` with ``plot``)."""
+    import json
+
+    if not (out / "results.json").is_file():
+        raise SystemExit(f"--replot: {out} holds no results.json; give the --out of an earlier run")
+    results = json.loads((out / "results.json").read_text())
+    write_results(out, results, render(results))
+    plot(results, out / name)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
+from _common import machine_info, replot, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
 from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
@@ -121,12 +120,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.replot:
-        if not (args.out / "results.json").is_file():
-            raise SystemExit(f"--replot: {args.out} holds no results.json; give the --out of an earlier run")
-        results = json.loads((args.out / "results.json").read_text())
-        write_results(args.out, results, render(results))
-        plot(results, args.out / "brick-ops.png")
-        return
+        return replot(args.out, render, plot, "brick-ops.png")
     started = time.perf_counter()
     machine = machine_info()
     if args.quick:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_model_arguments, machine_info, write_results  # noqa: E402
+from _common import add_model_arguments, machine_info, replot, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
 from brickwork.benchmarks.quality import HeldOut  # noqa: E402
@@ -103,12 +102,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.replot:
-        if not (args.out / "results.json").is_file():
-            raise SystemExit(f"--replot: {args.out} holds no results.json; give the --out of an earlier run")
-        results = json.loads((args.out / "results.json").read_text())
-        write_results(args.out, results, render(results))
-        plot(results, args.out / "token-budget.png")
-        return
+        return replot(args.out, render, plot, "token-budget.png")
     if args.quick:
         args.model, args.calib_tokens, args.router_samples, args.fit_tokens = "tiny-llama", 1024, 512, 512
         args.eval_tokens, args.window, args.experts, args.shared = 512, 64, 16, 2
