@@ -56,6 +56,11 @@ def main() -> None:
         "calibration text) against the uniform one",
     )
     parser.add_argument("--layer-step", type=float, default=0.1, help="allocate_budgets' step")
+    parser.add_argument(
+        "--fit-budgets",
+        action="store_true",
+        help="carve the weighted families' artefact with combine_budgets = --budgets (the rule fitted for each)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/budget-smollm2"))
     args = parser.parse_args()
 
@@ -88,7 +93,10 @@ def main() -> None:
         "rows": [],
     }
     for family in args.families:
-        carve(family_config(family, args.carve_at, d_ff, d_model))
+        config = family_config(family, args.carve_at, d_ff, d_model)
+        if args.fit_budgets and config.combine != "sum":
+            config = replace(config, combine_budgets=tuple(args.budgets))
+        carve(config)
         artefact = {}
         for budget in args.budgets:
             fractions = bw.set_budget(model, budget)
@@ -142,7 +150,8 @@ def render(results: dict) -> str:
         "",
         f"commit `{m['commit']}`, {m['date']}, {m['cpu']} ({', '.join(m.get('cpu_flags', []))}); calibration "
         f"`{s['calib']}` {s['calib_tokens']} tokens; {s['eval_tokens']} held-out tokens per corpus; artefact "
-        f"carved at {s['carve_at']:.0%} and re-budgeted with `bw.set_budget`",
+        f"carved at {s['carve_at']:.0%} and re-budgeted with `bw.set_budget`"
+        + (" (weighted rules fitted for every budget: `combine_budgets`)" if s.get("fit_budgets") else ""),
         "",
         "Perplexity ratio to dense, " + " / ".join(corpora) + "; *gap*: artefact over separately carved - 1",
         "",

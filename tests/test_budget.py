@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -118,6 +120,23 @@ def test_cli_eval_at_another_budget(tmp_path, tiny_dir, text_file, capsys):
         cli(["eval", str(tiny_dir), "--data", str(text_file), "--window", "64", "--budget", "0.4", "-q"]) == 2
     )
     assert "dense" in capsys.readouterr().err
+    fitted = tmp_path / "fitted"
+    carve = f"carve {tiny_dir} --experts 16 --shared 2 --active 10 --router fitted --calib {text_file} "
+    carve += (
+        "--calib-tokens 512 --router-samples 256 --window 64 -q --combine sigmoid --combine-budgets 0.3 0.5"
+    )
+    assert cli([*carve.split(), "--out", str(fitted)]) == 0
+    meta = json.loads((fitted / "brickwork.json").read_text())
+    assert meta["format_version"] == 2  # older brickwork says "upgrade"
+    assert all(len(layer["combine_fits"]) == 3 and layer["spec_version"] == 2 for layer in meta["layers"])
+    plain = json.loads(
+        (out / "brickwork.json").read_text()
+    )  # a carve without fits: what older brickwork reads
+    assert plain["format_version"] == 1 and all(
+        "combine" not in layer["calibrated"] for layer in plain["layers"]
+    )
+    assert cli([*carve.replace("sigmoid", "sum").split(), "--out", str(tmp_path / "x")]) == 2
+    assert "nothing to fit" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_layer_budgets_move_reads_from_the_least_to_the_most_sensitive_layers(text_file, tokenizer):
@@ -190,3 +209,38 @@ def test_carving_with_sensitivity_layer_budgets(text_file, tokenizer):
         bw.carve_(tiny("llama"), bw.CarveConfig(**options), calibration=object())
     with pytest.raises(ValueError, match="layer_budgets"):
         bw.CarveConfig(layer_budgets="greedy")
+
+
+@pytest.mark.parametrize("rule", ["sigmoid", "softmax"])
+def test_combine_budgets_make_a_rebudgeted_carve_the_carve_made_there(tmp_path, text_file, tokenizer, rule):
+    options = dict(experts=16, shared=2, router="fitted", combine=rule, router_options={"intercept": False})
+    model = carved_tiny(text_file, tokenizer, active=10, combine_budgets=(0.3, 0.5), **options)
+    plain = carved_tiny(text_file, tokenizer, active=10, **options)  # fitted for its own top-k only
+    ids = torch.randint(3, 100, (2, 24))
+    carved = _logits(model, ids)
+    assert torch.equal(carved, _logits(plain, ids))  # the carve's own rule is what it was
+    bricks, others = carved_layers(model), carved_layers(plain)
+    assert all(not b.spec.combine_fits for b in others.values())
+    assert all(
+        len(b.spec.combine_fits) == 3 and b.spec.fitted_combine(10) == b.combine for b in bricks.values()
+    )
+    for budget in (0.3, 0.5):
+        bw.set_budget(model, budget)
+        k = next(iter(bricks.values())).active
+        assert k < 10
+        made_there = carved_tiny(text_file, tokenizer, active=k, **options)  # the same router: it ignores k
+        assert torch.equal(_logits(model, ids), _logits(made_there, ids))
+        bw.set_budget(plain, budget)  # without fits: the weights fitted for k = 10
+        assert not torch.equal(_logits(plain, ids), _logits(made_there, ids))
+    bw.set_budget(model, 0.4)  # no fit for this top-k: the carved rule, as before
+    assert all(b.combine == b.spec.fitted_combine(10) for b in bricks.values())
+    bw.set_budget(model, 0.3)
+    bw.save(model, tmp_path / "fits", tokenizer)
+    loaded = bw.load(tmp_path / "fits")
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    bw.set_budget(loaded, None)  # back to the carve, exactly, after a save and load
+    assert torch.equal(_logits(loaded, ids), carved)
+    with pytest.raises(ValueError, match="sum rule has nothing to fit"):
+        bw.CarveConfig(combine_budgets=(0.3,))
+    with pytest.raises(BrickworkError, match="combine_budgets"):
+        carved_tiny(text_file, tokenizer, active=10, combine_budgets=(0.01,), **options)

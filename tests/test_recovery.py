@@ -196,3 +196,17 @@ def test_layer_stream_gives_the_ffn_inputs_the_model_computes(model_type, text_f
     for i in sorted(bricks):
         torch.testing.assert_close(stream.capture(i, bricks[i]), torch.cat(seen[i]), atol=1e-5, rtol=1e-5)
         stream.advance(i)
+
+
+def test_local_recovery_refits_every_fitted_top_k(text_file, tokenizer):
+    options = dict(CONFIGS["experts+fitted+softmax"], active=4, combine_budgets=(0.4,))
+    model = carved_tiny(text_file, tokenizer, **options)
+    before = {i: b.spec.combine_fits for i, b in carved_layers(model).items()}
+    recover_local_(
+        model, tokenizer, str(text_file), LocalRecoveryConfig(tokens=1024, window=64), progress=False
+    )
+    for index, brick in carved_layers(model).items():
+        assert [k for k, _ in brick.spec.combine_fits] == [k for k, _ in before[index]]
+        assert (
+            brick.spec.fitted_combine(brick.active) == brick.combine
+        )  # the own top-k's fit is the rule in use

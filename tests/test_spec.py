@@ -52,8 +52,17 @@ def test_a_spec_round_trips_and_is_frozen():
         combine=Combine("softmax", temperature=2.0, scale=3.0),
     )
     record = spec.to_dict()
-    assert record["spec_version"] == SPEC_VERSION and record["d_ff"] == 16 == spec.d_ff
+    assert record["spec_version"] == 1 and record["d_ff"] == 16 == spec.d_ff  # what a version-1 reader reads
     assert BrickSpec.from_dict(json.loads(json.dumps(record))) == spec
+    fits = (
+        (1, Combine("softmax", temperature=4.0, scale=2.0)),
+        (4, Combine("softmax", temperature=1.0, scale=1.5)),
+    )
+    fitted = dataclasses.replace(spec, combine_fits=fits)
+    record = fitted.to_dict()
+    assert record["spec_version"] == SPEC_VERSION == 2 and record["combine_fits"][1]["active"] == 4
+    assert BrickSpec.from_dict(json.loads(json.dumps(record))) == fitted
+    assert fitted.fitted_combine(4) == fits[1][1] and fitted.fitted_combine(2) is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.active = 3
     config = {"rank": 4}
@@ -74,6 +83,17 @@ def test_a_spec_round_trips_and_is_frozen():
         ({"down_keep": 0}, "down_keep 0"),
         ({"version": SPEC_VERSION + 1}, "newer than this brickwork"),
         ({"router_config": [1]}, "router_config must be a dict"),
+        ({"combine_fits": ((2, Combine("softmax")),)}, "weighted rule"),  # the carve's own rule is sum
+        ({"combine": Combine("sigmoid"), "combine_fits": ((7, Combine("sigmoid")),)}, "k must be in"),
+        ({"combine": Combine("sigmoid"), "combine_fits": ((2, Combine("softmax")),)}, "weighted rule"),
+        (
+            {
+                "combine": Combine("sigmoid"),
+                "combine_fits": ((3, Combine("sigmoid")), (2, Combine("sigmoid"))),
+            },
+            "increasing k",
+        ),
+        ({"combine_fits": [(2, Combine())]}, "must be a tuple"),
     ],
 )
 def test_invalid_specs_are_refused(overrides, message):

@@ -14,9 +14,10 @@ dense FFN weights a token reads, router included (:meth:`BrickFFN.active_fractio
   the budget, giving exactly the carve the preset makes for that budget from the same calibration (same neuron
   order, same neuron count). Selections are nested only while the input fraction stays the same.
 
-Weighted combine rules (``softmax``, ``sigmoid``) keep the temperature and scale fitted for the carve's own top-k;
-away from it the weights are no longer least-squares fitted (``softmax_topk`` renormalises, so its total weight
-does not depend on k). Every layer records the settings it was carved with, and a budget equal to a layer's
+Weighted combine rules (``softmax``, ``sigmoid``) take the temperature and scale fitted for the new top-k where the
+carve fitted one (``CarveConfig.combine_budgets``: the budget range a carve is calibrated for, kept in each spec's
+``combine_fits``); elsewhere they keep the ones fitted for the carve's own top-k, and the weights are no longer
+least-squares fitted there (``softmax_topk`` renormalises, so its total weight does not depend on k). Every layer records the settings it was carved with, and a budget equal to a layer's
 carved one restores them exactly: ``set_budget(model, None)`` returns to the carved budgets, bit for bit.
 
 A per-token budget (:mod:`brickwork.bricks.token_budget`) stays as it is: tokens choose within the new top-k.
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from brickwork.bricks.carve import carved_layers, refuse_grown
+from brickwork.bricks.combine import Combine
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 
@@ -40,16 +42,23 @@ _TOLERANCE = 1e-9
 
 def _settings(brick: BrickFFN) -> dict:
     spec = brick.spec
-    return {"active": spec.active, "down_keep": spec.down_keep, "router_config": dict(spec.router_config)}
+    return {
+        "active": spec.active,
+        "down_keep": spec.down_keep,
+        "router_config": dict(spec.router_config),
+        "combine": spec.combine.to_dict(),
+    }
 
 
 def _apply(brick: BrickFFN, settings: dict) -> None:
     """A new spec with ``settings`` (the kernels see the new spec and prepare their calls again)."""
+    combine = Combine.from_dict(settings["combine"]) if "combine" in settings else brick.spec.combine
     brick.spec = replace(
         brick.spec,
         active=settings["active"],
         down_keep=settings["down_keep"],
         router_config=dict(settings["router_config"]),
+        combine=combine,
     )
     if "input_fraction" in settings["router_config"]:  # the partial router's reference path reads its own
         brick.router.input_fraction = settings["router_config"]["input_fraction"]
@@ -79,16 +88,20 @@ def calibrated(brick: BrickFFN) -> dict:
 
 def restore_calibrated(brick: BrickFFN, record) -> None:
     """Record (from a saved file) the settings ``brick`` was carved with; ValueError/TypeError when they do not fit
-    its spec."""
-    if not isinstance(record, dict) or set(record) != {"active", "down_keep", "router_config"}:
-        raise ValueError(f"expected {{active, down_keep, router_config}}, got {record!r}")
+    its spec. Records written before ``combine`` was kept in them take the brick's own rule (no carve then fitted
+    it for more than one top-k)."""
+    keys = {"active", "down_keep", "router_config"}
+    if not isinstance(record, dict) or not keys <= set(record) <= keys | {"combine"}:
+        raise ValueError(f"expected {{active, down_keep, router_config[, combine]}}, got {record!r}")
+    record = {"combine": brick.spec.combine.to_dict()} | record
     replace(
         brick.spec,
         active=record["active"],
         down_keep=record["down_keep"],
         router_config=record["router_config"],
+        combine=Combine.from_dict(record["combine"]),
     )  # BrickSpec's own checks
-    brick.__dict__["_calibrated"] = {k: record[k] for k in ("active", "down_keep", "router_config")}
+    brick.__dict__["_calibrated"] = {k: record[k] for k in (*sorted(keys), "combine")}
 
 
 def _fraction_with(brick: BrickFFN, settings: dict) -> float:
@@ -128,6 +141,7 @@ def layer_settings(brick: BrickFFN, budget: float) -> dict:
                 "active": k,
                 "down_keep": None if keep is None or keep >= computed else keep,
                 "router_config": router_config,
+                "combine": carved["combine"],
             }
 
         # the preset's own neuron count, so that the result is the carve the preset makes for this budget; not
@@ -146,10 +160,12 @@ def layer_settings(brick: BrickFFN, budget: float) -> dict:
         def settings_for(k: int) -> dict:
             computed = brick.num_shared + k * brick.expert_size
             keep = None if share is None else max(1, round(share * computed))
+            fitted = brick.spec.fitted_combine(k)  # a weighted rule fitted for this top-k at carve time
             return {
                 "active": k,
                 "down_keep": None if keep is None or keep >= computed else keep,
                 "router_config": carved["router_config"],
+                "combine": carved["combine"] if fitted is None else fitted.to_dict(),
             }
 
     # the fraction grows with k: the largest k within the budget, by bisection

@@ -286,8 +286,11 @@ def plan_layer(
     fit = None
     if config.combine != "sum":  # fitted on a brick of this spec; the plan keeps the rule, not the brick
         brick = BrickFFN.from_dense(weights, grouping, spec.active, ffn.activation, router, spec=spec)
-        combine, fit = _fit_combine(brick, config.combine, x)
-        spec = replace(spec, combine=combine)
+        ks = sorted({spec.active} | {_top_k_within(brick, budget) for budget in config.combine_budgets})
+        fits = _fit_combines(brick, config.combine, x, ks)
+        combine, fit = fits[spec.active]
+        others = tuple((k, c) for k, (c, _) in fits.items()) if config.combine_budgets else ()
+        spec = replace(spec, combine=combine, combine_fits=others)
     return LayerPlan(ffn, spec, grouping, router, fit)
 
 
@@ -394,10 +397,42 @@ def carve_(
     return report
 
 
-def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024):
-    """The weighted ``rule``'s temperature and scale for ``brick``, fitted on calibration inputs ``x`` so that the
-    weighted sum of the selected experts best reproduces the dense FFN's routed part (:func:`fit_combine`)."""
-    s, e, size, k = brick.num_shared, brick.num_experts, brick.expert_size, brick.active
+def _top_k_within(brick: BrickFFN, budget: float) -> int:
+    """The top-k :func:`~brickwork.bricks.budget.set_budget` gives ``brick`` at ``budget`` (CarveConfig's
+    ``combine_budgets``)."""
+    from brickwork.bricks.budget import layer_settings
+
+    try:
+        return layer_settings(brick, budget)["active"]
+    except BrickworkError as exc:
+        raise BrickworkError(f"combine_budgets: {exc}") from None
+
+
+def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor) -> tuple:
+    """The weighted ``rule``'s temperature and scale for ``brick``'s own top-k: :func:`_fit_combines`'s."""
+    return _fit_combines(brick, rule, x, [brick.active])[brick.active]
+
+
+def refit_combine_(brick: BrickFFN, x: torch.Tensor) -> None:
+    """Fit ``brick``'s weighted rule again on inputs ``x`` (its experts or router changed), for its own top-k and
+    for every top-k it has a fit for (``combine_fits``, and the carved top-k after :func:`set_budget`)."""
+    calibrated = brick.__dict__.get("_calibrated")
+    ks = {brick.active} | {k for k, _ in brick.spec.combine_fits}
+    if calibrated is not None:
+        ks.add(calibrated["active"])
+    fits = _fit_combines(brick, brick.combine.rule, x, sorted(ks))
+    others = tuple((k, fits[k][0]) for k in sorted(ks)) if brick.spec.combine_fits else ()
+    brick.spec = replace(brick.spec, combine=fits[brick.active][0], combine_fits=others)
+    if calibrated is not None:
+        calibrated["combine"] = fits[calibrated["active"]][0].to_dict()
+
+
+def _fit_combines(brick: BrickFFN, rule: str, x: torch.Tensor, ks: list[int], chunk: int = 1024) -> dict:
+    """``{k: (Combine, figures)}``: the weighted ``rule``'s temperature and scale for ``brick`` at each top-k in
+    ``ks``, fitted on calibration inputs ``x`` so that the weighted sum of the selected experts best reproduces the
+    dense FFN's routed part (:func:`fit_combine`). The experts' outputs are computed once, for the largest k:
+    selections are nested, a smaller k's experts are the first of its."""
+    s, e, size, k = brick.num_shared, brick.num_experts, brick.expert_size, max(ks)
     if e == 0 or size == 0:
         raise BrickworkError(f"combine={rule} needs routed experts to weight; this carve has none")
     x = x.float()
@@ -416,7 +451,8 @@ def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor, chunk: int = 1024)
                 neurons = slice(expert * size, (expert + 1) * size)
                 part = h[tokens, neurons] @ brick.down_t[s + expert * size : s + (expert + 1) * size]
                 outputs[start + tokens, slots] = part
-    return fit_combine(rule, scores.cpu(), outputs.cpu(), target.cpu(), k)  # fitted on the CPU, any device
+    scores, outputs, target = scores.cpu(), outputs.cpu(), target.cpu()  # fitted on the CPU, any device
+    return {j: fit_combine(rule, scores, outputs[:, :j], target, j) for j in ks}
 
 
 def model_reads(model: nn.Module) -> float:

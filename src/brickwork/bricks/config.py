@@ -142,6 +142,12 @@ class CarveConfig:
         "gate, as GLM-4.5's glm4_moe); the weighted rules' temperature and scale are fitted to the dense FFN on "
         "the calibration samples",
     )
+    combine_budgets: tuple = _option(
+        (),
+        "with a weighted combine rule: budgets (fractions of the FFN read per token, router included) the rule is "
+        "also fitted for, so that set_budget to one of them weights the experts as a carve made there would",
+        "none",
+    )
     layer_budgets: str = _option(
         "uniform",
         "uniform: every carved layer reads the same fraction; sensitivity: after carving, move reads from the "
@@ -202,6 +208,14 @@ class CarveConfig:
             raise ValueError(f"accumulate must be auto, float32 or float64, got {self.accumulate!r}")
         if self.combine not in COMBINE_RULES:
             raise ValueError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {self.combine!r}")
+        budgets = self.combine_budgets
+        if not isinstance(budgets, (tuple, list)) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b <= 1 for b in budgets
+        ):
+            raise ValueError(f"combine_budgets must be fractions in (0, 1], got {budgets!r}")
+        if budgets and self.combine == "sum":
+            raise ValueError("combine_budgets fit a weighted combine rule; the sum rule has nothing to fit")
+        object.__setattr__(self, "combine_budgets", tuple(sorted({float(b) for b in budgets})))
         if self.layer_budgets not in ("uniform", "sensitivity"):
             raise ValueError(f"layer_budgets must be uniform or sensitivity, got {self.layer_budgets!r}")
         if (
@@ -227,7 +241,10 @@ class CarveConfig:
         return "float64" if self.experts - self.shared > EXACT_ABOVE else "float32"
 
     def to_dict(self) -> dict:
-        return {"version": CONFIG_VERSION, **asdict(self)}
+        """The JSON form (what a saved carve's ``carve_config`` holds)."""
+        record = asdict(self)
+        record["combine_budgets"] = list(self.combine_budgets)
+        return {"version": CONFIG_VERSION, **record}
 
     @classmethod
     def from_dict(cls, data: dict) -> CarveConfig:

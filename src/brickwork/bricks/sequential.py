@@ -52,7 +52,7 @@ from brickwork.bricks.carve import (
 from brickwork.bricks.config import CarveConfig
 from brickwork.data.sources import describe_source
 from brickwork.errors import BrickworkError
-from brickwork.io.saving import FORMAT, FORMAT_VERSION, _layer_record, _model_card
+from brickwork.io.saving import FORMAT, _layer_record, _model_card, format_version
 from brickwork.io.stream_writer import SafetensorsStreamWriter
 from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
 from brickwork.memory import GIB, StepMemory, StepMeter
@@ -372,7 +372,7 @@ def carve_sequential(
             source = describe_source(calib)
             meta = {
                 "format": FORMAT,
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version(records),
                 "brickwork_version": __version__,
                 "base_model": str(model),
                 "model_type": skeleton.config.model_type,

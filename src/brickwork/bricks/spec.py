@@ -16,8 +16,9 @@ from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import ACCUMULATE
 
 # 1: the record brickwork.json has held since format 1 (files written before the spec existed carry no
-# ``spec_version`` and read as version 1).
-SPEC_VERSION = 1
+# ``spec_version`` and read as version 1). 2: the record has ``combine_fits`` (written as 2 only then, so that
+# records without them still load in a brickwork that reads 1).
+SPEC_VERSION = 2
 # What ``dtype`` takes (torch dtype names).
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -36,9 +37,11 @@ class BrickSpec:
     exist; ``dtype`` is the parameters' dtype when carved. ``down_keep`` caps the down rows a token reads (None:
     all computed neurons; a cap at or above them is no cap and reads as None); ``accumulate`` says how inference
     sums (:class:`~brickwork.bricks.BrickFFN`); ``combine`` how the selected experts are combined
-    (:mod:`brickwork.bricks.combine`). ``token_budget`` (:mod:`brickwork.bricks.adaptive`) lets each token keep
-    fewer than ``active`` routed experts (None: every token runs ``active``). Invalid values raise ``ValueError``
-    naming the allowed range.
+    (:mod:`brickwork.bricks.combine`); ``combine_fits`` the weighted rule fitted for other top-k values,
+    ``((k, Combine), ...)`` in increasing k, which :func:`~brickwork.bricks.budget.set_budget` takes when it sets
+    one of them (``CarveConfig.combine_budgets``). ``token_budget`` (:mod:`brickwork.bricks.adaptive`) lets each
+    token keep fewer than ``active`` routed experts (None: every token runs ``active``). Invalid values raise
+    ``ValueError`` naming the allowed range.
     """
 
     d_model: int
@@ -55,9 +58,10 @@ class BrickSpec:
     down_keep: int | None = None
     accumulate: str = "float32"
     combine: Combine = field(default_factory=Combine)
+    combine_fits: tuple = ()
     dtype: str = "float32"
     token_budget: TokenBudget | None = None
-    version: int = SPEC_VERSION
+    version: int = field(default=SPEC_VERSION, compare=False)  # the record's, not the brick's: not compared
 
     def __post_init__(self) -> None:
         if not _is_int(self.d_model, 1):
@@ -92,6 +96,18 @@ class BrickSpec:
                     f"token budget min_active {self.token_budget.min_active} is above the cap, active = "
                     f"{self.active}"
                 )
+        if not isinstance(self.combine_fits, tuple):
+            raise ValueError(f"combine_fits must be a tuple of (k, Combine) pairs, got {self.combine_fits!r}")
+        for pair in self.combine_fits:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], Combine)):
+                raise ValueError(f"combine_fits holds (k, Combine) pairs, got {pair!r}")
+            if not _is_int(pair[0], 1) or pair[0] > self.num_experts:
+                raise ValueError(f"combine_fits: k must be in [1, {self.num_experts}], got {pair[0]!r}")
+            if pair[1].rule != self.combine.rule or not pair[1].weighted:
+                raise ValueError(f"combine_fits must fit this carve's weighted rule, got {pair[1].rule!r}")
+        ks = [k for k, _ in self.combine_fits]
+        if ks != sorted(set(ks)):
+            raise ValueError(f"combine_fits must be in increasing k, each once, got k = {ks}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not _is_int(self.version, 1) or self.version > SPEC_VERSION:
@@ -121,10 +137,17 @@ class BrickSpec:
         """Whether tokens may keep fewer than ``active`` routed experts (a token budget below threshold 1)."""
         return self.token_budget is not None and self.token_budget.adaptive
 
+    def fitted_combine(self, k: int) -> Combine | None:
+        """The weighted rule fitted for top-k = ``k`` (``combine_fits``), or None when none was."""
+        return next((c for j, c in self.combine_fits if j == k), None)
+
     def to_dict(self) -> dict:
         """The JSON form (brickwork.json's per-layer record, less ``layer`` and ``active_fraction``);
-        ``token_budget`` only when set, so that records without one read as they always have."""
+        ``token_budget`` and ``combine_fits`` only when set, so that records without them read as they always
+        have (and, without ``combine_fits``, as spec version 1)."""
         budget = {} if self.token_budget is None else {"token_budget": self.token_budget.to_dict()}
+        if self.combine_fits:
+            budget["combine_fits"] = [{"active": k, **c.to_dict()} for k, c in self.combine_fits]
         return {
             "d_model": self.d_model,
             "d_ff": self.d_ff,
@@ -143,7 +166,7 @@ class BrickSpec:
             "combine": self.combine.to_dict(),
             "dtype": self.dtype,
             **budget,
-            "spec_version": self.version,
+            "spec_version": self.version if self.combine_fits else min(self.version, 1),
         }
 
     @classmethod
@@ -163,11 +186,20 @@ class BrickSpec:
         if unknown:
             raise ValueError(f"unknown brick spec field(s) {unknown}")
         data = {k: v for k, v in record.items() if k not in ("d_ff", "spec_version")}
-        data["version"] = record.get("spec_version", SPEC_VERSION)
+        data["version"] = record.get("spec_version", 1)
         if "combine" in data:
             data["combine"] = Combine.from_dict(data["combine"])
         if data.get("token_budget") is not None:
             data["token_budget"] = TokenBudget.from_dict(data["token_budget"])
+        if "combine_fits" in data:
+            fits = data["combine_fits"]
+            if not isinstance(fits, list) or not all(isinstance(f, dict) and "active" in f for f in fits):
+                raise ValueError(
+                    f"combine_fits must be a list of {{active, rule, temperature, scale}}, got {fits!r}"
+                )
+            data["combine_fits"] = tuple(
+                (f["active"], Combine.from_dict({k: v for k, v in f.items() if k != "active"})) for f in fits
+            )
         spec = cls(**data)
         if "d_ff" in record and record["d_ff"] != spec.d_ff:
             raise ValueError(

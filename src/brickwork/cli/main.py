@@ -1109,6 +1109,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p, "--layers", CarveConfig, "layers", type=int, nargs="+")
     _config_option(p, "--accumulate", CarveConfig, "accumulate", choices=("auto", *ACCUMULATE))
     _config_option(p, "--combine", CarveConfig, "combine", choices=COMBINE_RULES)
+    _config_option(
+        p, "--combine-budgets", CarveConfig, "combine_budgets", nargs="+", type=_fraction, metavar="FRACTION"
+    )
     _config_option(p, "--layer-budgets", CarveConfig, "layer_budgets", choices=("uniform", "sensitivity"))
     _config_option(p, "--layer-step", CarveConfig, "layer_step", type=float)
     p.add_argument("--calib", default=DEFAULT_CALIBRATION, help=data_help)

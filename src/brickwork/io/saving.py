@@ -34,7 +34,9 @@ from brickwork.version import __version__
 FORMAT = "brickwork-carved"
 FORMAT_VERSION = 1
 # 2: a model the brick operations changed (brickwork.ops): a "merged" record, or layers with "grown" experts or
-# "pruned_from"; plain carves still write 1, so older brickwork reads them, and says "upgrade" for the others
+# "pruned_from"; or layers whose weighted rule was fitted for more than one top-k (a "combine" in "calibrated",
+# "combine_fits" in the spec); plain carves still write 1, so older brickwork reads them, and says "upgrade" for
+# the others
 OPS_FORMAT_VERSION = 2
 MAX_CHILDREN = 256  # a merged record asking for more is damaged
 
@@ -43,17 +45,27 @@ def _layer_record(index: int, layer: BrickFFN | MergedBricks) -> dict:
     brick = (
         layer.branches[0] if isinstance(layer, MergedBricks) else layer
     )  # a merged layer's branches share one spec
+    carved = calibrated(brick)
+    if not brick.spec.combine_fits and carved["combine"] == brick.spec.combine.to_dict():
+        del carved["combine"]  # the record older brickwork reads (the rule is the spec's)
     record = {
         "layer": index,
         **brick.spec.to_dict(),
         "active_fraction": layer.active_fraction(),
-        "calibrated": calibrated(brick),  # the carved settings, which set_budget(model, None) restores
+        "calibrated": carved,  # the carved settings, which set_budget(model, None) restores
         # a pruned brick (brickwork.ops.prune): the dense FFN's d_ff, which its own d_ff is below
         **({} if brick.pruned_from is None else {"pruned_from": brick.pruned_from}),
     }
     if brick.grown is not None:  # new bricks grown beside the carved ones (brickwork.ops.grow)
         record["grown"] = brick.grown.spec.to_dict()
     return record
+
+
+def format_version(layers: list[dict], merged: dict | None = None) -> int:
+    """The format version a brickwork.json with these layer records (and ``merged`` record) is written as: the
+    oldest that reads it (see :data:`OPS_FORMAT_VERSION`)."""
+    changed = any("grown" in r or "pruned_from" in r or "combine" in r["calibrated"] for r in layers)
+    return OPS_FORMAT_VERSION if merged is not None or changed else FORMAT_VERSION
 
 
 def _grown_spec(directory: Path, record: dict):
@@ -164,8 +176,7 @@ def save(
     merged = _merged_record(model, bricks)
     if merged is not None:
         meta["merged"] = merged
-    if merged is not None or any("grown" in r or "pruned_from" in r for r in meta["layers"]):
-        meta["format_version"] = OPS_FORMAT_VERSION
+    meta["format_version"] = format_version(meta["layers"], merged)
     with atomic_directory(directory, "carve", overwrite, inputs) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:

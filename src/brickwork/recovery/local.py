@@ -193,10 +193,10 @@ def _refit_layer(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor, h_dense: tor
     if (
         brick.combine.weighted
     ):  # the weights follow the (refitted) router: fit their temperature and scale again
-        from brickwork.bricks.carve import _fit_combine
+        from brickwork.bricks.carve import refit_combine_
 
         step = max(1, len(x) // 8192)  # what carving fits them on, at most
-        brick.combine, _ = _fit_combine(brick, brick.combine.rule, x[::step])
+        refit_combine_(brick, x[::step])
     h = brick.masked_hidden(x).float()
     target = y.float() - (brick.down_bias.float() if brick.down_bias is not None else 0)
     # The [F, F] and [F, D] products in fp32 (N x F x F is the cost; the relative rounding of the sums is
