@@ -17,8 +17,8 @@ dense FFN weights a token reads, router included (:meth:`BrickFFN.active_fractio
 Weighted combine rules (``softmax``, ``sigmoid``) take the temperature and scale fitted for the new top-k where the
 carve fitted one (``CarveConfig.combine_budgets``: the budget range a carve is calibrated for, kept in each spec's
 ``combine_fits``); elsewhere they keep the ones fitted for the carve's own top-k, and the weights are no longer
-least-squares fitted there (``softmax_topk`` renormalises, so its total weight does not depend on k). Every layer records the settings it was carved with, and a budget equal to a layer's
-carved one restores them exactly: ``set_budget(model, None)`` returns to the carved budgets, bit for bit.
+least-squares fitted there (``softmax_topk`` renormalises, so its total weight does not depend on k). Every layer
+records the settings it was carved with, and a budget equal to a layer's carved one restores them exactly: ``set_budget(model, None)`` returns to the carved budgets, bit for bit.
 
 A per-token budget (:mod:`brickwork.bricks.token_budget`) stays as it is: tokens choose within the new top-k.
 """
@@ -52,7 +52,7 @@ def _settings(brick: BrickFFN) -> dict:
 
 def _apply(brick: BrickFFN, settings: dict) -> None:
     """A new spec with ``settings`` (the kernels see the new spec and prepare their calls again)."""
-    combine = Combine.from_dict(settings["combine"]) if "combine" in settings else brick.spec.combine
+    combine = Combine.from_dict(settings["combine"])  # every settings record carries its rule (_settings)
     brick.spec = replace(
         brick.spec,
         active=settings["active"],
