@@ -57,6 +57,12 @@ def main() -> None:
     )
     parser.add_argument("--layer-step", type=float, default=0.1, help="allocate_budgets' step")
     parser.add_argument(
+        "--layer-rounds",
+        type=int,
+        default=1,
+        help="allocate_budgets' rounds (a layer moves one step per round)",
+    )
+    parser.add_argument(
         "--fit-budgets",
         action="store_true",
         help="carve the weighted families' artefact with combine_budgets = --budgets (the rule fitted for each)",
@@ -106,7 +112,13 @@ def main() -> None:
             }
         for budget in args.layer_budgets:
             chosen = allocate_budgets(
-                model, tokenizer, args.calib, budget, step=args.layer_step, progress=False
+                model,
+                tokenizer,
+                args.calib,
+                budget,
+                step=args.layer_step,
+                rounds=args.layer_rounds,
+                progress=False,
             )
             fractions = {i: b.active_fraction() for i, b in carved_layers(model).items()}
             per_layer = {
@@ -171,8 +183,8 @@ def render(results: dict) -> str:
     if results.get("per_layer"):
         lines += [
             "",
-            f"## Per-layer budgets (allocate_budgets, step {s['layer_step']}) against the uniform budget, same "
-            "artefact",
+            f"## Per-layer budgets (allocate_budgets, step {s['layer_step']}, {s.get('layer_rounds', 1)} round(s)) "
+            "against the uniform budget, same artefact",
             "",
             "| family | budget | uniform reads | uniform | per-layer reads | per-layer | per-layer / uniform | "
             "layers lowered / raised |",

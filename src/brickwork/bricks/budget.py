@@ -219,6 +219,11 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
 
 
 @torch.no_grad()
+def _finite(values: dict[int, float]) -> dict[int, float | None]:
+    """``values`` for JSON: an impossible move's infinite cost or gain becomes None."""
+    return {i: (v if math.isfinite(v) else None) for i, v in values.items()}
+
+
 def allocate_budgets(
     model: nn.Module,
     tokenizer,
@@ -288,8 +293,7 @@ def allocate_budgets(
             chosen[up], chosen[down] = round(chosen[up] + step, 12), round(chosen[down] - step, 12)
             moves.append((up, down))
             free -= {up, down}
-        finite = lambda values: {i: (v if math.isfinite(v) else None) for i, v in values.items()}  # noqa: E731
-        history.append({"cost": finite(cost), "gain": finite(gain), "moves": moves})
+        history.append({"cost": _finite(cost), "gain": _finite(gain), "moves": moves})
         if not moves:
             break
     set_budget(model, chosen)
