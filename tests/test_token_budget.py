@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -364,3 +365,7 @@ def test_the_compiled_cut_is_the_torch_one_ties_and_zeros_included():
         )
         assert torch.equal(torch.from_numpy(chosen), expected), trial
         assert torch.equal(torch.from_numpy(dropped), dropped_share(mass, kept)), trial
+        serial = cpu.cut_by_mass_serial(  # batch-1 decode's cut: the same rows, in the calling thread
+            values.numpy(), active, budget.threshold, budget.min_active, budget.zero_mass, clamp
+        )
+        assert np.array_equal(serial[0], chosen) and np.array_equal(serial[1], dropped), trial

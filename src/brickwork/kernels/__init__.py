@@ -294,7 +294,8 @@ def _route(brick, x: torch.Tensor, p: Plan) -> tuple[np.ndarray, torch.Tensor | 
             return selection.numpy().astype(np.int64), weights, copy
         values = ranked_values(brick, brick.scores(x)).float()
         budget = brick.spec.token_budget
-        chosen, dropped = cpu.cut_by_mass(
+        cut = cpu.cut_by_mass_serial if len(values) < cpu.SERIAL_CUT_TOKENS else cpu.cut_by_mass
+        chosen, dropped = cut(
             np.ascontiguousarray(values.numpy()),
             brick.spec.active,
             budget.threshold,

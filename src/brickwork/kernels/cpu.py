@@ -57,6 +57,9 @@ if HAVE_NUMBA:
     SLICES = 8
     # Top-k over at most this many values sorts them; over more, radix select (see _topk_indices).
     SMALL_SELECT = 64
+    # A per-token budget's cut by router mass runs in the calling thread below this many tokens
+    # (cut_by_mass_serial): a parallel call's thread wake-up costs tens of microseconds, the cut of one token a few.
+    SERIAL_CUT_TOKENS = 16
     # The batch partial sums run over neuron blocks of this size: the block's slice of the transposed gate/up
     # (576 columns x 64 neurons x 2 x 4 bytes = 295 KB on SmolLM2) stays in the L2 cache.
     NEURON_BLOCK = 128
@@ -496,6 +499,17 @@ if HAVE_NUMBA:
             return 0.0
         reached = cumulative[kept - 1] if kept > 0 else 0.0
         return 1.0 - reached / max(total, 2.2250738585072014e-308)
+
+    @njit(cache=True)
+    def cut_by_mass_serial(values, active, threshold, min_active, zero_mass, clamp):
+        """:func:`cut_by_mass` in the calling thread, row by row with the same :func:`_cut_row`, so the same bits: for
+        a few tokens (batch-1 decode), where waking numba's threads costs more than the cut itself."""
+        tokens = values.shape[0]
+        chosen = np.empty((tokens, active), dtype=np.int64)
+        dropped = np.empty(tokens, dtype=np.float64)
+        for t in range(tokens):
+            dropped[t] = _cut_row(values[t], active, threshold, min_active, zero_mass, clamp, chosen[t])
+        return chosen, dropped
 
     @njit(cache=True, parallel=True)
     def cut_by_mass(values, active, threshold, min_active, zero_mass, clamp):
