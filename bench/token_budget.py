@@ -62,6 +62,13 @@ def main() -> None:
     )
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument(
+        "--score-batch",
+        type=int,
+        default=4,
+        help="held-out windows scored at once (1 for large vocabularies: each batch holds a few "
+        "[batch, window, vocab] float32 tensors)",
+    )
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--shared", type=int, default=8)
     parser.add_argument(
@@ -115,7 +122,7 @@ def main() -> None:
         model, tokenizer = build_tiny_model(args.model.removeprefix("tiny-")).eval(), build_tiny_tokenizer()
     else:
         model, tokenizer = bw.load_model(args.model, progress=False)
-    held_out = {d: HeldOut(tokenizer, d, args.eval_tokens, args.window) for d in args.eval}
+    held_out = {d: HeldOut(tokenizer, d, args.eval_tokens, args.window, args.score_batch) for d in args.eval}
     for h in held_out.values():
         h.cache_dense(model)
     base = bw.CarveConfig(

@@ -203,3 +203,21 @@ def test_quality_bench_scores_tasks_through_lm_eval(text_file, task_file):
         assert toy["harness"] == "lm-eval" and toy["accuracy_norm"] is not None and toy["stderr"] > 0
     with pytest.raises(ValueError, match="harness must be one of"):
         QualityBenchConfig(harness="nope")
+
+
+def test_held_out_scores_do_not_depend_on_the_scoring_batch(text_file, tokenizer):
+    import torch
+
+    from brickwork.benchmarks.quality import HeldOut
+    from conftest import carved_tiny, tiny
+
+    dense, carved = tiny(), carved_tiny(text_file, tokenizer, experts=8, shared=1, active=3)
+    scores = []
+    for batch in (4, 1):
+        held_out = HeldOut(tokenizer, str(text_file), 512, 64, batch=batch)
+        held_out.cache_dense(dense)
+        assert len(held_out.dense) == -(-len(held_out.windows) // batch)
+        scores.append(held_out.score(carved))
+    assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["kl"] > 1e-4  # the carve differs
+    for key in ("perplexity", "ratio", "kl", "agreement"):
+        assert torch.isclose(torch.tensor(scores[0][key]), torch.tensor(scores[1][key]), rtol=1e-5), key

@@ -120,19 +120,22 @@ class Row:
 
 
 class HeldOut:
-    """Fixed held-out windows of one corpus and the dense model's log-probabilities on them."""
+    """Fixed held-out windows of one corpus and the dense model's log-probabilities on them, scored ``batch``
+    windows at a time (each batch's scoring holds a few ``[batch, window, vocab]`` float32 tensors: 2 GB each for
+    4 windows of 512 tokens over a 262k vocabulary, so large vocabularies want a smaller batch)."""
 
-    def __init__(self, tokenizer, data: str, tokens: int, window: int):
+    def __init__(self, tokenizer, data: str, tokens: int, window: int, batch: int = 4):
         from brickwork.data.sources import token_windows
 
         self.data = data
         self.windows = token_windows(tokenizer, data, window, tokens)
+        self.batch = batch
         self.dense: list[torch.Tensor] = []
 
     @torch.no_grad()
     def _logprobs(self, model):
         device = next(model.parameters()).device
-        for batch in self.windows.split(4):
+        for batch in self.windows.split(self.batch):
             batch = batch.to(device)
             yield batch, torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
 
