@@ -218,6 +218,6 @@ def test_held_out_scores_do_not_depend_on_the_scoring_batch(text_file, tokenizer
         held_out.cache_dense(dense)
         assert len(held_out.dense) == -(-len(held_out.windows) // batch)
         scores.append(held_out.score(carved))
-    assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["kl"] > 1e-4  # the carve differs
+    assert scores[0]["tokens"] == scores[1]["tokens"] and scores[0]["kl"] > 0  # the carve differs
     for key in ("perplexity", "ratio", "kl", "agreement"):
         assert torch.isclose(torch.tensor(scores[0][key]), torch.tensor(scores[1][key]), rtol=1e-5), key
