@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 
 import pytest
 
-from brickwork.benchmarks.quality import QualityBenchConfig, compare, run_quality_bench, write
+from brickwork.benchmarks.quality import QualityBenchConfig, compare, render_table, run_quality_bench, write
 from brickwork.cli.main import main as cli
 from test_tasks import TASK
 
@@ -55,6 +56,16 @@ def test_quality_bench_rows_metrics_and_files(tmp_path, text_file, task_file):
     out = write(results, tmp_path / "out")
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "quality.png"}
     assert "Carved vs baselines" in (out / "results.md").read_text()
+    without_tasks = copy.deepcopy(results)
+    without_tasks["settings"]["tasks"] = []
+    for row in without_tasks["rows"]:
+        row["tasks"] = {}
+    for rendered in (results, without_tasks):  # every line of the main table has the header's columns
+        table = next(b for b in render_table(rendered).split("\n\n") if b.startswith("| row |")).splitlines()
+        assert len(table) == len(rows) + 2
+        assert {line.count("|") for line in table} == {len(rendered["settings"]["tasks"]) + 6}
+    dense_line = next(b for b in render_table(without_tasks).split("\n\n") if b.startswith("Dense: "))
+    assert "perplexity" in dense_line and not dense_line.rstrip().endswith(";")
 
 
 def test_comparisons_pick_the_best_carved_row_reading_no_more():

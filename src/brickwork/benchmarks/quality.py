@@ -431,22 +431,26 @@ def render_table(results: dict) -> str:
         + str(settings["seed"]),
         "",
         "Dense: "
-        + ", ".join(f"{c} perplexity {dense['heldout'][c]['perplexity']:.2f}" for c in corpora)
-        + "; "
-        + ", ".join(
-            f"{t} {dense['tasks'][t]['accuracy']:.1%} (chance {dense['tasks'][t]['chance']:.1%})"
-            for t in tasks
+        + "; ".join(
+            filter(
+                None,
+                [
+                    ", ".join(f"{c} perplexity {dense['heldout'][c]['perplexity']:.2f}" for c in corpora),
+                    ", ".join(
+                        f"{t} {dense['tasks'][t]['accuracy']:.1%} (chance {dense['tasks'][t]['chance']:.1%})"
+                        for t in tasks
+                    ),
+                ],
+            )
         ),
         "",
         *_recovery_notes(results),
         "Perplexity ratio to dense (KL nats/token, top-1 agreement); task accuracy; FFN weights read per token "
         "(router included).",
         "",
-        "| row | reads | "
-        + " | ".join(f"{c} ratio (KL, agree)" for c in corpora)
-        + " | "
-        + " | ".join(tasks)
-        + " | mean acc | s |",
+        "| "
+        + " | ".join(["row", "reads", *(f"{c} ratio (KL, agree)" for c in corpora), *tasks, "mean acc", "s"])
+        + " |",
         "|---|---:|" + "---:|" * (len(corpora) + len(tasks) + 2),
     ]
     order = sorted(rows[1:], key=lambda r: (r["active_fraction"], r["heldout"][corpora[0]]["ratio"]))
