@@ -232,9 +232,23 @@ def main() -> None:
             runs = {"uniform top-k": _decode_steps(uniform, prompt, args.decode_steps)}
             runs |= {name: _decode_steps(m, prompt, args.decode_steps) for name, m in timed.items()}
             times = _interleaved(runs, args.repeats)
-            speed = {"target": target, "uniform_s": times.pop("uniform top-k"), "variants": {}}
+            decode_reads = {}  # what the timed tokens read (prompt and decoded tokens), counted outside the timing
+            for name, timed_model in [("uniform top-k", uniform), *timed.items()]:
+                with ReadCounter(timed_model) as counter:
+                    runs[name]()
+                decode_reads[name] = counter.reads().mean
+            speed = {
+                "target": target,
+                "uniform_s": times.pop("uniform top-k"),
+                "uniform_reads": decode_reads["uniform top-k"],
+                "variants": {},
+            }
             for name, seconds in times.items():
-                speed["variants"][name] = {"s": seconds, "speedup": speed["uniform_s"] / seconds}
+                speed["variants"][name] = {
+                    "s": seconds,
+                    "speedup": speed["uniform_s"] / seconds,
+                    "reads": decode_reads[name],
+                }
                 print(
                     f"{target:.0%} batch-1 decode: {name} / uniform speed x{speed['uniform_s'] / seconds:.3f}"
                 )
@@ -293,14 +307,21 @@ def render(results: dict) -> str:
         lines += [
             "",
             f"Batch-1 decode ({s['decode_steps']} steps after a 16-token prompt, medians of {s['repeats']} "
-            "interleaved repeats) against the uniform top-k at the same mean reads:",
+            "interleaved repeats) against the uniform top-k at the same mean reads (on the calibration text); in "
+            "brackets, what the timed tokens (prompt and decoded ones) read:",
             "",
         ]
+
+        def decode_reads(entry: dict) -> str:
+            return f" [{entry['reads']:.1%}]" if "reads" in entry else ""  # runs before 2026-11-27 lack them
+
         for t in results["speed"]:
             lines.append(
-                f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s; "
+                f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s"
+                + decode_reads({"reads": t["uniform_reads"]} if "uniform_reads" in t else {})
+                + "; "
                 + "; ".join(
-                    f"{name} {1 / v['s']:.1f} tokens/s (x{v['speedup']:.3f})"
+                    f"{name} {1 / v['s']:.1f} tokens/s (x{v['speedup']:.3f}){decode_reads(v)}"
                     for name, v in _timed_variants(t).items()
                 )
             )

@@ -39,9 +39,14 @@ def test_bench_token_budget_quick_reports_rows_speed_and_plot(tmp_path, text_fil
     assert set(speed) == set(results["settings"]["targets"])
     assert all(set(s["variants"]) == {"per-token, one threshold", "per-layer top-k", "per-layer caps + per-token"}
                for s in speed.values())  # fmt: skip
+    for target, s in speed.items():  # the timed tokens' reads: fixed per token for the fixed top-k rows
+        rows = {r["name"]: r for r in results["rows"] if r["target"] == target}
+        assert abs(s["uniform_reads"] - rows["uniform top-k"]["reads"]) < 1e-9
+        assert abs(s["variants"]["per-layer top-k"]["reads"] - rows["per-layer top-k"]["reads"]) < 1e-9
+        assert all(0 < v["reads"] <= 1 for v in s["variants"].values())
     assert (out / "token-budget.png").stat().st_size > 0
     (out / "results.md").unlink()
     replot = [sys.executable, str(ROOT / "bench" / "token_budget.py"), "--replot", "--out", str(out)]
     assert subprocess.run(replot, capture_output=True, text=True, cwd=ROOT, timeout=300).returncode == 0
     replotted = (out / "results.md").read_text()
-    assert "per-layer caps + per-token" in replotted and "tokens/s (x" in replotted
+    assert "per-layer caps + per-token" in replotted and "tokens/s (x" in replotted and "%]" in replotted
