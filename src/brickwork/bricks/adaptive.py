@@ -191,7 +191,7 @@ def route_within_cap(brick: BrickFFN, scores: torch.Tensor):
     selection, mass = cap_mass(brick, scores)
     kept = kept_counts(mass.detach(), budget)
     dropped = drop_slots(selection, kept)
-    copy = copy_coefficients(budget, dropped_share(mass.detach(), kept))
+    copy = copy_coefficients(budget, dropped_share(mass.detach(), kept)) if budget.copy_gain else None
     return selection.masked_fill(dropped, -1), kept_weights(brick, mass, dropped), copy
 
 
