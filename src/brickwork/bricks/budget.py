@@ -218,12 +218,12 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
     return fractions
 
 
-@torch.no_grad()
 def _finite(values: dict[int, float]) -> dict[int, float | None]:
     """``values`` for JSON: an impossible move's infinite cost or gain becomes None."""
     return {i: (v if math.isfinite(v) else None) for i, v in values.items()}
 
 
+@torch.no_grad()
 def allocate_budgets(
     model: nn.Module,
     tokenizer,
