@@ -14,6 +14,18 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--eval", nargs="+", default=["botchan", "lee-news"])
 
 
+def add_allocation_arguments(parser, step: float) -> None:
+    """``--layer-step`` (default ``step``) and ``--layer-rounds``: the options of ``bw.allocate_budgets`` the budget
+    benchmarks pass on."""
+    parser.add_argument("--layer-step", type=float, default=step, help="allocate_budgets' step")
+    parser.add_argument(
+        "--layer-rounds",
+        type=int,
+        default=1,
+        help="allocate_budgets' rounds (a layer moves one step per round)",
+    )
+
+
 def replot(out, render, plot, name: str) -> None:
     """--replot: render ``out``'s results.json again (results.md with ``render``, ``out / name`` with ``plot``)."""
     import json

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_model_arguments, machine_info, write_results  # noqa: E402
+from _common import add_allocation_arguments, add_model_arguments, machine_info, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
 from brickwork.bricks import calibrate, carved_layers  # noqa: E402
@@ -55,13 +55,7 @@ def main() -> None:
         help="at these budgets also evaluate the artefact with per-layer budgets (allocate_budgets on the "
         "calibration text) against the uniform one",
     )
-    parser.add_argument("--layer-step", type=float, default=0.1, help="allocate_budgets' step")
-    parser.add_argument(
-        "--layer-rounds",
-        type=int,
-        default=1,
-        help="allocate_budgets' rounds (a layer moves one step per round)",
-    )
+    add_allocation_arguments(parser, step=0.1)
     parser.add_argument(
         "--fit-budgets",
         action="store_true",

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_model_arguments, machine_info, replot, write_results  # noqa: E402
+from _common import add_allocation_arguments, add_model_arguments, machine_info, replot, write_results  # noqa: E402
 
 import brickwork as bw  # noqa: E402
 from brickwork.benchmarks.quality import HeldOut  # noqa: E402
@@ -79,13 +79,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", default=[*VARIANTS, *LAYER_VARIANTS], choices=[*VARIANTS, *LAYER_VARIANTS]
     )
-    parser.add_argument("--layer-step", type=float, default=0.05, help="allocate_budgets' step")
-    parser.add_argument(
-        "--layer-rounds",
-        type=int,
-        default=1,
-        help="allocate_budgets' rounds (a layer moves one step per round)",
-    )
+    add_allocation_arguments(parser, step=0.05)
     parser.add_argument(
         "--layer-lift",
         type=float,
@@ -304,24 +298,27 @@ def render(results: dict) -> str:
             + " |"
         )
     if results["speed"]:
+        counted = all("uniform_reads" in t for t in results["speed"])  # runs before 2026-11-27 lack the reads
         lines += [
             "",
             f"Batch-1 decode ({s['decode_steps']} steps after a 16-token prompt, medians of {s['repeats']} "
-            "interleaved repeats) against the uniform top-k at the same mean reads (on the calibration text); in "
-            "brackets, what the timed tokens (prompt and decoded ones) read:",
+            "interleaved repeats) against the uniform top-k at the same mean reads"
+            + (
+                " (on the calibration text); in brackets, what the timed tokens (prompt and decoded ones) read:"
+                if counted
+                else ":"
+            ),
             "",
         ]
 
-        def decode_reads(entry: dict) -> str:
-            return f" [{entry['reads']:.1%}]" if "reads" in entry else ""  # runs before 2026-11-27 lack them
+        def bracket(reads: float | None) -> str:
+            return "" if reads is None else f" [{reads:.1%}]"
 
         for t in results["speed"]:
             lines.append(
-                f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s"
-                + decode_reads({"reads": t["uniform_reads"]} if "uniform_reads" in t else {})
-                + "; "
+                f"- {t['target']:.0%}: uniform {1 / t['uniform_s']:.1f} tokens/s{bracket(t.get('uniform_reads'))}; "
                 + "; ".join(
-                    f"{name} {1 / v['s']:.1f} tokens/s (x{v['speedup']:.3f}){decode_reads(v)}"
+                    f"{name} {1 / v['s']:.1f} tokens/s (x{v['speedup']:.3f}){bracket(v.get('reads'))}"
                     for name, v in _timed_variants(t).items()
                 )
             )

@@ -18,7 +18,8 @@ Weighted combine rules (``softmax``, ``sigmoid``) take the temperature and scale
 carve fitted one (``CarveConfig.combine_budgets``: the budget range a carve is calibrated for, kept in each spec's
 ``combine_fits``); elsewhere they keep the ones fitted for the carve's own top-k, and the weights are no longer
 least-squares fitted there (``softmax_topk`` renormalises, so its total weight does not depend on k). Every layer
-records the settings it was carved with, and a budget equal to a layer's carved one restores them exactly: ``set_budget(model, None)`` returns to the carved budgets, bit for bit.
+records the settings it was carved with, and a budget equal to a layer's carved one restores them exactly:
+``set_budget(model, None)`` returns to the carved budgets, bit for bit.
 
 A per-token budget (:mod:`brickwork.bricks.token_budget`) stays as it is: tokens choose within the new top-k.
 """
