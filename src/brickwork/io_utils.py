@@ -3,7 +3,8 @@
 - An output directory is built in a temporary directory beside it (``.NAME.brickwork-tmp-PID-XXXX``) and swapped
   into place once: ``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames whose interruption the next write
   into the same parent repairs (the old copy, ``.NAME.brickwork-old-PID-XXXX``, is put back).
-- Temporaries of runs that were killed (their pid is no longer alive) are removed by the next write.
+- Temporaries of runs that were killed (their pid is no longer alive) are removed by the next write into the same
+  directory, whatever output they were for.
 - An existing, non-empty output is replaced only when it is a brickwork output of the same kind (its marker file
   says so) or ``overwrite`` is given; an output is never the input, nor a directory holding the input.
 - Files are written with the umask's permissions (``mkstemp`` and safetensors make them private).
@@ -38,7 +39,7 @@ def _umask() -> int:
 def _is_carve(path: Path) -> bool:
     try:
         return json.loads((path / "brickwork.json").read_text()).get("format") == "brickwork-carved"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -49,8 +50,12 @@ def _is_profile(path: Path) -> bool:
 def _is_export(path: Path) -> bool:
     try:
         return json.loads((path / "brickwork-export.json").read_text()).get("format") == "brickwork-export"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
+
+
+def _is_bench(path: Path) -> bool:
+    return (path / "results.json").is_file()
 
 
 # Output kinds and how to recognise an existing output of that kind (its marker).
@@ -58,6 +63,7 @@ OUTPUT_KINDS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "carve": ("a carved model (brickwork.json)", _is_carve),
     "profile": ("a profile (profile.json)", _is_profile),
     "export": ("an export (brickwork-export.json)", _is_export),
+    "bench": ("a benchmark's results (results.json)", _is_bench),
 }
 
 
@@ -161,21 +167,33 @@ def public_modes(root: Path) -> None:
             os.chmod(Path(directory) / name, 0o666 & ~mask)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file beside ``path`` (``.NAME.brickwork-tmp-PID-XXXX.SUFFIX``, so readers that go by the
+    suffix take it); on success it is renamed over ``path``, on error removed. Whatever is validated inside the
+    block is validated before anything is replaced."""
     path = Path(path)
     if path.is_dir():
         raise BrickworkError(f"{path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    clean_stale(path.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.name}.{_TMP}-{os.getpid()}-", suffix=path.suffix, dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; outputs follow the umask
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 @contextmanager
@@ -189,7 +207,7 @@ def atomic_directory(
     removed. What may be replaced is checked first (:func:`check_output_dir`)."""
     path = check_output_dir(path, kind, overwrite, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path.parent, path.name)
+    clean_stale(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_TMP}-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp

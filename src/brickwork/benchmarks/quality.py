@@ -639,9 +639,9 @@ def merge_recovery(results: dict, *recoveries: dict) -> dict:
 def write(results: dict, out: Path) -> Path:
     """results.json, results.md and quality.png in ``out`` (each written atomically)."""
     from brickwork.benchmarks.common import write_results
+    from brickwork.io_utils import atomic_file
 
     write_results(out, results, render_table(results))
-    tmp = out / ".quality.png.tmp.png"
-    plot(results, tmp)
-    tmp.replace(out / "quality.png")
+    with atomic_file(out / "quality.png") as tmp:
+        plot(results, tmp)
     return out

@@ -372,8 +372,8 @@ def plot(results: dict, path) -> None:
 def write(results: dict, out) -> None:
     """results.json, results.md and speed.png in ``out`` (each written atomically)."""
     from brickwork.benchmarks.common import write_results
+    from brickwork.io_utils import atomic_file
 
     write_results(out, results, render_table(results))
-    tmp = out / ".speed.png.tmp.png"
-    plot(results, tmp)
-    tmp.replace(out / "speed.png")
+    with atomic_file(out / "speed.png") as tmp:
+        plot(results, tmp)

@@ -245,7 +245,9 @@ def allocate_budgets(
     and to ``budget + step`` alone and the mean next-token loss is measured, giving its cost of a smaller
     budget and its gain from a larger one. Layers are then paired greedily, the pair whose raised layer gains most
     over what its lowered layer costs first, while that is positive (the effects are taken as additive across
-    layers); equal FFN sizes keep the average exact. Each further round (``rounds``) measures again from the
+    layers) and the reads it adds to one layer equal, within a quarter step, the reads it takes from the other
+    (a step moves whole experts, so on expert-level carves the same step can move two layers by different
+    numbers of experts: such pairs are not made); equal FFN sizes keep the average. Each further round (``rounds``) measures again from the
     allocation so far and moves layers by one more step, so a sensitive layer can climb several steps; it stops
     early when no pair gains. Returns ``{layer: budget}`` for :func:`set_budget`, which this leaves applied.
     ``2 L + 1`` forward passes over ``tokens`` per round for L carved layers.
@@ -258,7 +260,7 @@ def allocate_budgets(
     bricks = carved_layers(model)
     if not bricks:
         raise BrickworkError("allocate_budgets needs a carved model")
-    if not 0 < step < budget and budget + step <= 1:
+    if not (0 < step < budget and budget + step <= 1):
         raise BrickworkError(f"step {step} must leave budget {budget} -/+ step inside (0, 1]")
     if not isinstance(rounds, int) or rounds < 1:
         raise BrickworkError(f"rounds must be a positive integer, got {rounds!r}")
@@ -267,28 +269,49 @@ def allocate_budgets(
         raise BrickworkError(
             "allocate_budgets moves equal steps between layers: carved FFNs must be one size"
         )
+    unit = min(b.routed_fraction(b.active + 1) - b.routed_fraction(b.active) for b in bricks.values())
+    if step < unit:
+        raise BrickworkError(
+            f"step {step} is less than one routed expert's share of an FFN ({unit:.4f}): a step must move whole "
+            f"experts; give a step of at least {math.ceil(unit * 1000) / 1000}"
+        )
     windows = token_windows(tokenizer, data, window, tokens)
     chosen = dict.fromkeys(bricks, budget)
     history = []
     for round_ in range(rounds):
-        set_budget(model, chosen)
+        reads = set_budget(model, chosen)
         base = mean_nll(model, windows)
         cost, gain = {}, {}
+        moved_reads: dict[int, dict[int, float]] = {
+            -1: {},
+            1: {},
+        }  # what each move changes a layer's reads by
         desc = "layer sensitivity" + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else "")
         for index in tqdm(sorted(bricks), desc=desc, unit="layer", disable=not progress):
             for sign, into in ((-1, cost), (1, gain)):
                 moved = round(chosen[index] + sign * step, 12)
                 try:
-                    set_budget(model, chosen | {index: moved})
+                    after = set_budget(model, chosen | {index: moved})
                 except BrickworkError:  # below one routed expert, or above the dense FFN: not a move
                     into[index] = math.inf if sign < 0 else -math.inf
                     continue
+                moved_reads[sign][index] = abs(after[index] - reads[index])
                 change = mean_nll(model, windows) - base
                 into[index] = change if sign < 0 else -change
             set_budget(model, chosen)
         moves, free = [], set(bricks)
-        while len(free) >= 2:  # the best (raise, lower) pair of layers not yet moved, while it is a net gain
-            net, up, down = max((gain[u] - cost[d], u, d) for u in free for d in free if u != d)
+
+        def balanced(up: int, down: int) -> bool:  # the pair keeps the average: equal reads added and removed
+            added, removed = moved_reads[1].get(up), moved_reads[-1].get(down)
+            return (
+                added is not None and removed is not None and added > 0 and abs(added - removed) <= step / 4
+            )
+
+        while len(free) >= 2:  # the best balanced (raise, lower) pair not yet moved, while it is a net gain
+            pairs = [(gain[u] - cost[d], u, d) for u in free for d in free if u != d and balanced(u, d)]
+            if not pairs:
+                break
+            net, up, down = max(pairs)
             if net <= 0:
                 break
             chosen[up], chosen[down] = round(chosen[up] + step, 12), round(chosen[down] - step, 12)

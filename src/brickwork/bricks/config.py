@@ -224,6 +224,17 @@ class CarveConfig:
             or not (0 < self.layer_step < 1)
         ):
             raise ValueError(f"layer_step must be in (0, 1), got {self.layer_step!r}")
+        if self.layer_budgets == "sensitivity":
+            planned = self.active_fraction if self.active_fraction is not None else self.planned_fraction
+            if not (self.layer_step < planned and planned + self.layer_step <= 1):
+                raise ValueError(
+                    f"layer_step {self.layer_step} must leave the budget {planned:.3g} -/+ layer_step inside (0, 1]"
+                )
+            if self.layer_step < 1 / self.experts:
+                raise ValueError(
+                    f"layer_step {self.layer_step} is less than one routed expert's share of the FFN (about "
+                    f"1/{self.experts}): a step moves whole experts; give at least {1 / self.experts:.3g}"
+                )
         _int("seed", self.seed)
         _int("window", self.window, 2)
         _int("router_samples", self.router_samples, 1)

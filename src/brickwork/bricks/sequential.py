@@ -57,6 +57,7 @@ from brickwork.io.stream_writer import SafetensorsStreamWriter
 from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
 from brickwork.memory import GIB, StepMemory, StepMeter
 from brickwork.models.lazy import LazyModel, materialise, materialise_parameters, open_lazy_model, release
+from brickwork.models.config_check import recorded_settings
 from brickwork.models.loading import check_window
 from brickwork.models.specs import find_ffns
 from brickwork.profiling.hooks import FFNCapture
@@ -382,6 +383,8 @@ def carve_sequential(
                 "calibration_tokens": tokens,
                 "layers": records,
                 "sequential": {"weights_dtype": dtype_name, "compute_dtype": "float32"},
+                "base_settings": recorded_settings(skeleton.config),
+                "weights_dtype": dtype_name,
             }
             skeleton.config.dtype = dtype
             skeleton.config.save_pretrained(tmp)

@@ -205,6 +205,7 @@ def _apply_token_budget(args: argparse.Namespace, model, tokenizer) -> bool:
         args.token_budget,
         copy=args.token_copy,
         per_layer=args.token_per_layer,
+        window=args.window,
         progress=not args.quiet,
         **options,
     )
@@ -327,6 +328,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_bench_quality(args: argparse.Namespace) -> None:
     from brickwork.benchmarks.quality import QualityBenchConfig, render_table, run_quality_bench, write
+    from brickwork.io_utils import check_output_dir
 
     options = {
         "fractions": tuple(args.fractions),
@@ -356,6 +358,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
     if args.eval:
         options["eval"] = tuple(args.eval)
     config = QualityBenchConfig(**options)
+    check_output_dir(args.out, "bench", args.overwrite, _local_inputs(args.model))
     results = run_quality_bench(config, progress=not args.quiet)
     out = write(results, args.out)
     print(render_table(results))
@@ -372,7 +375,7 @@ def _default_export_format(model: str, out: Path) -> str:
     try:
         layers = json.loads((Path(model) / "brickwork.json").read_text())["layers"]
         rules = {(layer.get("combine") or {}).get("rule", "sum") for layer in layers}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return "qwen2_moe"  # the checks that follow say what is wrong with the folder
     return rule_architecture(rules.pop()) if len(rules) == 1 else "qwen2_moe"
 
@@ -435,10 +438,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 def _cmd_bench_speed(args: argparse.Namespace) -> None:
     from brickwork.benchmarks.speed import SpeedBenchConfig, render_table, run_speed_bench, write
+    from brickwork.io_utils import check_output_dir
 
     options = {"fractions": tuple(args.fractions), "repeats": args.repeats, "quick": args.quick}
     if args.model:
+        _check_model(args.model)
+        if (Path(args.model) / "brickwork.json").is_file():
+            raise BrickworkError(
+                f"{args.model} is a carved model; bench speed takes the dense parent and carves it at each "
+                "--fractions itself"
+            )
         options["model"] = args.model
+    check_output_dir(args.out, "bench", args.overwrite, _local_inputs(args.model))
     results = run_speed_bench(SpeedBenchConfig(**options), progress=not args.quiet)
     write(results, args.out)
     print(render_table(results))
@@ -467,7 +478,7 @@ def _check_device(name: str) -> None:
 def _recorded_parent(model: str) -> str:
     try:
         parent = json.loads((Path(model) / "brickwork.json").read_text())["base_model"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise BrickworkError(
             f"{model}/brickwork.json records no base model; pass the dense parent with --parent"
         ) from exc
@@ -647,6 +658,12 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     for data in args.data or []:
         check_source(data)
     _check_device(args.device)
+    if len(args.children) < 2:
+        raise BrickworkError(f"merge takes two or more children; got {len(args.children)}")
+    resolved = [str(Path(child).expanduser().resolve()) for child in args.children]
+    twice = sorted({c for c, r in zip(args.children, resolved, strict=True) if resolved.count(r) > 1})
+    if twice:
+        raise BrickworkError(f"each child is merged once; {', '.join(twice)} is given more than once")
     for child in args.children:
         _check_model(child)
         if not (Path(child) / "brickwork.json").is_file():
@@ -711,12 +728,13 @@ def _load_carved(args: argparse.Namespace, command: str):
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     import brickwork as bw
-    from brickwork.ops.prune import prune_for_domain_
+    from brickwork.ops.prune import check_min_experts, prune_for_domain_
     from brickwork.ops.usage import expert_usage
 
     if args.tokens < args.window:
         raise BrickworkError(f"--tokens {args.tokens} is less than one --window of {args.window} tokens")
     model, tokenizer, inputs = _load_carved(args, "prune")
+    check_min_experts(model, args.min_experts)
     usage = expert_usage(
         model, tokenizer, args.data, tokens=args.tokens, window=args.window, progress=not args.quiet
     )
@@ -876,6 +894,8 @@ def _cmd_carve(args: argparse.Namespace) -> None:
     from brickwork.models.loading import check_window
 
     options = _carve_options(args)
+    if "layer_step" in options and options.get("layer_budgets") != "sensitivity":
+        raise BrickworkError("--layer-step is an option of --layer-budgets sensitivity, which was not given")
     if args.stock and "active_fraction" not in options:
         raise BrickworkError("--stock picks a configuration for a budget: give --active-fraction too")
     if args.stock and "active" in options:
@@ -1533,6 +1553,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench_speed)
     speed = p
 
+    for p in (quality, speed):
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into --out even when it is a non-empty directory that holds no benchmark results",
+        )
     for p in [*sub.choices.values(), quality, speed]:
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logging")
     return parser
@@ -1561,7 +1587,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # config validation
         print(f"brickwork: error: {exc}", file=sys.stderr)
         return 2
+    except (
+        OSError
+    ) as exc:  # a full disk, a file-size limit, a permission: outputs are written whole or not at all
+        where = f" ({exc.filename})" if exc.filename else ""
+        return _write_error(f"could not read or write{where}: {exc.strerror or exc}")
+    except Exception as exc:
+        from safetensors import SafetensorError
+
+        if not isinstance(exc, SafetensorError):
+            raise
+        return _write_error(f"could not write a safetensors file: {str(exc)[:300]}")
     return 0
+
+
+def _write_error(what: str) -> int:
+    print(
+        f"brickwork: error: {what}; no existing output was replaced and no partial output was left (free space, "
+        "raise the file-size limit or fix the permission, then run again)",
+        file=sys.stderr,
+    )
+    return 2
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.combine import STOCK_RULES, Combine
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
-from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
+from brickwork.io_utils import atomic_directory, atomic_file, atomic_write_text, check_output_dir
 from brickwork.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -206,8 +206,14 @@ def plan_export(model, format: str) -> _Plan:
                 f"glm4_moe keeps only leading layers dense (first_k_dense_replace); layers {dense} are dense. "
                 "Carve every layer after the first dense ones."
             )
-        if dense and format == "gguf":
-            raise BrickworkError(f"layers {dense} are dense: carve every layer for a GGUF export")
+        if format == "gguf":
+            if dense:
+                raise BrickworkError(f"layers {dense} are dense: carve every layer for a GGUF export")
+            if not shared:
+                raise BrickworkError(
+                    "llama.cpp's glm4moe expects shared experts; this carve has none: carve with --shared > 0, "
+                    "or export to glm4_moe"
+                )
         if shared % expert_size:
             raise BrickworkError(
                 f"glm4_moe's shared experts are whole experts: {shared} shared neurons is not a multiple of the "
@@ -587,11 +593,12 @@ def export(
         format=format, path=str(out), seconds=0.0, temperatures=temperatures, conversion=report_conversion
     )
     if format == "gguf":
-        from brickwork.io.gguf import write_gguf
+        from brickwork.io.gguf import write_gguf_file
 
-        write_gguf(stock, out, tokenizer, dtype=dtype)
-        if windows is not None and validate:
-            report.validation = compare_logits(source, load_exported(out, format), windows)
+        with atomic_file(out) as tmp:  # validated before it replaces anything
+            write_gguf_file(stock, tmp, tokenizer, dtype=dtype)
+            if windows is not None and validate:
+                report.validation = compare_logits(source, load_exported(tmp, format), windows)
     else:
         if dtype == "float16":
             stock = stock.half()
@@ -602,10 +609,18 @@ def export(
             if windows is not None and validate:  # validated before it replaces anything
                 report.validation = compare_logits(source, load_exported(tmp, format), windows)
             report.seconds = time.perf_counter() - started
-            record = {"format": EXPORT_MARKER, "brickwork_version": __version__, **report.to_dict()}
+            record = export_record(report)
             atomic_write_text(tmp / "brickwork-export.json", json.dumps(record, indent=2))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def export_record(report: ExportReport) -> dict:
+    """``brickwork-export.json``: the report, with the format it was exported to as ``export_format`` (``format``
+    is the marker that says the directory is a brickwork export)."""
+    record = report.to_dict()
+    record["export_format"] = record.pop("format")
+    return {"format": EXPORT_MARKER, "brickwork_version": __version__, **record}
 
 
 def check_export_output(out: str | Path, format: str, overwrite: bool = False, inputs: tuple = ()) -> Path:

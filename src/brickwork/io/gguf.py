@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from brickwork.errors import BrickworkError
-from brickwork.io_utils import clean_stale
+from brickwork.io_utils import atomic_file
+from brickwork.models.loading import open_gguf
 
 logger = logging.getLogger(__name__)
 ARCH = "qwen2moe"
@@ -89,74 +88,74 @@ def pre_tokenizer_name(tokenizer) -> str:
     return name or "default"
 
 
-def write_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "float32") -> Path:
-    """Write a ``Qwen2MoeForCausalLM`` or ``Glm4MoeForCausalLM`` (every layer MoE) as a GGUF file in llama.cpp's
-    qwen2moe or glm4moe architecture; atomic (temporary file, rename)."""
-    import gguf
-
+def check_gguf_source(stock) -> None:
+    """Refuse (BrickworkError) a stock model that :func:`write_gguf` cannot write."""
     config = stock.config
     glm = config.model_type == "glm4_moe"
     if not glm and config.model_type != "qwen2_moe":
         raise BrickworkError(f"GGUF export writes Qwen2-MoE or GLM-4-MoE models, not {config.model_type}")
     if config.first_k_dense_replace if glm else config.mlp_only_layers:
         raise BrickworkError(f"llama.cpp's {GLM_ARCH if glm else ARCH} export needs every layer to be MoE")
+
+
+def write_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "float32") -> Path:
+    """Write a ``Qwen2MoeForCausalLM`` or ``Glm4MoeForCausalLM`` (every layer MoE) as a GGUF file in llama.cpp's
+    qwen2moe or glm4moe architecture; atomic (temporary file, rename). To validate a file before it replaces
+    anything, write it with :func:`write_gguf_file` inside :func:`brickwork.io_utils.atomic_file`."""
     path = Path(path)
     if path.suffix != ".gguf":
         raise BrickworkError(f"a GGUF output path must end in .gguf, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path.parent, path.name)  # temporaries of killed runs
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.brickwork-tmp-{os.getpid()}-", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, GLM_ARCH if glm else ARCH)
-        writer.add_name("brickwork export")
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.num_attention_heads)
-        writer.add_head_count_kv(config.num_key_value_heads)
-        writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-        if glm:
-            head_dim = config.head_dim
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-            writer.add_rope_dimension_count(head_dim)  # the whole head rotates (GLM-4.5 rotates half)
-            writer.add_expert_count(config.n_routed_experts)
-            writer.add_expert_shared_count(config.n_shared_experts)
-            writer.add_leading_dense_block_count(0)
-            writer.add_expert_weights_scale(1.0)
-            writer.add_expert_weights_norm(False)
-            writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-            writer.add_nextn_predict_layers(0)
-        else:
-            writer.add_expert_count(config.num_experts)
-            writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
-        writer.add_file_type(
-            gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32
-        )
-        if tokenizer is not None:
-            _add_tokenizer(writer, tokenizer, config.vocab_size)
-        for name, tensor in _tensors(stock):
-            array = tensor.detach().float().cpu().numpy()
-            if dtype == "float16" and not name.endswith(_KEEP_F32):
-                array = array.astype(np.float16)
-            writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes files private; outputs follow the umask
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp:
+        write_gguf_file(stock, tmp, tokenizer, dtype)
     return path
+
+
+def write_gguf_file(stock, path: Path, tokenizer=None, dtype: str = "float32") -> None:
+    """Write ``stock`` as a GGUF file at ``path`` itself (no temporary: the caller's :func:`atomic_file` is one)."""
+    import gguf
+
+    check_gguf_source(stock)
+    config = stock.config
+    glm = config.model_type == "glm4_moe"
+    writer = gguf.GGUFWriter(str(path), GLM_ARCH if glm else ARCH)
+    writer.add_name("brickwork export")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    if glm:
+        head_dim = config.head_dim
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)  # the whole head rotates (GLM-4.5 rotates half)
+        writer.add_expert_count(config.n_routed_experts)
+        writer.add_expert_shared_count(config.n_shared_experts)
+        writer.add_leading_dense_block_count(0)
+        writer.add_expert_weights_scale(1.0)
+        writer.add_expert_weights_norm(False)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_nextn_predict_layers(0)
+    else:
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
+    if tokenizer is not None:
+        _add_tokenizer(writer, tokenizer, config.vocab_size)
+    for name, tensor in _tensors(stock):
+        array = tensor.detach().float().cpu().numpy()
+        if dtype == "float16" and not name.endswith(_KEEP_F32):
+            array = array.astype(np.float16)
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def _tensors(stock):
@@ -219,19 +218,16 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
 
 def gguf_architecture(path: str | Path) -> str:
     """``general.architecture`` of a GGUF file."""
-    import gguf
-
-    return gguf.GGUFReader(str(path)).fields["general.architecture"].contents()
+    return open_gguf(path).fields["general.architecture"].contents()
 
 
 def read_glm4moe_gguf(path: str | Path):
     """A ``Glm4MoeForCausalLM`` (float32) from a glm4moe GGUF file that :func:`write_gguf` wrote: its metadata and
     tensors mapped back by the writer's names (transformers has no glm4moe GGUF reader). It checks the file's
     contents round trip; what llama.cpp computes from them is checked by bench/llama_cpp_serving.py."""
-    import gguf
     import transformers as tf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     arch = reader.fields["general.architecture"].contents()
     if arch != GLM_ARCH:
         raise BrickworkError(f"{path} is a '{arch}' GGUF file, not {GLM_ARCH}")
@@ -299,10 +295,9 @@ def read_glm4moe_gguf(path: str | Path):
 
 def read_qwen2moe_config(path: str | Path):
     """A ``Qwen2MoeConfig`` from a qwen2moe GGUF file's metadata (and whether it stores ``output.weight``)."""
-    import gguf
     import transformers as tf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
 
     def field(key: str):
         f = reader.fields.get(f"{ARCH}.{key}")

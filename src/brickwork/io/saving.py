@@ -24,9 +24,10 @@ from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import CarveConfig, check_router_options
 from brickwork.bricks.merged import MergedBricks, layer_modules
 from brickwork.bricks.module import BrickFFN
-from brickwork.bricks.spec import BrickSpec
+from brickwork.bricks.spec import DTYPES, BrickSpec
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
+from brickwork.models.config_check import check_config_fields, check_recorded_settings, recorded_settings
 from brickwork.models.specs import find_ffns
 from brickwork.routing import ROUTERS
 from brickwork.version import __version__
@@ -132,6 +133,12 @@ def check_finite(model) -> None:
             raise BrickworkError(f"the model's weight {name} holds NaN or infinite values; nothing was saved")
 
 
+def weights_dtype(tensors) -> str | list[str]:
+    """The floating dtype of the weights saved (a sorted list when they have several), which load verifies."""
+    names = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
+    return names[0] if len(names) == 1 else names
+
+
 def write_weights(model, path: Path, format: str) -> None:
     """``model.safetensors`` with the same bytes for the same weights: tied weights are stored once (the load
     ties them again), and the metadata holds one key (safetensors writes several in a random order)."""
@@ -172,6 +179,8 @@ def save(
         "calibration": model.brickwork["calibration"],
         "calibration_tokens": model.brickwork["calibration_tokens"],
         "layers": [_layer_record(i, b) for i, b in sorted(bricks.items())],
+        "base_settings": recorded_settings(model.config),
+        "weights_dtype": weights_dtype(model.state_dict().values()),
     }
     merged = _merged_record(model, bricks)
     if merged is not None:
@@ -202,12 +211,19 @@ def _read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BrickworkError(f"{path} is damaged ({exc.msg}); save the model again") from exc
+    except (RecursionError, UnicodeDecodeError) as exc:
+        raise BrickworkError(f"{path} is damaged (not a carved-model record); save the model again") from exc
     if isinstance(meta, dict) and meta.get("format") != FORMAT:
         raise BrickworkError(f"{path} is not a carved-model record (format {meta.get('format')!r})")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BrickworkError(f"{path} is not a carved-model record")
-    version = meta.get("format_version", 0)
-    if not isinstance(version, int) or version > OPS_FORMAT_VERSION:
+    version = meta.get("format_version", FORMAT_VERSION)  # files before versions were format 1
+    if not _is_int(version, FORMAT_VERSION):
+        raise BrickworkError(
+            f"{path}: format_version is {version!r}, not a format ({FORMAT_VERSION} to {OPS_FORMAT_VERSION}); "
+            "save the model again"
+        )
+    if version > OPS_FORMAT_VERSION:
         writer = meta.get("brickwork_version")
         by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
         raise BrickworkError(
@@ -217,7 +233,29 @@ def _read_meta(directory: Path) -> dict:
     for name in ("config.json", "model.safetensors"):
         if not (directory / name).is_file():
             raise BrickworkError(f"{directory} is incomplete: {name} is missing; save the model again")
+    for key, allowed, what in (
+        ("model_type", str, "a string"),
+        ("model_class", str, "a string"),
+        ("base_model", (str, type(None)), "a string"),
+        ("calibration", (str, dict, type(None)), "a description of the calibration text"),
+        ("weights_dtype", (str, list, type(None)), "a dtype name"),
+        ("base_settings", (dict, type(None)), "an object"),
+    ):
+        if not isinstance(meta.get(key), allowed):
+            raise BrickworkError(
+                f"{path}: {key} is {_shown(meta.get(key))}, not {what}; save the model again"
+            )
+    tokens = meta.get("calibration_tokens")
+    if tokens is not None and not _is_int(tokens, 0):
+        raise BrickworkError(
+            f"{path}: calibration_tokens is {_shown(tokens)}, not a count; save the model again"
+        )
     return meta
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _model_class(directory: Path, meta: dict, config):
@@ -240,7 +278,7 @@ def _model_class(directory: Path, meta: dict, config):
         names = mapping.get(config.model_type, ())
         allowed.update([names] if isinstance(names, str) else names)
     name = meta.get("model_class")
-    if name not in allowed:
+    if not isinstance(name, str) or name not in allowed:
         raise BrickworkError(
             f"{directory}: model class {name!r} is not one transformers uses for {config.model_type} models "
             f"({', '.join(sorted(allowed)) or 'none'})"
@@ -399,6 +437,60 @@ def _empty_brick(directory: Path, record: dict, spec: BrickSpec, ffn) -> BrickFF
     return brick
 
 
+# safetensors' dtype names
+_STORED_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def _check_stored_dtypes(directory: Path, meta: dict, layers: list[dict], model) -> None:
+    """Refuse weights stored in a dtype the record does not name: a float weight stored as integers would load
+    truncated, a float16 one upcast without a word. The record's dtype is ``weights_dtype`` (written since load
+    checks it), else a sequential carve's storage dtype, else the layers' ``dtype``."""
+    from safetensors import safe_open
+
+    recorded = meta.get("weights_dtype") or (meta.get("sequential") or {}).get("weights_dtype")
+    if recorded is None:
+        recorded = sorted({r.get("dtype", "float32") for r in layers})
+    expected = {recorded} if isinstance(recorded, str) else set(recorded)
+    if not expected <= set(DTYPES):
+        raise BrickworkError(
+            f"{directory}/brickwork.json: weights_dtype {_shown(recorded)} is not among {', '.join(DTYPES)}; save "
+            "the model again"
+        )
+    path = directory / "model.safetensors"
+    state = model.state_dict()
+    try:
+        with safe_open(str(path), "pt") as handle:
+            stored = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise BrickworkError(f"{path} is damaged: {str(exc)[:300]}") from exc
+    for name, code in stored.items():
+        if name not in state:
+            continue  # an unexpected weight: refused below, with the others
+        dtype = _STORED_DTYPES.get(code, code)
+        wanted = state[name]
+        if wanted.is_floating_point() and dtype not in expected:
+            raise BrickworkError(
+                f"{path}: the weight {name} is stored as {dtype}; brickwork.json records {', '.join(sorted(expected))}"
+                " (save the model again)"
+            )
+        if not wanted.is_floating_point() and dtype != str(wanted.dtype).removeprefix("torch."):
+            raise BrickworkError(
+                f"{path}: {name} is stored as {dtype}, the model holds it as "
+                f"{str(wanted.dtype).removeprefix('torch.')} (save the model again)"
+            )
+
+
 def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """Rebuild a carved model saved by :func:`save` (no calibration data needed). Returns the model.
 
@@ -410,9 +502,18 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     directory = Path(directory)
     meta = _read_meta(directory)
     try:
-        config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as exc:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError, RecursionError) as exc:
         raise BrickworkError(f"{directory}/config.json is damaged: {str(exc)[:300]}") from exc
+    if not isinstance(raw, dict):
+        raise BrickworkError(f"{directory}/config.json is not an object; restore it")
+    check_config_fields(raw, f"{directory}/config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BrickworkError(f"{directory}/config.json is damaged: {str(exc)[:300]}") from exc
+    if meta.get("base_settings") is not None:  # written since load verifies them
+        check_recorded_settings(meta["base_settings"], config, f"{directory}/brickwork.json")
     model_class = _model_class(directory, meta, config)
     try:
         carve_config = CarveConfig.from_dict(meta.get("carve_config"))
@@ -421,7 +522,12 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     layers = meta.get("layers")
     if not isinstance(layers, list) or not layers:
         raise BrickworkError(f"{directory}/brickwork.json lists no carved layer; save the model again")
-    model = model_class(config)
+    try:
+        model = model_class(config)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise BrickworkError(
+            f"{directory}/config.json builds no {model_class.__name__} ({str(exc)[:300]}); restore it"
+        ) from exc
     ffns = find_ffns(model)
     seen: set[int] = set()
     specs = [_check_record(directory, record, ffns, seen) for record in layers]  # all, before building any
@@ -441,6 +547,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             for brick in bricks:
                 brick.grown = GrownExperts.for_brick(brick, grown_spec)
         _swap_in(ffn, MergedBricks(bricks) if index in merged else bricks[0])
+    _check_stored_dtypes(directory, meta, layers, model)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
@@ -452,6 +559,12 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             f"{directory}/model.safetensors does not match brickwork.json (missing "
             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
+    for name, tensor in model.state_dict().items():  # one pass: a NaN weight would make every logit NaN
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BrickworkError(
+                f"{directory}/model.safetensors: the weight {name} holds NaN or infinite values; the model cannot "
+                "be used (save it again from a sound copy)"
+            )
     model.brickwork = {
         "config": carve_config.to_dict(),
         "calibration": meta.get("calibration"),

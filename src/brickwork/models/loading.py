@@ -22,6 +22,7 @@ import torch
 
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text, clean_stale
+from brickwork.models.config_check import check_config_fields
 from brickwork.models.wheel_parts import PARTED_MODELS, PartedModel, check_resources, fetch_gguf, provenance
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,25 @@ def _bundled_gguf_path(spec: BundledModel) -> Path:
     return path
 
 
+def open_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` of ``path``; a damaged or truncated file is a BrickworkError, not numpy's complaint."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        reader.fields["general.architecture"].contents()
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as exc:
+        raise BrickworkError(
+            f"{path} is not a readable GGUF file (damaged or truncated: {str(exc)[:200]}); export or download it "
+            "again"
+        ) from exc
+    return reader
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    open_gguf(path)  # a damaged file is refused with a clear word before transformers reads it
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
@@ -202,6 +219,7 @@ def _check_model_dir(path: Path) -> None:
         ) from exc
     if not isinstance(parsed, dict) or "model_type" not in parsed:
         raise BrickworkError(f"{config} holds no model_type; it is not a transformers model config")
+    check_config_fields(parsed, str(config))
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         raise BrickworkError(
             f"{path} holds no weights (none of {', '.join(_WEIGHT_FILES)}); restore the model directory"

@@ -244,6 +244,21 @@ def prune_brick(brick: BrickFFN, experts: torch.Tensor) -> BrickFFN:
 
 
 @torch.no_grad()
+def check_min_experts(model, min_experts: int | None) -> dict:
+    """The model's carved layers, after refusing a ``min_experts`` above a layer's routed experts (a prune cannot
+    keep more experts than there are); a BrickworkError before any usage is measured."""
+    bricks = carved_layers(model)
+    if not bricks:
+        raise BrickworkError("the model has no carved layer: carve it first (brickwork carve)")
+    fewest = min(brick.num_experts for brick in bricks.values())
+    if min_experts is not None and min_experts > fewest:
+        raise BrickworkError(
+            f"min_experts {min_experts} is more than the {fewest} routed experts a carved layer has; give at most "
+            f"{fewest}"
+        )
+    return bricks
+
+
 def prune_for_domain_(
     model, usage: ExpertUsage, coverage: float = 1.0, min_experts: int | None = None
 ) -> PruneReport:
@@ -262,9 +277,7 @@ def prune_for_domain_(
         raise ValueError(
             f"min_experts must be an integer >= 1 (or None: each layer's active), got {min_experts!r}"
         )
-    bricks = carved_layers(model)
-    if not bricks:
-        raise BrickworkError("the model has no carved layer: carve it first (brickwork carve)")
+    bricks = check_min_experts(model, min_experts)
     if set(usage.counts) != set(bricks):
         raise BrickworkError(
             f"the usage counts layers {sorted(usage.counts)}, the model's carved layers are {sorted(bricks)}: "

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brickwork.bricks.module import BrickFFN
+from brickwork.divergence import DivergenceGuard
 from brickwork.errors import BrickworkError
 
 
@@ -85,7 +86,8 @@ def train_lm_(
     (parameter -> bool row mask) limits a parameter to some rows; ``extra_loss(step)``, when given, is a term added
     to each step's loss (grow's gate penalty on replay text). Returns a report: steps, losses (next-token only),
     extra_losses (when given), trainable weights, seconds. Refuses (BrickworkError) a run whose loss or weights stop
-    being finite."""
+    being finite, whose weights explode or whose loss climbs far above its start
+    (:class:`~brickwork.divergence.DivergenceGuard`)."""
     from brickwork.data.sources import token_windows
 
     config = config or TrainConfig()
@@ -100,6 +102,8 @@ def train_lm_(
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    names = {id(p): name for name, p in model.named_parameters()}
+    guard = DivergenceGuard((names.get(id(p), f"parameter {i}"), p) for i, p in enumerate(params))
     device = params[0].device
     row_masks = [(p, mask.to(device).view(-1, *([1] * (p.dim() - 1)))) for p, mask in masks.items()]
     was_training = model.training
@@ -122,17 +126,14 @@ def train_lm_(
                 extra = extra_loss(step)
                 extra_losses.append(extra.item())
                 total = loss + extra
-            if not torch.isfinite(total):
-                raise BrickworkError(
-                    f"the training loss is {total.item()} at step {step + 1}: training diverged (lower --lr); "
-                    "nothing was saved"
-                )
+            guard.check_loss(total, step + 1)
             total.backward()
             for p, mask in row_masks:
                 if p.grad is not None:
                     p.grad.mul_(mask)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            guard.check_weights(step + 1)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
@@ -143,9 +144,6 @@ def train_lm_(
         for module in model.modules():  # a weighted rule's last balance term holds the last step's graph
             if isinstance(module, BrickFFN):
                 module.last_balance = module.last_load = None
-    for p in params:
-        if not torch.isfinite(p.detach()).all():
-            raise BrickworkError("training left non-finite weights (lower --lr); nothing was saved")
     model.eval()
     return {
         "steps": len(losses),

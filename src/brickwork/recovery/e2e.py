@@ -26,6 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from brickwork.bricks.carve import carved_layers, refuse_grown
+from brickwork.bricks.merged import MergedBricks
+from brickwork.bricks.module import BrickFFN
+from brickwork.divergence import DivergenceGuard
 from brickwork.errors import BrickworkError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,58 @@ class E2EConfig:
             raise ValueError(
                 f"tokens ({self.tokens}) must cover at least one batch (window x batch_size = "
                 f"{self.window * self.batch_size})"
+            )
+
+
+# The config fields that fix a teacher's architecture: a teacher must agree with the carve on each it has.
+_ARCHITECTURE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+)
+TEACHER_TOLERANCE = (
+    5e-3  # relative difference of a non-FFN weight that a dtype round trip (bf16: ~1e-3) stays in
+)
+
+
+@torch.no_grad()
+def check_teacher(model, parent) -> None:
+    """Refuse (BrickworkError) a teacher that is not the carve's dense parent: a carved model, another
+    architecture, or other non-FFN weights (each a tensor's relative difference within
+    :data:`TEACHER_TOLERANCE`; only the FFNs were carved, so everything else must be the parent's)."""
+    hint = "pass the dense model the carve was made from as --parent (brickwork.json's base_model names it)"
+    if carved_layers(parent):
+        raise BrickworkError(f"the teacher is itself a carved model; {hint}")
+    ours, theirs = model.config.to_dict(), parent.config.to_dict()
+    differ = [k for k in _ARCHITECTURE_KEYS if (k in ours or k in theirs) and ours.get(k) != theirs.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {theirs.get(k)!r} against {ours.get(k)!r}" for k in differ[:4])
+        raise BrickworkError(f"the teacher's architecture differs from the carve's ({shown}); {hint}")
+    bricks = {name for name, module in model.named_modules() if isinstance(module, (BrickFFN, MergedBricks))}
+    teacher = parent.state_dict()
+    for name, tensor in model.state_dict().items():
+        if any(name.startswith(prefix + ".") for prefix in bricks):
+            continue
+        other = teacher.get(name)
+        if other is None or other.shape != tensor.shape:
+            raise BrickworkError(f"the teacher has no weight {name} of shape {tuple(tensor.shape)}; {hint}")
+        if not tensor.is_floating_point():
+            continue
+        a, b = tensor.float(), other.float().to(tensor.device)
+        difference = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        if difference > TEACHER_TOLERANCE:
+            raise BrickworkError(
+                f"the teacher's {name} differs from the carve's by {difference:.3g} (relative; at most "
+                f"{TEACHER_TOLERANCE} for the parent); {hint}"
             )
 
 
@@ -141,6 +196,7 @@ def recover_e2e_(
     refuse_grown(carved_layers(model), "recovery")
     if not carved_layers(model):
         raise BrickworkError("the model has no carved layer to recover: carve it first")
+    check_teacher(model, parent)
     if resume and checkpoint_dir is None:
         raise BrickworkError("resume needs the checkpoint directory")
     accelerator = accelerator or Accelerator()
@@ -163,6 +219,8 @@ def recover_e2e_(
             raise BrickworkError(f"no checkpoint in {checkpoint_dir} to resume from")
         accelerator.load_state(str(latest))
         start_step = json.loads((latest / "brickwork-step.json").read_text())["step"]
+    unwrapped = accelerator.unwrap_model(model)
+    guard = DivergenceGuard((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad)
     losses = []
     weighted = [b for b in carved_layers(accelerator.unwrap_model(model)).values() if b.combine.weighted]
     load = [torch.zeros(b.num_experts, device=accelerator.device) for b in weighted]  # selections per expert
@@ -195,14 +253,11 @@ def recover_e2e_(
             if b.last_load is not None:
                 load[i] += b.last_load
             b.last_balance = b.last_load = None
-        if not torch.isfinite(loss.detach()).all():
-            raise BrickworkError(
-                f"the distillation loss is {loss.item()} at step {step + 1}: training diverged (lower --lr); "
-                "the model was not saved"
-            )
+        guard.check_loss(loss, step + 1)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        guard.check_weights(step + 1)
         losses.append(accelerator.gather(distillation[None]).mean().item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         done = step + 1
@@ -217,9 +272,6 @@ def recover_e2e_(
                 )
             accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p.detach()).all():
-            raise BrickworkError(f"training left non-finite values in {name} (lower --lr); nothing was saved")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

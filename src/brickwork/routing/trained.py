@@ -25,6 +25,7 @@ import logging
 
 import torch
 
+from brickwork.divergence import DivergenceGuard
 from brickwork.errors import BrickworkError
 from brickwork.routing.base import RouterInputs, register_router
 from brickwork.routing.fitted import FittedRouter, ridge_fit
@@ -72,16 +73,19 @@ def train_linear_router(
     optimizer = torch.optim.Adam(params, lr=lr)
     targets = oracle_targets(mass_fit, active)
     generator = torch.Generator().manual_seed(seed)
+    guard = DivergenceGuard(
+        [("router weight", weight), ("router bias", bias)], hint="lower the router option lr"
+    )
     with torch.enable_grad():  # carving runs under no_grad
-        for _ in range(steps):
+        for step in range(steps):
             batch = torch.randint(len(x_fit), (min(BATCH, len(x_fit)),), generator=generator)
             logits = x_fit[batch] @ weight.t() + bias
             loss = -(targets[batch] * torch.log_softmax(logits, dim=1)).sum(1).mean()
-            if not torch.isfinite(loss):
-                raise BrickworkError("router training diverged (non-finite loss); lower the router option lr")
+            guard.check_loss(loss, step + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            guard.check_weights(step + 1)
     with torch.no_grad():
         before = captured_mass(x_val @ weight0.t() + bias0, mass_val, active)
         after = captured_mass(x_val @ weight.t() + bias, mass_val, active)
