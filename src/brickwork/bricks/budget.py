@@ -224,6 +224,13 @@ def _finite(values: dict[int, float]) -> dict[int, float | None]:
     return {i: (v if math.isfinite(v) else None) for i, v in values.items()}
 
 
+def _balanced(moved_reads: dict[int, dict[int, float]], up: int, down: int, step: float) -> bool:
+    """Whether raising ``up`` and lowering ``down`` by one step keeps the average: equal reads (within a quarter
+    step) added to one and taken from the other."""
+    added, removed = moved_reads[1].get(up), moved_reads[-1].get(down)
+    return added is not None and removed is not None and added > 0 and abs(added - removed) <= step / 4
+
+
 @torch.no_grad()
 def allocate_budgets(
     model: nn.Module,
@@ -301,14 +308,13 @@ def allocate_budgets(
             set_budget(model, chosen)
         moves, free = [], set(bricks)
 
-        def balanced(up: int, down: int) -> bool:  # the pair keeps the average: equal reads added and removed
-            added, removed = moved_reads[1].get(up), moved_reads[-1].get(down)
-            return (
-                added is not None and removed is not None and added > 0 and abs(added - removed) <= step / 4
-            )
-
         while len(free) >= 2:  # the best balanced (raise, lower) pair not yet moved, while it is a net gain
-            pairs = [(gain[u] - cost[d], u, d) for u in free for d in free if u != d and balanced(u, d)]
+            pairs = [
+                (gain[u] - cost[d], u, d)
+                for u in free
+                for d in free
+                if u != d and _balanced(moved_reads, u, d, step)
+            ]
             if not pairs:
                 break
             net, up, down = max(pairs)

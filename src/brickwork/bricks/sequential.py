@@ -56,8 +56,8 @@ from brickwork.io.saving import FORMAT, _layer_record, _model_card, format_versi
 from brickwork.io.stream_writer import SafetensorsStreamWriter
 from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
 from brickwork.memory import GIB, StepMemory, StepMeter
-from brickwork.models.lazy import LazyModel, materialise, materialise_parameters, open_lazy_model, release
 from brickwork.models.config_check import recorded_settings
+from brickwork.models.lazy import LazyModel, materialise, materialise_parameters, open_lazy_model, release
 from brickwork.models.loading import check_window
 from brickwork.models.specs import find_ffns
 from brickwork.profiling.hooks import FFNCapture

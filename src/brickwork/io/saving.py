@@ -471,7 +471,7 @@ def _check_stored_dtypes(directory: Path, meta: dict, layers: list[dict], model)
     state = model.state_dict()
     try:
         with safe_open(str(path), "pt") as handle:
-            stored = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+            stored = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
         raise BrickworkError(f"{path} is damaged: {str(exc)[:300]}") from exc
     for name, code in stored.items():
