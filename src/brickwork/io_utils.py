@@ -224,3 +224,19 @@ def atomic_directory(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def updated_directory(
+    path: str | os.PathLike,
+    kind: str | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Iterator[Path]:
+    """:func:`atomic_directory` whose temporary starts as a copy of the existing directory: the files the block
+    writes replace theirs, the others (a results directory's README) are kept, and the whole set appears at once."""
+    path = Path(path)
+    with atomic_directory(path, kind, overwrite, inputs) as tmp:
+        if path.is_dir():
+            shutil.copytree(path, tmp, symlinks=True, dirs_exist_ok=True)
+        yield tmp

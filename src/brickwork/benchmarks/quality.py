@@ -636,12 +636,13 @@ def merge_recovery(results: dict, *recoveries: dict) -> dict:
     return merged
 
 
-def write(results: dict, out: Path) -> Path:
-    """results.json, results.md and quality.png in ``out`` (each written atomically)."""
+def write(results: dict, out: Path, overwrite: bool = False) -> Path:
+    """results.json, results.md and quality.png in ``out``, together and atomically (other files there are kept);
+    a non-empty ``out`` that holds no results is replaced only with ``overwrite``."""
     from brickwork.benchmarks.common import write_results
-    from brickwork.io_utils import atomic_file
+    from brickwork.io_utils import updated_directory
 
-    write_results(out, results, render_table(results))
-    with atomic_file(out / "quality.png") as tmp:
-        plot(results, tmp)
+    with updated_directory(out, "bench", overwrite) as tmp:  # all three files appear at once
+        write_results(tmp, results, render_table(results))
+        plot(results, tmp / "quality.png")
     return out

@@ -369,11 +369,12 @@ def plot(results: dict, path) -> None:
     plt.close(fig)
 
 
-def write(results: dict, out) -> None:
-    """results.json, results.md and speed.png in ``out`` (each written atomically)."""
+def write(results: dict, out, overwrite: bool = False) -> None:
+    """results.json, results.md and speed.png in ``out``, together and atomically (other files there are kept);
+    a non-empty ``out`` that holds no results is replaced only with ``overwrite``."""
     from brickwork.benchmarks.common import write_results
-    from brickwork.io_utils import atomic_file
+    from brickwork.io_utils import updated_directory
 
-    write_results(out, results, render_table(results))
-    with atomic_file(out / "speed.png") as tmp:
-        plot(results, tmp)
+    with updated_directory(out, "bench", overwrite) as tmp:  # all three files appear at once
+        write_results(tmp, results, render_table(results))
+        plot(results, tmp / "speed.png")

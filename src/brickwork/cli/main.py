@@ -360,7 +360,7 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
     config = QualityBenchConfig(**options)
     check_output_dir(args.out, "bench", args.overwrite, _local_inputs(args.model))
     results = run_quality_bench(config, progress=not args.quiet)
-    out = write(results, args.out)
+    out = write(results, args.out, args.overwrite)
     print(render_table(results))
     print(f"\nwrote {out}/results.json, results.md, quality.png")
 
@@ -451,7 +451,7 @@ def _cmd_bench_speed(args: argparse.Namespace) -> None:
         options["model"] = args.model
     check_output_dir(args.out, "bench", args.overwrite, _local_inputs(args.model))
     results = run_speed_bench(SpeedBenchConfig(**options), progress=not args.quiet)
-    write(results, args.out)
+    write(results, args.out, args.overwrite)
     print(render_table(results))
     print(f"\nwrote {args.out}/results.json, results.md, speed.png")
 

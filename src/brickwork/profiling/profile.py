@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -161,19 +162,44 @@ class Profile:
                 f"{directory} is not a brickwork profile (expected profile.json and "
                 "profile.safetensors); create one with `brickwork profile`."
             )
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version", 0) > PROFILE_FORMAT_VERSION:
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise BrickworkError(
+                f"{meta_path} is damaged ({str(exc)[:200]}); profile the model again"
+            ) from exc
+        version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+        layer_count = meta.get("num_layers") if isinstance(meta, dict) else None
+        for name, value in (("format_version", version), ("num_layers", layer_count)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "num_layers"):
+                raise BrickworkError(
+                    f"{meta_path}: {name} is {value!r}, not a count; profile the model again"
+                )
+        if version > PROFILE_FORMAT_VERSION:
             writer = meta.get("brickwork_version")
             by = f" (written by brickwork {writer})" if writer and writer != __version__ else ""
             raise BrickworkError(
                 f"{directory} uses profile format {meta.get('format_version')}{by}; this brickwork ({__version__}) "
                 f"reads format {PROFILE_FORMAT_VERSION} and older: upgrade brickwork to read it."
             )
-        tensors = load_file(str(tensor_path))
-        layers: list[dict[str, torch.Tensor]] = [{} for _ in range(meta["num_layers"])]
+        try:
+            tensors = load_file(str(tensor_path))
+        except (SafetensorError, OSError) as exc:
+            raise BrickworkError(
+                f"{tensor_path} is damaged ({str(exc)[:200]}); profile the model again"
+            ) from exc
+        layers: list[dict[str, torch.Tensor]] = [{} for _ in range(layer_count)]
         for key, tensor in tensors.items():
-            _, index, name = key.split(".", 2)
-            layers[int(index)][name] = tensor
+            parts = key.split(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) >= layer_count:
+                raise BrickworkError(
+                    f"{tensor_path}: {key!r} is not a statistic of one of {layer_count} layers"
+                )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise BrickworkError(
+                    f"{tensor_path}: {key} holds NaN or infinite values; profile the model again"
+                )
+            layers[int(parts[1])][parts[2]] = tensor
         return cls(layers=layers, meta=meta)
 
 
