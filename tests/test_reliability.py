@@ -13,7 +13,6 @@ import torch
 
 import brickwork as bw
 from brickwork.cli.main import main
-from brickwork.divergence import DivergenceGuard
 from brickwork.errors import BrickworkError
 from brickwork.models.tiny import build_tiny_model
 from conftest import carved_tiny
@@ -118,6 +117,8 @@ def test_update_with_an_absurd_learning_rate_stops_and_saves_nothing(tmp_path, c
 
 
 def test_the_guard_stops_exploding_weights_and_a_climbing_loss_and_passes_a_sound_run():
+    from brickwork.divergence import DivergenceGuard
+
     weight = torch.nn.Parameter(torch.full((4, 4), 0.5))
     guard = DivergenceGuard([("w", weight)])
     for step, loss in enumerate([3.0, 2.9, 2.8, 2.7], start=1):  # a run that learns
