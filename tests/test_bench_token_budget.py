@@ -14,7 +14,7 @@ def test_bench_token_budget_quick_reports_rows_speed_and_plot(tmp_path, text_fil
     out = tmp_path / "out"
     command = [
         sys.executable, str(ROOT / "bench" / "token_budget.py"), "--quick", "--calib", str(text_file),
-        "--eval", str(text_file), "--no-separate", "--layer-step", "0.05", "--variants",
+        "--eval", str(text_file), "--no-separate", "--layer-step", "0.125", "--variants",
         "per-token, one threshold", "per-layer top-k", "per-layer caps + per-token", "--out", str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)

@@ -1587,9 +1587,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # config validation
         print(f"brickwork: error: {exc}", file=sys.stderr)
         return 2
-    except (
-        OSError
-    ) as exc:  # a full disk, a file-size limit, a permission: outputs are written whole or not at all
+    except OSError as exc:
+        # a full disk, a file-size limit, a permission: outputs are written whole or not at all
         where = f" ({exc.filename})" if exc.filename else ""
         return _write_error(f"could not read or write{where}: {exc.strerror or exc}")
     except Exception as exc:

@@ -458,7 +458,10 @@ def _check_stored_dtypes(directory: Path, meta: dict, layers: list[dict], model)
     checks it), else a sequential carve's storage dtype, else the layers' ``dtype``."""
     from safetensors import safe_open
 
-    recorded = meta.get("weights_dtype") or (meta.get("sequential") or {}).get("weights_dtype")
+    sequential = meta.get("sequential")
+    recorded = meta.get("weights_dtype") or (
+        sequential.get("weights_dtype") if isinstance(sequential, dict) else None
+    )
     if recorded is None:
         recorded = sorted({r.get("dtype", "float32") for r in layers})
     expected = {recorded} if isinstance(recorded, str) else set(recorded)
@@ -473,7 +476,7 @@ def _check_stored_dtypes(directory: Path, meta: dict, layers: list[dict], model)
         with safe_open(str(path), "pt") as handle:
             stored = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as exc:
-        raise BrickworkError(f"{path} is damaged: {str(exc)[:300]}") from exc
+        raise BrickworkError(f"{path} is damaged or does not match brickwork.json: {str(exc)[:300]}") from exc
     for name, code in stored.items():
         if name not in state:
             continue  # an unexpected weight: refused below, with the others
