@@ -254,7 +254,8 @@ def allocate_budgets(
     over what its lowered layer costs first, while that is positive (the effects are taken as additive across
     layers) and the reads it adds to one layer equal, within a quarter step, the reads it takes from the other
     (a step moves whole experts, so on expert-level carves the same step can move two layers by different
-    numbers of experts: such pairs are not made); equal FFN sizes keep the average. Each further round (``rounds``) measures again from the
+    numbers of experts: such pairs are not made); equal FFN sizes keep the average. A step below one routed
+    expert's share is refused. Each further round (``rounds``) measures again from the
     allocation so far and moves layers by one more step, so a sensitive layer can climb several steps; it stops
     early when no pair gains. Returns ``{layer: budget}`` for :func:`set_budget`, which this leaves applied.
     ``2 L + 1`` forward passes over ``tokens`` per round for L carved layers.
@@ -289,10 +290,8 @@ def allocate_budgets(
         reads = set_budget(model, chosen)
         base = mean_nll(model, windows)
         cost, gain = {}, {}
-        moved_reads: dict[int, dict[int, float]] = {
-            -1: {},
-            1: {},
-        }  # what each move changes a layer's reads by
+        # by how much lowering (-1) and raising (1) each layer changes its reads
+        moved_reads: dict[int, dict[int, float]] = {-1: {}, 1: {}}
         desc = "layer sensitivity" + (f" (round {round_ + 1}/{rounds})" if rounds > 1 else "")
         for index in tqdm(sorted(bricks), desc=desc, unit="layer", disable=not progress):
             for sign, into in ((-1, cost), (1, gain)):
