@@ -6,7 +6,8 @@ Each command is first run once to make the existing output it must protect. The 
 child process that kills itself at a chosen point:
 
 - ``work``: once the model is loaded, before anything is written;
-- ``write``: while the weights are written (a safetensors or GGUF file half written, a plot half drawn);
+- ``write``: while the weights are written (a safetensors or GGUF file half written, a layer-by-layer carve's
+  stream stopped after three tensors, a plot half drawn);
 - ``swap``: at the rename that would put the finished output in place.
 """
 
@@ -67,6 +68,16 @@ if point == "write":
         savefig(self, path, *args, **kwargs)
         half_written(path)
     matplotlib.figure.Figure.savefig = savefig_half
+
+    import brickwork.io.stream_writer as stream  # a carve made layer by layer streams its weights
+
+    add = stream.SafetensorsStreamWriter.add
+    def add_then_die(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        if len(self.entries) == 3:
+            self._file.flush()
+            die()
+    stream.SafetensorsStreamWriter.add = add_then_die
 elif point == "swap":
     replace = os.replace
     def replace_or_die(src, dst, *args, **kwargs):
@@ -133,6 +144,7 @@ def work(tmp_path_factory):
     train = "--tokens 256 --window 32 --batch-size 4 -q"
     commands = {
         "carve": (f"{carve} --shared 1 --combine softmax", "dir"),
+        "carve sequential": (f"{carve} --shared 1 --sequential", "dir"),
         "profile": (f"profile {tiny} --calib {text} --tokens 128 --window 32 -q", "dir"),
         "export qwen2_moe": (f"export {carved} --format qwen2_moe {export}", "dir"),
         "export mixtral": (f"export {carves['no-shared']} --format mixtral {export}", "dir"),
@@ -180,6 +192,8 @@ KILLS = [
     *[(name, "write") for name in ("export gguf", "recover local", "recover e2e", "grow", "update", "merge")],
     ("prune", "write"),
     ("bench speed", "write"),
+    ("carve sequential", "write"),
+    ("carve sequential", "swap"),
     *[
         (name, "swap")
         for name in ("carve", "profile", "export qwen2_moe", "export mixtral", "export glm4_moe")
