@@ -644,13 +644,13 @@ def check_export_output(out: str | Path, format: str, overwrite: bool = False, i
 
 
 def _is_brickwork_gguf(path: Path) -> bool:
-    try:
-        import gguf
+    from brickwork.models.loading import open_gguf
 
-        field = gguf.GGUFReader(str(path)).get_field("general.name")
-        return field is not None and field.contents() == "brickwork export"
-    except Exception:  # any unreadable file is not ours
+    try:
+        field = open_gguf(path).get_field("general.name")
+    except BrickworkError:  # an unreadable file is not ours
         return False
+    return field is not None and field.contents() == "brickwork export"
 
 
 def load_exported(path: str | Path, format: str):

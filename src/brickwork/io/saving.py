@@ -27,7 +27,8 @@ from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import DTYPES, BrickSpec
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
-from brickwork.models.config_check import check_config_fields, check_recorded_settings, recorded_settings
+from brickwork.models.config_check import check_recorded_settings, recorded_settings
+from brickwork.models.loading import check_model_dir
 from brickwork.models.specs import find_ffns
 from brickwork.routing import ROUTERS
 from brickwork.version import __version__
@@ -504,13 +505,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
 
     directory = Path(directory)
     meta = _read_meta(directory)
-    try:
-        raw = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError, RecursionError) as exc:
-        raise BrickworkError(f"{directory}/config.json is damaged: {str(exc)[:300]}") from exc
-    if not isinstance(raw, dict):
-        raise BrickworkError(f"{directory}/config.json is not an object; restore it")
-    check_config_fields(raw, f"{directory}/config.json")
+    check_model_dir(directory)  # config.json's fields, before transformers builds anything from them
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError) as exc:

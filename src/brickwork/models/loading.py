@@ -203,7 +203,7 @@ _WEIGHT_FILES = (
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def _check_model_dir(path: Path) -> None:
+def check_model_dir(path: Path) -> None:
     """A model directory must hold a readable config.json and weights; a brickwork carve also its brickwork.json."""
     config = path / "config.json"
     if not config.is_file():
@@ -213,7 +213,7 @@ def _check_model_dir(path: Path) -> None:
         )
     try:
         parsed = json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RecursionError) as exc:
         raise BrickworkError(
             f"{config} is damaged or truncated ({exc}); restore the model directory"
         ) from exc
@@ -256,7 +256,7 @@ def resolve_model_source(name_or_path: str | os.PathLike) -> tuple[str, str | No
             raise BrickworkError(f"GGUF file not found: {path}")
         return "gguf", str(path)
     if path.is_dir():
-        _check_model_dir(path)
+        check_model_dir(path)
         return "dir", str(path)
     looks_local = path.exists() or name.startswith((".", "/", "~")) or not _HUB_NAME.match(name)
     if looks_local or ("/" in name and Path(name.split("/")[0]).is_dir()):

@@ -170,8 +170,8 @@ class Profile:
             ) from exc
         version = meta.get("format_version", 0) if isinstance(meta, dict) else None
         layer_count = meta.get("num_layers") if isinstance(meta, dict) else None
-        for name, value in (("format_version", version), ("num_layers", layer_count)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "num_layers"):
+        for name, value, low in (("format_version", version, 0), ("num_layers", layer_count, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise BrickworkError(
                     f"{meta_path}: {name} is {value!r}, not a count; profile the model again"
                 )

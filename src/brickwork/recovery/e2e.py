@@ -102,9 +102,8 @@ _ARCHITECTURE_KEYS = (
     "n_head",
     "n_inner",
 )
-TEACHER_TOLERANCE = (
-    5e-3  # relative difference of a non-FFN weight that a dtype round trip (bf16: ~1e-3) stays in
-)
+# relative difference of a non-FFN weight that a dtype round trip (bf16: ~1e-3) stays in
+TEACHER_TOLERANCE = 5e-3
 
 
 @torch.no_grad()
@@ -222,7 +221,7 @@ def recover_e2e_(
     unwrapped = accelerator.unwrap_model(model)
     guard = DivergenceGuard((n, p) for n, p in unwrapped.named_parameters() if p.requires_grad)
     losses = []
-    weighted = [b for b in carved_layers(accelerator.unwrap_model(model)).values() if b.combine.weighted]
+    weighted = [b for b in carved_layers(unwrapped).values() if b.combine.weighted]
     load = [torch.zeros(b.num_experts, device=accelerator.device) for b in weighted]  # selections per expert
     rank, world = accelerator.process_index, accelerator.num_processes
     t = config.temperature
