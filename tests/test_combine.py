@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork import kernels
+from brickwork.bricks import paths as kernels
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.combine import Combine, boundary_ties, fit_combine
 from brickwork.errors import BrickworkError

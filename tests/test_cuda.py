@@ -11,7 +11,7 @@ import torch
 import brickwork as bw
 from brickwork.benchmarks.quality import HeldOut
 from brickwork.bricks.carve import carved_layers
-from brickwork.kernels import supports_fast_path
+from brickwork.bricks.paths import supports_fast_path
 from brickwork.recovery import LocalRecoveryConfig, recover_local_
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
 from conftest import carved_tiny, tiny

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brickwork import kernels
+from brickwork.bricks import paths as kernels
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
 from conftest import carved_tiny
@@ -112,11 +112,19 @@ def test_greedy_generation_is_the_same_on_fast_and_reference_paths(text_file, to
 
 
 def test_switch_points_depend_on_router_family_and_reads(monkeypatch):
+    from brickwork.routing.partial import PartialInputRouter
+
+    own = PartialInputRouter.switch_points  # the router's own points, where the table has none for its family
+    assert kernels.switch_point("token_max", "partial", 0.25, own) == 3
+    assert kernels.switch_point("token_max", "partial", 0.5, own) == 4
+    assert (
+        kernels.switch_point("dense_down_min", "partial", 0.25, own) == 24
+    )  # none of its own: the linear ones
     table = {"linear": ((0.3, 16), (1.0, 8)), "partial": ((0.3, 4), (1.0, 1))}
     monkeypatch.setitem(kernels.SWITCH_POINTS, "token_max", table)
     assert kernels.switch_point("token_max", "linear", 0.25) == 16
     assert kernels.switch_point("token_max", "linear", 0.5) == 8
-    assert kernels.switch_point("token_max", "partial", 0.25) == 4
+    assert kernels.switch_point("token_max", "partial", 0.25, own) == 4  # the table's entry wins
     assert kernels.switch_point("token_max", "partial", 0.5) == 1
     assert kernels.switch_point("token_max", "other", 0.25) == 16  # unknown families use the linear table
     monkeypatch.setitem(kernels.SWITCH_POINTS, "grouped_min", 40)
@@ -270,11 +278,12 @@ def test_topk_selects_what_a_sort_selects_ties_by_position():
         assert _topk_indices(values, k).tolist() == by_sorting(values, k), (n, k, trial)
 
 
-def test_routing_is_chosen_by_what_the_router_declares(monkeypatch):
-    """The kernels route by ``Router.computes`` (kernels.ROUTING), never by the router's name: a new router that
-    declares a known form gets that form's fast paths; one declaring a form with no kernel is refused clearly."""
+def test_routing_is_chosen_by_what_the_router_declares():
+    """The kernels route by what the router's own file declares (``computes`` and ``fast_paths``), never by its
+    name: a router under a new name gets its parent's fast paths; a router that declares a score form without
+    bringing fast paths for it is refused when it is defined; one that declares ``scores`` is routed in torch."""
     from brickwork.bricks.spec import BrickSpec
-    from brickwork.errors import BrickworkError
+    from brickwork.kernels import cpu
     from brickwork.routing import ROUTERS
     from brickwork.routing.centroid import CentroidRouter
 
@@ -284,6 +293,9 @@ def test_routing_is_chosen_by_what_the_router_declares(monkeypatch):
     assert declared["fitted"] == declared["trained"] == declared["centroid"] == "linear"
     assert declared["partial"] == "partial"
     assert {declared[k] for k in ("oracle", "lowrank", "representative")} == {"scores"}
+    assert all(
+        set(cls.fast_paths) == {"token", "batch"} for cls in ROUTERS.values() if cls.computes != "scores"
+    )
 
     class Renamed(CentroidRouter):  # a linear router under a name the kernels have never seen
         kind = "renamed"
@@ -299,20 +311,23 @@ def test_routing_is_chosen_by_what_the_router_declares(monkeypatch):
 
     linear = brick(Renamed(torch.zeros(6, 16), torch.zeros(6)))
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
-    assert kernels.plan(linear).kernel is kernels.cpu.linear_router_token  # routed inside the compiled call
+    assert kernels.plan(linear).kernel is cpu.linear_router_token  # routed inside the compiled call
     with torch.no_grad():
         for path in (kernels.tokens_forward, kernels.batch_forward):
             assert (path(linear, x) - linear.forward_reference(x)).abs().max() <= 1e-5
 
-    class Mystery(Renamed):
-        kind = "mystery"
-        computes = "mystery"
+    with pytest.raises(TypeError, match="declares computes = 'mystery' but brings no fast path"):
 
-    unknown = brick(Mystery(torch.zeros(6, 16), torch.zeros(6)))
-    with pytest.raises(BrickworkError, match="no token kernel routes a router that computes 'mystery'"):
-        kernels.plan(unknown)
-    for path in kernels.PATHS:  # routed in torch, as the reference path routes
-        monkeypatch.setitem(kernels.ROUTING, ("mystery", False, path), kernels.TORCH)
-    assert kernels.plan(unknown).kernel is None
+        class Mystery(Renamed):
+            kind = "mystery"
+            computes = "mystery"
+
+    class InTorch(Renamed):
+        kind = "in-torch"
+        computes = "scores"
+        fast_paths = {}
+
+    unknown = brick(InTorch(torch.zeros(6, 16), torch.zeros(6)))
+    assert kernels.plan(unknown).kernel is None  # routed in torch, as the reference path routes
     with torch.no_grad():
         assert (unknown(x) - unknown.forward_reference(x)).abs().max() <= 1e-5

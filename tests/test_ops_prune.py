@@ -172,12 +172,18 @@ def test_pruning_refuses_mismatched_usage(text_file, tokenizer, domain):
         prune_for_domain_(model, usage, coverage=0)
     with pytest.raises(ValueError, match="min_experts"):
         prune_for_domain_(model, usage, min_experts=0)
+    from brickwork.routing.fitted import FittedRouter
+
+    class Custom(FittedRouter):  # a router that does not say how its parameters split per expert
+        kind = "custom"
+        param_layout = None
+
     router = carved_layers(model)[1].router
-    router.kind = "custom"  # a router whose per-expert parameters pruning does not know
-    with pytest.raises(BrickworkError, match="'custom' router cannot be pruned.*fitted"):
+    router.__class__ = Custom
+    with pytest.raises(BrickworkError, match="'custom' router cannot be pruned.*declares none.*fitted"):
         prune_for_domain_(model, usage)
     assert all(b.num_experts == 30 for b in carved_layers(model).values())  # refused before any change
-    router.kind = "fitted"
+    router.__class__ = FittedRouter
     prune_for_domain_(model, usage)
     with pytest.raises(BrickworkError, match="measure expert_usage on this model"):
         prune_for_domain_(model, usage)  # counts of the unpruned bricks

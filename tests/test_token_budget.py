@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork import kernels
+from brickwork.bricks import paths as kernels
 from brickwork.bricks.adaptive import TokenBudget, dropped_share, kept_counts
 from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.token_budget import ReadCounter

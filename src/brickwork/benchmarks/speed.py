@@ -9,7 +9,7 @@ alternates dense and carved runs (``repeats`` of each, interleaved) and reports 
 - end to end: batch-1 and batch-B decode steps with a KV cache (tokens/s) and prefill forwards;
 - the FFN's share of dense batch-1 decode time;
 - switch points: per carved configuration and token count, which of the kernel paths (per-token, batch,
-  grouped, reference) is fastest, from FFN-only times; :data:`brickwork.kernels.SWITCH_POINTS` is set from
+  grouped, reference) is fastest, from FFN-only times; :data:`brickwork.bricks.paths.SWITCH_POINTS` is set from
   these.
 """
 
@@ -122,7 +122,7 @@ TOKEN_PATH_MAX = 64
 def _switch_points(bricks, dense_ffns, tokens_list, repeats) -> dict:
     """FFN-only time per token count of each kernel path, of the path the bricks pick (``auto``) and of the dense
     FFNs on the same inputs; the fastest kernel path per count."""
-    from brickwork import kernels
+    from brickwork.bricks import paths as kernels
 
     def over(inputs, fn):
         def run():

@@ -5,11 +5,12 @@ Valipour et al. 2023 train nested sub-models for this; brickwork's bricks are ne
 router's top-k of a smaller budget is inside its top-k of a larger one). A layer's budget is the fraction of its
 dense FFN weights a token reads, router included (:meth:`BrickFFN.active_fraction`), as at carve time:
 
-- routers that score experts on their own (``fitted``, ``trained``, ``centroid``, ``representative``,
-  ``lowrank``, ``oracle``): the number of routed experts per token (top-k) changes. Selections are nested: the
+- by default (routers that score experts on their own: ``fitted``, ``trained``, ``centroid``,
+  ``representative``, ``lowrank``, ``oracle``): the number of routed experts per token (top-k) changes. Selections are nested: the
   experts a token runs at a smaller budget are among those it runs at a larger one. Down-row sparsity, where the
   carve has it, keeps its share of the computed neurons.
-- the ``partial`` router (the neuron-level defaults of :func:`brickwork.bricks.presets.recommended`): the number
+- a router with a re-budgeting of its own (:meth:`Router.rebudget`) sets what it says; the ``partial`` router
+  (the neuron-level defaults of :func:`brickwork.bricks.presets.recommended`) sets the number
   of neurons computed, the down rows read and the router's input fraction are set as that preset sets them for
   the budget, giving exactly the carve the preset makes for that budget from the same calibration (same neuron
   order, same neuron count). Selections are nested only while the input fraction stays the same.
@@ -61,8 +62,7 @@ def _apply(brick: BrickFFN, settings: dict) -> None:
         router_config=dict(settings["router_config"]),
         combine=combine,
     )
-    if "input_fraction" in settings["router_config"]:  # the partial router's reference path reads its own
-        brick.router.input_fraction = settings["router_config"]["input_fraction"]
+    brick.router.set_config(settings["router_config"])
 
 
 def spread_over_layers(value, bricks: dict, scalars: tuple, usage: str) -> dict:
@@ -117,9 +117,10 @@ def _fraction_with(brick: BrickFFN, settings: dict) -> float:
 
 
 def layer_settings(brick: BrickFFN, budget: float) -> dict:
-    """The settings that make ``brick`` read at most ``budget`` of its dense FFN per token: for a neuron-level carve
-    (the ``partial`` router) the preset's own settings for that budget, otherwise the most it can read within it;
-    its carved settings when ``budget`` is its carved fraction."""
+    """The settings that make ``brick`` read at most ``budget`` of its dense FFN per token: the router's own
+    (:meth:`~brickwork.routing.base.Router.rebudget`: the neuron-level preset's settings for the ``partial``
+    router), otherwise the most it can read within it; its carved settings when ``budget`` is its carved
+    fraction."""
     if not 0 < budget <= 1:
         raise BrickworkError(f"a budget is a fraction of the dense FFN in (0, 1], got {budget}")
     carved = calibrated(brick)
@@ -127,33 +128,13 @@ def layer_settings(brick: BrickFFN, budget: float) -> dict:
         return carved
     if brick.num_experts == 0:
         raise BrickworkError("this layer has only shared neurons: it has no budget to set")
-    if brick.router.kind == "partial":
-        from brickwork.bricks.presets import recommended
-
-        d_model = brick.d_model
-        preset = recommended(budget, d_ff=brick.d_ff, d_model=d_model, gated=brick.gate is not None)
-        down_fraction = preset.down_fraction
-        router_config = carved["router_config"] | {"input_fraction": preset.router_options["input_fraction"]}
-
-        def settings_for(k: int) -> dict:
-            computed = brick.num_shared + k * brick.expert_size
-            keep = None if down_fraction is None else max(1, round(down_fraction * brick.d_ff))  # as carve_
-            return {
-                "active": k,
-                "down_keep": None if keep is None or keep >= computed else keep,
-                "router_config": router_config,
-                "combine": carved["combine"],
-            }
-
-        # the preset's own neuron count, so that the result is the carve the preset makes for this budget; not
-        # the most that fits. Measured on SmolLM2 at 25% (1,024 botchan tokens, every layer alike): 330 to 340
-        # neurons of 1,536 gave perplexities from 297 to 333, not monotonically (332: 297, 333: 308), so "one
-        # more" is not "better", and the old most-that-fits choice (333) missed the carve made at 25% (332)
-        if brick.num_shared == 0 and brick.expert_size == 1 and preset.active <= brick.num_experts:
-            chosen = settings_for(preset.active)
+    own = brick.router.rebudget(brick, budget, carved)
+    if own is not None:  # the router's own settings per top-k, and the top-k to try first
+        settings_for, first = own
+        if first is not None:
+            chosen = settings_for(first)
             if _fraction_with(brick, chosen) <= budget * (1 + _TOLERANCE):
                 return chosen
-
     else:
         computed0 = brick.num_shared + carved["active"] * brick.expert_size
         share = None if carved["down_keep"] is None else carved["down_keep"] / computed0

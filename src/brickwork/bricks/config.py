@@ -6,9 +6,9 @@ fields' metadata (:func:`option_help`) and passes only the options a user gave.
 
 from __future__ import annotations
 
-import inspect
-import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from brickwork.routing.base import check_router_options
 
 CONFIG_VERSION = 1
 # accumulate="auto" sums in float64 when more experts than this are routed (neuron-level and fine-grained carves):
@@ -19,43 +19,6 @@ EXACT_ABOVE = 64
 ACCUMULATE = ("float32", "float64")
 # Routed experts per token when neither `active` nor `active_fraction` is given.
 DEFAULT_ACTIVE = 2
-
-# Router options with a range (the router builders' keyword arguments): (type, allowed?, the allowed range).
-ROUTER_OPTION_RULES: dict[str, tuple[type, object, str]] = {
-    "rank": (int, lambda v: v >= 1, "an integer >= 1"),
-    "input_fraction": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "intercept": (bool, lambda v: True, "true or false"),
-    "steps": (int, lambda v: v >= 0, "an integer >= 0"),
-    "lr": (float, lambda v: v > 0, "a number > 0"),
-    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
-    "target": (str, lambda v: v in ("mass", "output"), "mass or output"),
-}
-
-
-def check_router_options(router: str, options: dict, builder: str = "build") -> None:
-    """Refuse options the router's ``builder`` does not take, or values outside their range (ValueError)."""
-    from brickwork.routing import ROUTERS
-
-    if not isinstance(options, dict):
-        raise ValueError(f"router options must be a dict of keyword arguments, got {options!r}")
-    parameters = inspect.signature(getattr(ROUTERS[router], builder)).parameters
-    known = sorted(
-        name
-        for name, p in parameters.items()
-        if name not in ("inputs", "num_experts", "d_model", "d_ff", "gated", "routed_neurons")
-        and p.kind is not inspect.Parameter.VAR_KEYWORD
-    )
-    for key, value in options.items():
-        if key not in known:
-            raise ValueError(
-                f"router '{router}' takes no option '{key}'; its options: {', '.join(known) or 'none'}"
-            )
-        kind, allowed, described = ROUTER_OPTION_RULES.get(key, (object, lambda v: True, "any value"))
-        ok_type = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok_type = True
-        if not ok_type or (isinstance(value, float) and not math.isfinite(value)) or not allowed(value):
-            raise ValueError(f"router option {key} must be {described}, got {value!r}")
 
 
 def _option(default, help: str, default_text: str | None = None):

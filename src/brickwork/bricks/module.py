@@ -38,7 +38,7 @@ class BrickFFN(nn.Module):
     token keeps the first of its top ``active`` experts by router mass, and the selection's other slots hold -1.
 
     :meth:`forward_reference` is the reference path (it computes every expert and masks); :meth:`forward` takes
-    the fastest measured path for the batch shape (:mod:`brickwork.kernels`), tested against it.
+    the fastest measured path for the batch shape (:mod:`brickwork.bricks.paths`), tested against it.
 
     ``accumulate="float64"`` (the default for neuron-level carves): at inference every sum (router scores,
     gate/up dot products, the down projection) is accumulated in float64 from the float32 weights and inputs and
@@ -330,9 +330,9 @@ class BrickFFN(nn.Module):
     use_kernels = True  # class-wide switch: False forces the reference path everywhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The fastest measured path for this shape (:mod:`brickwork.kernels`), else :meth:`forward_reference`."""
+        """The fastest measured path for this shape (:mod:`brickwork.bricks.paths`), else :meth:`forward_reference`."""
         if self.use_kernels and not self.record_selection:
-            from brickwork.kernels import fast_forward
+            from brickwork.bricks.paths import fast_forward
 
             y = fast_forward(self, x.reshape(-1, self.d_model))
             if y is not None:

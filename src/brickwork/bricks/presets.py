@@ -17,9 +17,11 @@ from __future__ import annotations
 import math
 
 from brickwork.bricks.config import CarveConfig
+from brickwork.routing.fitted import FittedRouter
+from brickwork.routing.partial import PartialInputRouter, neuron_level_settings
 
-# (active fraction, partial router input_fraction, fraction of neurons computed, fraction reading down rows)
-MEASURED_BEST = ((0.25, 0.125, 330 / 1536, 0.12), (0.50, 0.375, 0.375, 0.28), (0.75, 0.25, 0.75, 0.60))
+NEURON_ROUTER = PartialInputRouter.kind  # the router of the neuron-level preset (recommended)
+STOCK_ROUTER = FittedRouter.kind  # the router of the stock-exportable preset (stock_recommended)
 
 
 def recommended(
@@ -29,39 +31,27 @@ def recommended(
     FFN weights per token (router included), with the settings measured best at the nearest budget.
 
     ``overrides`` (CarveConfig fields; None: not given) replace the measured settings; ``router_options`` are
-    merged over the measured ones, and ``shared`` neurons are taken from the routed ones per token.
-
-    Per token, with a fraction s of neurons computed and d = r s of them reading down rows, and the router
-    reading q of the inputs of the neurons it leaves out: reads / dense = ``(g s + r s + g q (1 - s)) / (g + 1)``
-    for g input projections (2 when gated); solve for s.
+    merged over the measured ones, and ``shared`` neurons are taken from the routed ones per token. The neuron
+    counts come from :func:`brickwork.routing.partial.neuron_level_settings`.
     """
     if not 0 < active_fraction <= 1:
         raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction}")
-    _, q, measured_computed, measured_down = min(
-        MEASURED_BEST, key=lambda best: abs(best[0] - active_fraction)
-    )
-    r = measured_down / measured_computed
-    q = math.ceil(q * d_model) / d_model  # the router reads whole input columns
-    g = 2 if gated else 1
-    computed = ((g + 1) * active_fraction - g * q) / (g + r - g * q)
-    if computed >= 1:  # every neuron computed; spend what is left on down rows
-        active, down = d_ff, (g + 1) * active_fraction - g
-    else:
-        active, down = max(1, math.floor(computed * d_ff)), r * computed
-    down_rows = max(1, math.floor(down * d_ff))
+    active, q, down_rows = neuron_level_settings(active_fraction, d_ff, d_model, gated)
     options = {
         "experts": d_ff,
         "shared": 0,
         "active": active,
         "method": "activation",
-        "router": "partial",
+        "router": NEURON_ROUTER,
         "router_options": {"input_fraction": q},
         "down_fraction": None if down_rows >= active else down_rows / d_ff,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     router_options = given.pop("router_options", None) or {}
     options.update(given)
-    if options["router"] != "partial":  # another router was asked for: the partial router's option is not its
+    if (
+        options["router"] != NEURON_ROUTER
+    ):  # another router was asked for: the preset router's option is not its
         options["router_options"] = {}
     options["router_options"] = {**options["router_options"], **router_options}  # given options win
     if "shared" in given and "active" not in given:
@@ -101,7 +91,7 @@ def stock_recommended(active_fraction: float, d_ff: int, **overrides) -> CarveCo
         "shared": shared,
         "active": active,
         "method": "activation",
-        "router": "fitted",
+        "router": STOCK_ROUTER,
         "router_options": {"intercept": False},
         "combine": "sigmoid",
     }

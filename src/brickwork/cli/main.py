@@ -846,34 +846,39 @@ def _continuations(model, tokenizer, prompts, new_tokens: int) -> list[str]:
     return out
 
 
-def _router_options(items: list[str]) -> dict:
-    """``["intercept=false", "rank=32"]`` -> ``{"intercept": False, "rank": 32}``."""
-    out: dict = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise BrickworkError(f"--router-option takes key=value, got '{item}'")
-        lowered = text.strip().lower()
-        if lowered in ("true", "false"):
-            out[key] = lowered == "true"
-            continue
-        for kind in (int, float):
-            try:
-                out[key] = kind(text)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = text
-    return out
+def _is_preset(args: argparse.Namespace, options: dict) -> bool:
+    """Whether carve picks the measured configuration for --active-fraction (with --stock, or without --experts)."""
+    return (
+        "active_fraction" in options
+        and "active" not in options
+        and (getattr(args, "stock", False) or "experts" not in options)
+    )
+
+
+def _router_of(args: argparse.Namespace, options: dict) -> str:
+    """The router a carve will use: the one given, the preset's, or CarveConfig's default."""
+    import brickwork as bw
+    from brickwork.bricks.presets import NEURON_ROUTER, STOCK_ROUTER
+
+    if "router" in options:
+        return options["router"]
+    if _is_preset(args, options):
+        return STOCK_ROUTER if getattr(args, "stock", False) else NEURON_ROUTER
+    return bw.CarveConfig().router
 
 
 def _carve_options(args: argparse.Namespace) -> dict:
     """The CarveConfig fields the user gave (router options and --rank merged; conflicts refused)."""
     import brickwork as bw
+    from brickwork.routing.base import parse_router_options
 
     options = _given(args, bw.CarveConfig)
-    router_options = _router_options(options.pop("router_options", None) or [])
+    try:  # typed as the router declares its options
+        router_options = parse_router_options(
+            _router_of(args, options), options.pop("router_options", None) or []
+        )
+    except ValueError as error:
+        raise BrickworkError(str(error)) from None
     if getattr(args, "rank", None) is not None:
         if "rank" in router_options and router_options["rank"] != args.rank:
             raise BrickworkError(
@@ -902,11 +907,9 @@ def _cmd_carve(args: argparse.Namespace) -> None:
         raise BrickworkError(
             "--stock chooses --active from --active-fraction; give one of --stock and --active"
         )
-    preset = (
-        "active_fraction" in options and "active" not in options and (args.stock or "experts" not in options)
-    )
+    preset = _is_preset(args, options)
     if preset:  # checked now; the measured configuration needs the model's shapes
-        check_router_options(options.get("router", "partial"), options.get("router_options", {}))
+        check_router_options(_router_of(args, options), options.get("router_options", {}))
         config = None
     else:
         config = bw.CarveConfig(**options)

@@ -40,27 +40,7 @@ from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
 from brickwork.models.specs import find_ffns
 from brickwork.ops.usage import ExpertUsage
-
-# How each router kind stores per-expert state: for each parameter, "expert" (a row per routed expert),
-# "neuron" (a row per routed neuron, in stored order) or "whole" (kept as it is). Routers without parameters
-# (oracle, partial) score from the brick's own weights, which pruning slices. A router kind not listed here is
-# refused: pruning cannot know which of its parameters belong to which expert.
-ROUTER_ROWS: dict[str, dict[str, str]] = {
-    "fitted": {"weight": "expert", "bias": "expert"},
-    "trained": {"weight": "expert", "bias": "expert"},
-    "centroid": {"keys": "expert", "bias": "expert"},
-    "representative": {"up": "expert", "up_bias": "expert", "gate": "expert", "gate_bias": "expert"},
-    "lowrank": {
-        "up_a": "neuron",
-        "up_b": "whole",
-        "up_bias": "neuron",
-        "gate_a": "neuron",
-        "gate_b": "whole",
-        "gate_bias": "neuron",
-    },
-    "oracle": {},
-    "partial": {},
-}
+from brickwork.routing import ROUTERS
 
 # What pruning does to each combine rule's outputs on the measured text at coverage 1 (see the module docstring).
 RULE_EXACTNESS = {
@@ -179,15 +159,16 @@ def _stored_rows(brick: BrickFFN, experts: torch.Tensor) -> torch.Tensor:
 
 
 def prune_router(router: nn.Module, brick: BrickFFN, experts: torch.Tensor) -> nn.Module:
-    """A copy of ``brick``'s router scoring only ``experts`` (their parameters sliced as :data:`ROUTER_ROWS`
-    says); BrickworkError for router kinds it does not describe."""
-    rows = ROUTER_ROWS.get(router.kind)
+    """A copy of ``brick``'s router scoring only ``experts``, each parameter sliced as the router's
+    ``param_layout`` says; BrickworkError for a router that declares none (or not for every parameter)."""
+    rows = type(router).param_layout
     names = dict(router.named_parameters(recurse=False))
     if rows is None or set(names) - set(rows) or any(True for _ in router.children()):
-        prunable = ", ".join(sorted(ROUTER_ROWS))
+        prunable = ", ".join(k for k, cls in sorted(ROUTERS.items()) if cls.param_layout is not None)
         raise BrickworkError(
-            f"the {router.kind!r} router cannot be pruned: pruning slices each expert's router parameters and "
-            f"knows those of {prunable}; carve with one of them (--router)"
+            f"the {router.kind!r} router cannot be pruned: pruning slices each expert's router parameters as "
+            f"the router's param_layout says, and it declares none for {sorted(set(names) - set(rows or {})) or 'it'}"
+            f"; carve with a router that does ({prunable}; --router)"
         )
     index = {"expert": experts, "neuron": _stored_rows(brick, experts)}
     pruned = copy.deepcopy(router)
@@ -289,7 +270,7 @@ def prune_for_domain_(
                 f"layer {index}: the usage counts {len(usage.counts[index])} experts, the brick has "
                 f"{brick.num_experts}: measure expert_usage on this model"
             )
-        if brick.router.kind not in ROUTER_ROWS:
+        if type(brick.router).param_layout is None:
             prune_router(brick.router, brick, torch.arange(brick.num_experts))  # raises its clear error
     before = _ffn_params(model)
     plans = {

@@ -27,9 +27,9 @@ import torch
 
 from brickwork.bricks.carve import carved_layers
 from brickwork.errors import BrickworkError
-from brickwork.ops.prune import ROUTER_ROWS
 from brickwork.ops.train import TrainConfig, train_lm_
 from brickwork.ops.usage import ExpertUsage
+from brickwork.routing import ROUTERS
 
 DEFAULT_COVERAGE = 0.5
 
@@ -149,11 +149,12 @@ def update_(
                     "(selection is not differentiable); train the router only with a weighted rule "
                     "(carve --combine sigmoid), or leave train_router off"
                 )
-            layout = ROUTER_ROWS.get(brick.router.kind)
+            layout = type(brick.router).param_layout
             if not layout:
+                trainable = (k for k, cls in sorted(ROUTERS.items()) if cls.param_layout)
                 raise BrickworkError(
-                    f"the {brick.router.kind!r} router's rows per expert are unknown; routers that can train "
-                    f"per expert: {', '.join(sorted(k for k, v in ROUTER_ROWS.items() if v))}"
+                    f"the {brick.router.kind!r} router's rows per expert are unknown (it declares no "
+                    f"param_layout with parameters); routers that can train per expert: {', '.join(trainable)}"
                 )
             for name, param in brick.router.named_parameters(recurse=False):
                 if layout.get(name) == "expert":

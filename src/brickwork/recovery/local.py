@@ -5,7 +5,7 @@ every earlier layer already recovered (so the errors earlier layers leave are wh
 the target is the dense FFN's output on those same inputs, ``y = W_down (act(W_gate x) * W_up x)`` with the
 layer's original weights. Then, in closed form (no back-propagation, seconds per layer on a CPU):
 
-1. a ``fitted`` router is refitted (ridge regression of each expert's dense activation mass on ``x``, with or
+1. a router that refits (:meth:`Router.refit`; the ``fitted`` router: ridge regression of each expert's dense activation mass on ``x``, with or
    without intercept as the router had), so routing follows the inputs the carved model really produces; a
    weighted combine rule's temperature and scale are fitted again to it;
 2. the down projection is refitted to the routed activations: with ``H`` the ``[N, F]`` activations the
@@ -181,15 +181,8 @@ def _relative_error(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _refit_layer(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor, h_dense: torch.Tensor, config) -> None:
-    from brickwork.routing.fitted import ridge_fit
-
-    if config.refit_router and brick.router.kind == "fitted" and brick.num_experts:
-        s, e, size = brick.num_shared, brick.num_experts, brick.expert_size
-        mass = h_dense[:, s:].abs().view(-1, e, size).sum(-1)
-        intercept = bool(brick.router.bias.abs().max() > 0)
-        weight, bias = ridge_fit(x, mass, intercept=intercept)
-        brick.router.weight.copy_(weight.to(brick.router.weight.dtype))
-        brick.router.bias.copy_(bias.to(brick.router.bias.dtype))
+    if config.refit_router:  # routers that refit say how (Router.refit); the others keep their weights
+        brick.router.refit(brick, x, h_dense)
     if (
         brick.combine.weighted
     ):  # the weights follow the (refitted) router: fit their temperature and scale again

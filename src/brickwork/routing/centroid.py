@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from brickwork.routing.base import Router, RouterInputs, register_router
+from brickwork.routing.base import LINEAR_FAST_PATHS, Router, RouterInputs, register_router
 
 
 @register_router
 class CentroidRouter(Router):
     kind = "centroid"
     computes = "linear"
+    fast_paths = LINEAR_FAST_PATHS
+    param_layout = {"keys": "expert", "bias": "expert"}
 
     def __init__(self, keys: torch.Tensor, bias: torch.Tensor):
         super().__init__()

@@ -10,9 +10,19 @@ Qwen2-MoE), so that the carve can be exported to them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
-from brickwork.routing.base import Router, RouterInputs, register_router
+from brickwork.routing.base import (
+    LINEAR_FAST_PATHS,
+    Router,
+    RouterInputs,
+    RouterOptions,
+    register_router,
+    router_option,
+)
 
 RIDGE = 1e-3  # relative to the mean diagonal of X^T X
 
@@ -35,12 +45,23 @@ def ridge_fit(
     return weight, y_mean - weight @ x_mean
 
 
+@dataclass(frozen=True)
+class FittedOptions(RouterOptions):
+    intercept: bool = router_option(True, "fit a bias (false: the bias-free gate stock MoE formats hold)")
+    target: Literal["mass", "output"] = router_option(
+        "mass", "what the scores regress: each expert's activation mass, or the norm of its output"
+    )
+
+
 @register_router
 class FittedRouter(Router):
     kind = "fitted"
     computes = "linear"
     predicts_mass = True
     needs_samples = True
+    Options = FittedOptions
+    fast_paths = LINEAR_FAST_PATHS
+    param_layout = {"weight": "expert", "bias": "expert"}
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -52,6 +73,19 @@ class FittedRouter(Router):
 
     def linear_form(self):
         return self.weight, self.bias
+
+    def refit(self, brick, x, h_dense) -> bool:
+        """The ridge fit again, of each routed expert's mass in ``h_dense`` on ``x`` (with an intercept only where
+        the router has a bias that is not all zero)."""
+        if not brick.num_experts:
+            return False
+        s, e, size = brick.num_shared, brick.num_experts, brick.expert_size
+        mass = h_dense[:, s:].abs().view(-1, e, size).sum(-1)
+        intercept = bool(self.bias.abs().max() > 0)
+        weight, bias = ridge_fit(x, mass, intercept=intercept)
+        self.weight.copy_(weight.to(self.weight.dtype))
+        self.bias.copy_(bias.to(self.bias.dtype))
+        return True
 
     @classmethod
     def build(cls, inputs: RouterInputs, intercept: bool = True, target: str = "mass") -> FittedRouter:

@@ -10,10 +10,12 @@ through ``L^-1``, with ``L L^T`` the input covariance (Cholesky). An expert's sc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from brickwork.errors import BrickworkError
-from brickwork.routing.base import Router, RouterInputs, register_router
+from brickwork.routing.base import Router, RouterInputs, RouterOptions, register_router, router_option
 
 DEFAULT_RANK = 32
 
@@ -34,10 +36,26 @@ def covariance_weighted_lowrank(
     return a, b
 
 
+@dataclass(frozen=True)
+class LowRankOptions(RouterOptions):
+    rank: int = router_option(
+        DEFAULT_RANK, "rank of each approximated projection", lambda v: v >= 1, "an integer >= 1"
+    )
+
+
 @register_router
 class LowRankRouter(Router):
     kind = "lowrank"
     predicts_mass = True
+    Options = LowRankOptions
+    param_layout = {
+        "up_a": "neuron",
+        "up_b": "whole",
+        "up_bias": "neuron",
+        "gate_a": "neuron",
+        "gate_b": "whole",
+        "gate_bias": "neuron",
+    }
     needs_samples = True
 
     def __init__(

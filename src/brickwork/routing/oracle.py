@@ -13,6 +13,7 @@ from brickwork.routing.base import Router, RouterInputs, register_router
 class OracleRouter(Router):
     kind = "oracle"
     predicts_mass = True
+    param_layout = {}  # no parameters: it scores from the brick's own weights, which pruning slices
 
     def forward(self, x, brick):
         h = brick.hidden(x, brick.num_shared, brick.d_ff)

@@ -15,12 +15,81 @@ forward recomputes them, which changes the time, not the result).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from brickwork.routing.base import Router, RouterInputs, register_router, topk_by_position
+from brickwork.routing.base import (
+    Router,
+    RouterInputs,
+    RouterOptions,
+    register_router,
+    router_option,
+    topk_by_position,
+)
 
 DEFAULT_INPUT_FRACTION = 0.25
+
+# (reads budget, input_fraction, fraction of neurons computed, fraction reading down rows): the neuron-level
+# settings measured best at each budget (brickwork.bricks.presets.recommended, bench/results/carving-quality).
+MEASURED_BEST = ((0.25, 0.125, 330 / 1536, 0.12), (0.50, 0.375, 0.375, 0.28), (0.75, 0.25, 0.75, 0.60))
+
+
+def neuron_level_settings(budget: float, d_ff: int, d_model: int, gated: bool) -> tuple[int, float, int]:
+    """``(neurons computed, input_fraction, down rows)`` of the neuron-level carve reading at most ``budget`` of
+    the FFN per token, with the settings measured best at the nearest budget (:data:`MEASURED_BEST`).
+
+    Per token, with a fraction s of neurons computed and d = r s of them reading down rows, and the router
+    reading q of the inputs of the neurons it leaves out: reads / dense = ``(g s + r s + g q (1 - s)) / (g + 1)``
+    for g input projections (2 when gated); solve for s.
+    """
+    _, q, measured_computed, measured_down = min(MEASURED_BEST, key=lambda best: abs(best[0] - budget))
+    r = measured_down / measured_computed
+    q = math.ceil(q * d_model) / d_model  # the router reads whole input columns
+    g = 2 if gated else 1
+    computed = ((g + 1) * budget - g * q) / (g + r - g * q)
+    if computed >= 1:  # every neuron computed; spend what is left on down rows
+        active, down = d_ff, (g + 1) * budget - g
+    else:
+        active, down = max(1, math.floor(computed * d_ff)), r * computed
+    return active, q, max(1, math.floor(down * d_ff))
+
+
+def _input_keep(brick) -> int:
+    """The inputs the partial estimate keeps per token (the spec's ``input_fraction`` of d_model)."""
+    spec = brick.spec
+    return max(1, math.ceil(spec.router_config["input_fraction"] * spec.d_model))
+
+
+def _partial_token(brick, plan):
+    """One compiled call per token: the partial-input estimate, top-k, the experts
+    (:func:`cpu.partial_router_token`)."""
+    from brickwork.kernels import cpu
+
+    gate_t, up_t = plan.transposed()
+    rows, s, size, keep = plan.experts_args
+    args = (_input_keep(brick), gate_t, up_t, brick.spec.active, rows, s, size, keep)
+    return cpu.partial_router_token, args
+
+
+def _partial_batch(brick, plan):
+    """``x [T, D] -> chosen [T, k]`` by the partial-input estimate (:func:`cpu.partial_router_batch`)."""
+    from brickwork.kernels import cpu
+
+    gate_t, up_t = plan.transposed()
+    _, s, size, _ = plan.experts_args
+    args = (_input_keep(brick), gate_t, up_t, brick.spec.active, s, size)
+    return lambda xn: cpu.partial_router_batch(xn, *args, cpu.numba.get_num_threads())
+
+
+@dataclass(frozen=True)
+class PartialOptions(RouterOptions):
+    input_fraction: float = router_option(
+        DEFAULT_INPUT_FRACTION,
+        "share of each token's inputs (the largest) the estimate is computed from",
+        lambda v: 0 < v <= 1,
+        "a number in (0, 1]",
+    )
 
 
 @register_router
@@ -28,6 +97,12 @@ class PartialInputRouter(Router):
     kind = "partial"
     computes = "partial"
     predicts_mass = True
+    Options = PartialOptions
+    fast_paths = {"token": _partial_token, "batch": _partial_batch}
+    # from brickwork bench speed on SmolLM2 (the "Kernel paths" table of bench/results/speed-smollm2): the
+    # per-token kernel leads up to 3 tokens (4 for the 50% neuron-level carve); grouped matmuls from 512
+    switch_points = {"token_max": ((0.3, 3), (1.0, 4)), "grouped_min": ((1.0, 512),)}
+    param_layout = {}  # no parameters: it scores from the brick's own weights, which pruning slices
 
     def __init__(self, input_fraction: float = DEFAULT_INPUT_FRACTION):
         super().__init__()
@@ -58,6 +133,34 @@ class PartialInputRouter(Router):
 
     def extra_config(self) -> dict:
         return {"input_fraction": self.input_fraction}
+
+    def set_config(self, config: dict) -> None:
+        if "input_fraction" in config:  # the reference path reads its own
+            self.input_fraction = config["input_fraction"]
+
+    def rebudget(self, brick, budget, carved):
+        """The neuron-level preset's own settings for ``budget`` (:func:`neuron_level_settings`): the neurons
+        computed, the down rows read and the input fraction, so that the result is the carve the preset makes for
+        this budget from the same calibration; the preset's neuron count is tried first (not the most that fits:
+        on SmolLM2 "one more neuron" was not "better")."""
+        active, input_fraction, down_rows = neuron_level_settings(
+            budget, brick.d_ff, brick.d_model, brick.gate is not None
+        )
+        down_fraction = None if down_rows >= active else down_rows / brick.d_ff
+        router_config = carved["router_config"] | {"input_fraction": input_fraction}
+
+        def settings_for(k: int) -> dict:
+            computed = brick.num_shared + k * brick.expert_size
+            keep = None if down_fraction is None else max(1, round(down_fraction * brick.d_ff))  # as carve_
+            return {
+                "active": k,
+                "down_keep": None if keep is None or keep >= computed else keep,
+                "router_config": router_config,
+                "combine": carved["combine"],
+            }
+
+        neuron_level = brick.num_shared == 0 and brick.expert_size == 1 and active <= brick.num_experts
+        return settings_for, active if neuron_level else None
 
     @classmethod
     def build(

@@ -17,6 +17,7 @@ from brickwork.routing.base import Router, RouterInputs, register_router
 class RepresentativeRouter(Router):
     kind = "representative"
     predicts_mass = True
+    param_layout = {"up": "expert", "up_bias": "expert", "gate": "expert", "gate_bias": "expert"}
 
     def __init__(
         self,

@@ -22,12 +22,13 @@ mass is the wrong training target, and this module is the place to try a better 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from brickwork.divergence import DivergenceGuard
 from brickwork.errors import BrickworkError
-from brickwork.routing.base import RouterInputs, register_router
+from brickwork.routing.base import Router, RouterInputs, RouterOptions, register_router, router_option
 from brickwork.routing.fitted import FittedRouter, ridge_fit
 
 logger = logging.getLogger(__name__)
@@ -95,11 +96,22 @@ def train_linear_router(
     return weight.detach(), bias.detach(), report
 
 
+@dataclass(frozen=True)
+class TrainedOptions(RouterOptions):
+    intercept: bool = router_option(True, "train a bias (false: the bias-free gate stock MoE formats hold)")
+    steps: int = router_option(300, "training steps per layer", lambda v: v >= 0, "an integer >= 0")
+    lr: float = router_option(1e-2, "learning rate", lambda v: v > 0, "a number > 0")
+    seed: int = router_option(0, "seed of the minibatch order", lambda v: v >= 0, "an integer >= 0")
+
+
 @register_router
 class TrainedRouter(FittedRouter):
     kind = "trained"
     needs_samples = True
     predicts_mass = False  # softmax logits trained to rank experts, not a regression of their mass
+    Options = TrainedOptions
+
+    refit = Router.refit  # kept as trained: a ridge refit would undo the training
 
     @classmethod
     def build(
