@@ -12,6 +12,21 @@ import torch
 from brickwork.models.tiny import TINY_MODEL_TYPES, build_tiny_model, build_tiny_tokenizer
 
 CAUSAL_TYPES = tuple(t for t in TINY_MODEL_TYPES if t != "bert")
+EXAMPLE_ROUTER = Path(__file__).resolve().parents[1] / "docs" / "examples" / "weight_norm_router.py"
+
+
+def pytest_configure(config):
+    """Register the README's example router (one file, outside the package), so that every battery that iterates
+    over the router registry runs it too."""
+    import importlib.util
+    import sys
+
+    if "weight_norm_router" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("weight_norm_router", EXAMPLE_ROUTER)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["weight_norm_router"] = module
+        spec.loader.exec_module(module)
+
 
 _WORDS = [
     "the",

@@ -69,14 +69,17 @@ def test_all_active_equals_dense_and_uncarve_restores(model_type, method, router
 @pytest.mark.parametrize("router", ROUTER_KINDS)
 def test_sparse_carve_runs_and_selects_the_configured_experts(model_type, method, router, calibrations):
     model = tiny(model_type)
+    from brickwork.bricks.capture import SelectionCapture
+
     bw.carve_(model, small(method=method, router=router), calibration=calibrations[model_type])
-    for brick in carved_layers(model).values():
-        brick.record_selection = True
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    out = logits(model, ids)
-    assert torch.isfinite(out).all()
-    for brick in carved_layers(model).values():
-        selection = brick.last_selection
+    reference = logits(model, ids)  # the capture routes beside the forward: the forward's path is unchanged
+    with SelectionCapture(model) as capture:
+        out = logits(model, ids)
+    assert torch.equal(out, reference) and torch.isfinite(out).all()
+    assert not any(b._forward_pre_hooks for b in carved_layers(model).values()), "the capture left its hooks"
+    for index, brick in carved_layers(model).items():
+        selection = capture.selections[index]
         assert selection.shape == (24, 2)
         assert (selection.sort(1).values[:, 1:] != selection.sort(1).values[:, :-1]).all(), (
             "an expert chosen twice"

@@ -73,7 +73,6 @@ def test_a_trained_weighted_carve_keeps_no_graph(text_file, tokenizer):
     )
     brick = next(iter(carved_layers(model).values()))
     train_lm_(model, [brick.up], tokenizer, str(text_file), TrainConfig(128, 32, 2), progress=False)
-    assert all(b.last_balance is None for b in carved_layers(model).values())
     copy.deepcopy(model)  # a tensor holding a graph cannot be deep-copied
 
 

@@ -278,9 +278,14 @@ def test_run_time_top_k_budgets_keep_the_token_budget_within_the_new_cap(text_fi
 def test_training_with_a_token_budget_reaches_the_router(text_file, tokenizer):
     model = carved_tiny(text_file, tokenizer, **CONFIGS["sigmoid"])
     bw.set_token_budget(model, 0.5, min_active=0, zero_mass=0.5)
+    from brickwork.bricks.capture import BalanceCapture
+
     brick = next(iter(carved_layers(model).values())).train()
-    brick(_inputs()).sum().backward()
-    assert brick.router.weight.grad is not None and brick.last_balance is not None
+    with BalanceCapture(brick) as capture:
+        brick(_inputs()).sum().backward()
+        terms, loads = capture.take()
+    assert brick.router.weight.grad is not None and len(terms) == 1 and terms[0].requires_grad
+    assert loads[0].shape == (brick.num_experts,)
 
 
 def test_export_refuses_a_token_budget(text_file, tokenizer):

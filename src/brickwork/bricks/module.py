@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from brickwork.bricks.adaptive import add_copy, cap_mass, route_within_cap
+from brickwork.bricks.capture import balance_capture
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.spec import BrickSpec
 from brickwork.errors import BrickworkError
@@ -72,11 +73,6 @@ class BrickFFN(nn.Module):
         self.register_buffer("neuron_order", torch.arange(d_ff))
         # the dense FFN's d_ff when experts were pruned away (brickwork.ops.prune): no dense FFN to give back
         self.pruned_from: int | None = None
-        self.record_selection = False  # when True, keep the latest forward's [T, active] selection
-        # training a weighted rule: the latest forward's load-balancing term (see balance_loss), else None
-        self.last_balance: torch.Tensor | None = None
-        self.last_load: torch.Tensor | None = None  # and the selections per expert it counted
-        self.last_selection: torch.Tensor | None = None
         # new routed bricks grown beside these (brickwork.ops.grow.GrownExperts), added to the output; None: none
         self.grown: nn.Module | None = None
 
@@ -312,26 +308,27 @@ class BrickFFN(nn.Module):
         # Exact: float64 sums for linear routers too, and ties broken by position, as the kernels break them.
         return topk_by_position(self.scores(x), self.active)
 
-    def balance_loss(self, scores: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+    def balance_loss(
+        self, scores: torch.Tensor, selection: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Switch Transformer's auxiliary load-balancing loss (Fedus et al. 2022) from the router's ``scores`` and the
         ``selection`` made from them, ``E * sum_e f_e P_e``: ``f_e`` the share of selections that went to expert e,
         ``P_e`` its mean router probability (:meth:`Combine.shares`). It is 1 when the load is uniform and grows as experts starve; its
         gradient reaches the router through ``P``. (DeepSeek-V3's loss-free balancing bias has no place in the stock
-        formats' bias-free gates.)"""
+        formats' bias-free gates.) Returns the loss and the selections per expert ``[E]`` it counted."""
         probs = self.combine.shares(scores)
         chosen = selection[selection >= 0]  # a per-token budget's dropped slots select nothing
         counts = torch.zeros(self.num_experts, device=scores.device).index_add_(
             0, chosen, torch.ones(chosen.numel(), device=scores.device)
         )
-        self.last_load = counts
         share = counts / counts.sum()
-        return self.num_experts * (share * probs.mean(0)).sum()
+        return self.num_experts * (share * probs.mean(0)).sum(), counts
 
     use_kernels = True  # class-wide switch: False forces the reference path everywhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The fastest measured path for this shape (:mod:`brickwork.bricks.paths`), else :meth:`forward_reference`."""
-        if self.use_kernels and not self.record_selection:
+        if self.use_kernels:
             from brickwork.bricks.paths import fast_forward
 
             y = fast_forward(self, x.reshape(-1, self.d_model))
@@ -385,11 +382,10 @@ class BrickFFN(nn.Module):
                     mask.scatter_(1, index, 1.0)
                 else:
                     mask = mask.scatter(1, index, weights.to(x.dtype))
-                    if torch.is_grad_enabled() and self.training:
-                        self.last_balance = self.balance_loss(scores, selection)
+                    capture = balance_capture(self) if torch.is_grad_enabled() and self.training else None
+                    if capture is not None:  # training a weighted rule (brickwork.bricks.capture)
+                        capture.add(self, *self.balance_loss(scores, selection))
             mask = mask[:, : self.num_experts]
-            if self.record_selection:
-                self.last_selection = selection
             h = (
                 self.hidden(x, s, self.d_ff).view(x.shape[0], self.num_experts, self.expert_size)
                 * mask[..., None]

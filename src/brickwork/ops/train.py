@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from brickwork.bricks.module import BrickFFN
 from brickwork.divergence import DivergenceGuard
 from brickwork.errors import BrickworkError
 
@@ -141,9 +140,6 @@ def train_lm_(
         model.train(was_training)
         for p in model.parameters():
             p.requires_grad_(False)
-        for module in model.modules():  # a weighted rule's last balance term holds the last step's graph
-            if isinstance(module, BrickFFN):
-                module.last_balance = module.last_load = None
     model.eval()
     return {
         "steps": len(losses),

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from brickwork.bricks.capture import BalanceCapture
 from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.merged import MergedBricks
 from brickwork.bricks.module import BrickFFN
@@ -231,45 +232,44 @@ def recover_e2e_(
         unit="step",
         disable=not progress or not accelerator.is_main_process,
     )
-    for step in bar:
-        if stop_after is not None and step >= stop_after:
-            break
-        batch = steps[step].chunk(world)[rank].to(accelerator.device)
-        with torch.no_grad():
-            teacher = torch.log_softmax(parent(input_ids=batch).logits[:, :-1].float() / t, dim=-1)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        student = torch.log_softmax(logits / t, dim=-1)
-        loss = (teacher.exp() * (teacher - student)).sum(-1).mean() * t * t
-        if config.lm_weight:
-            loss = loss + config.lm_weight * torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-            )
-        distillation = loss.detach()  # what `losses` reports: the balance term is a regulariser
-        balance = [b.last_balance for b in weighted if b.last_balance is not None]
-        if config.balance and balance:
-            loss = loss + config.balance * torch.stack(balance).mean()
-        for i, b in enumerate(weighted):
-            if b.last_load is not None:
-                load[i] += b.last_load
-            b.last_balance = b.last_load = None
-        guard.check_loss(loss, step + 1)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        guard.check_weights(step + 1)
-        losses.append(accelerator.gather(distillation[None]).mean().item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        done = step + 1
-        if callback is not None:
-            callback(done, accelerator.unwrap_model(model))
-        if checkpoint_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            target = checkpoint_dir / f"step-{done:07d}"
-            accelerator.save_state(str(target))
-            if accelerator.is_main_process:
-                (target / "brickwork-step.json").write_text(
-                    json.dumps({"step": done, "config": asdict(config)})
+    with BalanceCapture(weighted) as capture:  # the weighted layers' balance terms, step by step
+        for step in bar:
+            if stop_after is not None and step >= stop_after:
+                break
+            batch = steps[step].chunk(world)[rank].to(accelerator.device)
+            with torch.no_grad():
+                teacher = torch.log_softmax(parent(input_ids=batch).logits[:, :-1].float() / t, dim=-1)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            student = torch.log_softmax(logits / t, dim=-1)
+            loss = (teacher.exp() * (teacher - student)).sum(-1).mean() * t * t
+            if config.lm_weight:
+                loss = loss + config.lm_weight * torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
                 )
-            accelerator.wait_for_everyone()
+            distillation = loss.detach()  # what `losses` reports: the balance term is a regulariser
+            balance, step_load = capture.take()
+            if config.balance and balance:
+                loss = loss + config.balance * torch.stack(balance).mean()
+            for i, counts in step_load.items():
+                load[i] += counts
+            guard.check_loss(loss, step + 1)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            guard.check_weights(step + 1)
+            losses.append(accelerator.gather(distillation[None]).mean().item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if callback is not None:
+                callback(done, accelerator.unwrap_model(model))
+            if checkpoint_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+                target = checkpoint_dir / f"step-{done:07d}"
+                accelerator.save_state(str(target))
+                if accelerator.is_main_process:
+                    (target / "brickwork-step.json").write_text(
+                        json.dumps({"step": done, "config": asdict(config)})
+                    )
+                accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()
     for p in model.parameters():
