@@ -36,6 +36,7 @@ from torch import nn
 from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.spec import CarvedSettings
 from brickwork.errors import BrickworkError
 
 # relative slack when comparing a requested budget with a layer's fraction (floating-point noise only)
@@ -82,27 +83,16 @@ def spread_over_layers(value, bricks: dict, scalars: tuple, usage: str) -> dict:
 
 
 def calibrated(brick: BrickFFN) -> dict:
-    """The settings ``brick`` was carved with (recorded on its first re-budgeting)."""
-    record = brick.__dict__.get("_calibrated")
-    return dict(record) if record is not None else _settings(brick)
+    """The settings ``brick`` was carved with (``spec.carved``, kept on its first re-budgeting), as a dict."""
+    return brick.spec.carved_settings.to_dict()
 
 
 def restore_calibrated(brick: BrickFFN, record) -> None:
     """Record (from a saved file) the settings ``brick`` was carved with; ValueError/TypeError when they do not fit
     its spec. Records written before ``combine`` was kept in them take the brick's own rule (no carve then fitted
     it for more than one top-k)."""
-    keys = {"active", "down_keep", "router_config"}
-    if not isinstance(record, dict) or not keys <= set(record) <= keys | {"combine"}:
-        raise ValueError(f"expected {{active, down_keep, router_config[, combine]}}, got {record!r}")
-    record = {"combine": brick.spec.combine.to_dict()} | record
-    replace(
-        brick.spec,
-        active=record["active"],
-        down_keep=record["down_keep"],
-        router_config=record["router_config"],
-        combine=Combine.from_dict(record["combine"]),
-    )  # BrickSpec's own checks
-    brick.__dict__["_calibrated"] = {k: record[k] for k in (*sorted(keys), "combine")}
+    carved = CarvedSettings.from_dict(record, brick.spec.combine)
+    brick.spec = replace(brick.spec, carved=carved)  # BrickSpec's own checks
 
 
 def _fraction_with(brick: BrickFFN, settings: dict) -> float:
@@ -192,7 +182,8 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
             )
     for index, settings in plans.items():
         brick = bricks[index]
-        brick.__dict__.setdefault("_calibrated", _settings(brick))
+        if brick.spec.carved is None:  # the carved settings, kept before a budget first changes them
+            brick.spec = replace(brick.spec, carved=brick.spec.settings)
         _apply(brick, settings)
     fractions = {index: brick.active_fraction() for index, brick in sorted(bricks.items())}
     if hasattr(model, "brickwork"):

@@ -416,15 +416,15 @@ def _fit_combine(brick: BrickFFN, rule: str, x: torch.Tensor) -> tuple:
 def refit_combine_(brick: BrickFFN, x: torch.Tensor) -> None:
     """Fit ``brick``'s weighted rule again on inputs ``x`` (its experts or router changed), for its own top-k and
     for every top-k it has a fit for (``combine_fits``, and the carved top-k after :func:`set_budget`)."""
-    calibrated = brick.__dict__.get("_calibrated")
+    carved = brick.spec.carved
     ks = {brick.active} | {k for k, _ in brick.spec.combine_fits}
-    if calibrated is not None:
-        ks.add(calibrated["active"])
+    if carved is not None:
+        ks.add(carved.active)
     fits = _fit_combines(brick, brick.combine.rule, x, sorted(ks))
     others = tuple((k, fits[k][0]) for k in sorted(ks)) if brick.spec.combine_fits else ()
-    brick.spec = replace(brick.spec, combine=fits[brick.active][0], combine_fits=others)
-    if calibrated is not None:
-        calibrated["combine"] = fits[calibrated["active"]][0].to_dict()
+    if carved is not None:
+        carved = replace(carved, combine=fits[carved.active][0])
+    brick.spec = replace(brick.spec, combine=fits[brick.active][0], combine_fits=others, carved=carved)
 
 
 def _fit_combines(brick: BrickFFN, rule: str, x: torch.Tensor, ks: list[int], chunk: int = 1024) -> dict:

@@ -71,8 +71,6 @@ class BrickFFN(nn.Module):
         self.gate_bias = param(d_ff) if spec.gate_bias else None
         self.down_bias = param(d_model) if spec.down_bias else None
         self.register_buffer("neuron_order", torch.arange(d_ff))
-        # the dense FFN's d_ff when experts were pruned away (brickwork.ops.prune): no dense FFN to give back
-        self.pruned_from: int | None = None
         # new routed bricks grown beside these (brickwork.ops.grow.GrownExperts), added to the output; None: none
         self.grown: nn.Module | None = None
 
@@ -89,6 +87,8 @@ class BrickFFN(nn.Module):
     expert_size = property(lambda self: self.spec.expert_size)
     active = property(lambda self: self.spec.active)
     down_keep = property(lambda self: self.spec.down_keep)
+    # the dense FFN's d_ff when experts were pruned away (brickwork.ops.prune): no dense FFN to give back
+    pruned_from = property(lambda self: self.spec.pruned_from)
 
     @property
     def combine(self) -> Combine:

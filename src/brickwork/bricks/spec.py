@@ -9,7 +9,7 @@ new spec (``dataclasses.replace``) and give the brick that, never edit one in pl
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from brickwork.bricks.adaptive import TokenBudget
 from brickwork.bricks.combine import Combine
@@ -25,6 +25,38 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 def _is_int(value, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+@dataclass(frozen=True)
+class CarvedSettings:
+    """The settings a brick was carved with (``brickwork.json``'s ``calibrated`` record), which
+    ``set_budget(model, None)`` restores: routed experts per token, the down-row cap, the router's configuration
+    and the combine rule."""
+
+    active: int
+    down_keep: int | None
+    router_config: dict = field(default_factory=dict, hash=False)
+    combine: Combine = field(default_factory=Combine)
+
+    def to_dict(self) -> dict:
+        return {
+            "active": self.active,
+            "down_keep": self.down_keep,
+            "router_config": dict(self.router_config),
+            "combine": self.combine.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, record, combine: Combine) -> CarvedSettings:
+        """From :meth:`to_dict`'s form; records written before ``combine`` was kept in them take ``combine`` (no
+        carve then fitted its rule for more than one top-k). ValueError on anything else."""
+        keys = {"active", "down_keep", "router_config"}
+        if not isinstance(record, dict) or not keys <= set(record) <= keys | {"combine"}:
+            raise ValueError(f"expected {{active, down_keep, router_config[, combine]}}, got {record!r}")
+        if not isinstance(record["router_config"], dict):
+            raise ValueError(f"router_config must be a dict, got {record['router_config']!r}")
+        rule = Combine.from_dict(record["combine"]) if "combine" in record else combine
+        return cls(record["active"], record["down_keep"], dict(record["router_config"]), rule)
 
 
 @dataclass(frozen=True)
@@ -61,6 +93,10 @@ class BrickSpec:
     combine_fits: tuple = ()
     dtype: str = "float32"
     token_budget: TokenBudget | None = None
+    # Provenance, not shape (not compared): the settings it was carved with, once a budget changed them (None:
+    # its own), and the dense FFN's d_ff when experts were pruned away (brickwork.ops.prune; None: not pruned).
+    carved: CarvedSettings | None = field(default=None, compare=False)
+    pruned_from: int | None = field(default=None, compare=False)
     version: int = field(default=SPEC_VERSION, compare=False)  # the record's, not the brick's: not compared
 
     def __post_init__(self) -> None:
@@ -110,6 +146,25 @@ class BrickSpec:
             raise ValueError(f"combine_fits must be in increasing k, each once, got k = {ks}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.carved is not None:
+            if not isinstance(self.carved, CarvedSettings):
+                raise ValueError(f"carved must be CarvedSettings or None, got {self.carved!r}")
+            c = self.carved  # a spec with these settings must be valid
+            replace(
+                self,
+                active=c.active,
+                down_keep=c.down_keep,
+                router_config=c.router_config,
+                combine=c.combine,
+                token_budget=None,
+                carved=None,
+            )
+        if self.pruned_from is not None and (
+            not _is_int(self.pruned_from, 2) or self.pruned_from <= self.d_ff
+        ):
+            raise ValueError(
+                f"pruned_from {self.pruned_from!r} must be the dense d_ff, above this d_ff {self.d_ff}"
+            )
         if not _is_int(self.version, 1) or self.version > SPEC_VERSION:
             raise ValueError(
                 f"brick spec version {self.version!r} is newer than this brickwork understands (<= {SPEC_VERSION})"
@@ -137,17 +192,34 @@ class BrickSpec:
         """Whether tokens may keep fewer than ``active`` routed experts (a token budget below threshold 1)."""
         return self.token_budget is not None and self.token_budget.adaptive
 
+    @property
+    def settings(self) -> CarvedSettings:
+        """The settings a budget changes, as they are now."""
+        return CarvedSettings(self.active, self.down_keep, dict(self.router_config), self.combine)
+
+    @property
+    def carved_settings(self) -> CarvedSettings:
+        """The settings it was carved with (:attr:`carved`, or its own when no budget changed them)."""
+        return self.settings if self.carved is None else self.carved
+
     def fitted_combine(self, k: int) -> Combine | None:
         """The weighted rule fitted for top-k = ``k`` (``combine_fits``), or None when none was."""
         return next((c for j, c in self.combine_fits if j == k), None)
 
     def to_dict(self) -> dict:
-        """The JSON form (brickwork.json's per-layer record, less ``layer`` and ``active_fraction``);
-        ``token_budget`` and ``combine_fits`` only when set, so that records without them read as they always
-        have (and, without ``combine_fits``, as spec version 1)."""
+        """The JSON form (brickwork.json's per-layer record, less ``layer``, ``active_fraction`` and a grown bank);
+        ``token_budget``, ``combine_fits`` and ``pruned_from`` only when set, and ``calibrated`` without its rule
+        when that is the spec's own and no other top-k was fitted, so that records without them read as they
+        always have (and, without ``combine_fits``, as spec version 1)."""
         budget = {} if self.token_budget is None else {"token_budget": self.token_budget.to_dict()}
         if self.combine_fits:
             budget["combine_fits"] = [{"active": k, **c.to_dict()} for k, c in self.combine_fits]
+        carved = self.carved_settings.to_dict()
+        if not self.combine_fits and carved["combine"] == self.combine.to_dict():
+            del carved["combine"]  # the record older brickwork reads (the rule is the spec's)
+        provenance = {"calibrated": carved}
+        if self.pruned_from is not None:
+            provenance["pruned_from"] = self.pruned_from
         return {
             "d_model": self.d_model,
             "d_ff": self.d_ff,
@@ -167,12 +239,15 @@ class BrickSpec:
             "dtype": self.dtype,
             **budget,
             "spec_version": self.version if self.combine_fits else min(self.version, 1),
+            **provenance,
         }
 
     @classmethod
     def record_keys(cls) -> frozenset[str]:
         """The keys :meth:`to_dict` writes and :meth:`from_dict` reads."""
-        return frozenset({f.name for f in fields(cls)} - {"version"} | {"d_ff", "spec_version"})
+        return frozenset(
+            {f.name for f in fields(cls)} - {"version", "carved"} | {"d_ff", "spec_version", "calibrated"}
+        )
 
     @classmethod
     def from_dict(cls, record: dict) -> BrickSpec:
@@ -185,10 +260,12 @@ class BrickSpec:
         unknown = sorted(set(record) - cls.record_keys())
         if unknown:
             raise ValueError(f"unknown brick spec field(s) {unknown}")
-        data = {k: v for k, v in record.items() if k not in ("d_ff", "spec_version")}
+        data = {k: v for k, v in record.items() if k not in ("d_ff", "spec_version", "calibrated")}
         data["version"] = record.get("spec_version", 1)
         if "combine" in data:
             data["combine"] = Combine.from_dict(data["combine"])
+        if "calibrated" in record:
+            data["carved"] = CarvedSettings.from_dict(record["calibrated"], data.get("combine", Combine()))
         if data.get("token_budget") is not None:
             data["token_budget"] = TokenBudget.from_dict(data["token_budget"])
         if "combine_fits" in data:

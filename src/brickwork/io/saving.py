@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 
-from brickwork.bricks.budget import calibrated, restore_calibrated
+from brickwork.bricks.budget import restore_calibrated
 from brickwork.bricks.carve import _swap_in
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.config import CarveConfig, check_router_options
@@ -47,17 +47,8 @@ def _layer_record(index: int, layer: BrickFFN | MergedBricks) -> dict:
     brick = (
         layer.branches[0] if isinstance(layer, MergedBricks) else layer
     )  # a merged layer's branches share one spec
-    carved = calibrated(brick)
-    if not brick.spec.combine_fits and carved["combine"] == brick.spec.combine.to_dict():
-        del carved["combine"]  # the record older brickwork reads (the rule is the spec's)
-    record = {
-        "layer": index,
-        **brick.spec.to_dict(),
-        "active_fraction": layer.active_fraction(),
-        "calibrated": carved,  # the carved settings, which set_budget(model, None) restores
-        # a pruned brick (brickwork.ops.prune): the dense FFN's d_ff, which its own d_ff is below
-        **({} if brick.pruned_from is None else {"pruned_from": brick.pruned_from}),
-    }
+    # the spec's own record: shapes, rule, the carved settings set_budget(model, None) restores, pruned_from
+    record = {"layer": index, **brick.spec.to_dict(), "active_fraction": layer.active_fraction()}
     if brick.grown is not None:  # new bricks grown beside the carved ones (brickwork.ops.grow)
         record["grown"] = brick.grown.spec.to_dict()
     return record
@@ -394,7 +385,8 @@ def _check_merged(directory: Path, meta: dict) -> tuple[int, set[int]]:
 def _record_spec(record: dict) -> BrickSpec:
     """The spec in a layer record (files of every brickwork version: see :meth:`BrickSpec.from_dict` and
     :func:`_combine`)."""
-    data = {k: v for k, v in record.items() if k in BrickSpec.record_keys()}
+    # the provenance fields are checked where they are set (_empty_brick), with their own messages
+    data = {k: v for k, v in record.items() if k in BrickSpec.record_keys() - {"calibrated", "pruned_from"}}
     data["combine"] = _combine(record).to_dict()
     return BrickSpec.from_dict(data)
 
@@ -425,8 +417,9 @@ def _empty_brick(directory: Path, record: dict, spec: BrickSpec, ffn) -> BrickFF
         routed_neurons=spec.num_experts * spec.expert_size,
         **spec.router_config,
     )
+    # a layer pruned for a domain (brickwork prune) records the dense d_ff (checked in _check_layer)
+    spec = replace(spec, pruned_from=record.get("pruned_from"))
     brick = BrickFFN.from_spec(spec, ffn.activation, router)
-    brick.pruned_from = record.get("pruned_from")  # a layer pruned for a domain (brickwork prune)
     carved = record.get("calibrated")  # written since run-time budgets: the settings set_budget restores
     if carved is not None:
         try:

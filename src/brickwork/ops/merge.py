@@ -52,9 +52,6 @@ def clone_brick(brick: BrickFFN) -> BrickFFN:
     """A copy of ``brick`` alone (weights, router, carved settings), not tied to any model's layer."""
     copied = BrickFFN.from_spec(brick.spec, copy.deepcopy(brick.act), copy.deepcopy(brick.router))
     copied.load_state_dict(brick.state_dict())
-    copied.pruned_from = brick.pruned_from  # a child pruned for its domain stays pruned (and saves as such)
-    if "_calibrated" in brick.__dict__:
-        copied.__dict__["_calibrated"] = copy.deepcopy(brick.__dict__["_calibrated"])
     return copied.to(brick.up.device)
 
 

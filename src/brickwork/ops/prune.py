@@ -34,7 +34,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from brickwork.bricks.budget import calibrated, restore_calibrated
 from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
 from brickwork.errors import BrickworkError
@@ -203,7 +202,15 @@ def prune_brick(brick: BrickFFN, experts: torch.Tensor) -> BrickFFN:
     budget = spec.token_budget
     if budget is not None and budget.min_active > active:
         budget = replace(budget, min_active=active)
-    new_spec = replace(spec, num_experts=kept, active=active, token_budget=budget)
+    carved = spec.carved_settings
+    new_spec = replace(
+        spec,
+        num_experts=kept,
+        active=active,
+        token_budget=budget,
+        carved=replace(carved, active=min(carved.active, kept)),
+        pruned_from=spec.pruned_from if spec.pruned_from is not None else spec.d_ff,
+    )
     router = prune_router(brick.router, brick, experts)
     new = BrickFFN(new_spec, brick.act, router)
     s = brick.num_shared
@@ -217,9 +224,6 @@ def prune_brick(brick: BrickFFN, experts: torch.Tensor) -> BrickFFN:
             brick.down_bias.detach().clone(), requires_grad=brick.down_bias.requires_grad
         )
     new.neuron_order = brick.neuron_order[rows].clone()
-    new.pruned_from = brick.pruned_from if brick.pruned_from is not None else brick.d_ff
-    carved = calibrated(brick)
-    restore_calibrated(new, {**carved, "active": min(carved["active"], kept)})
     new.train(brick.training)
     return new
 
