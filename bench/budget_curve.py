@@ -121,7 +121,7 @@ def main() -> None:
                 "layers": chosen,
                 "fraction": sum(fractions.values()) / len(fractions),
                 "perplexity": evaluate(),
-                "allocation": model.brickwork["budget_allocation"],
+                "allocation": model.brickwork.budget_allocation,
             }
             per_layer["ratio"] = {d: per_layer["perplexity"][d] / dense[d] for d in args.eval}
             results.setdefault("per_layer", []).append(per_layer)

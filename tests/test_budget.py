@@ -42,7 +42,7 @@ def test_budgets_change_reads_nest_and_return_bit_for_bit(text_file, tokenizer, 
     before = {i: b.active_fraction() for i, b in bricks.items()}
     small = bw.set_budget(model, min(before.values()) * 0.6)
     assert all(small[i] < before[i] and small[i] <= min(before.values()) * 0.6 + 1e-12 for i in small)
-    assert model.brickwork["budget"] == small
+    assert model.brickwork.budget == small
     for brick in bricks.values():  # nested: a smaller budget's experts are among the larger one's
         x = torch.randn(10, brick.d_model)
         few = brick.select(x)
@@ -146,7 +146,7 @@ def test_layer_budgets_move_reads_from_the_least_to_the_most_sensitive_layers(te
     chosen = allocate_budgets(
         model, tokenizer, str(text_file), 0.5, step=0.15, tokens=256, window=64, progress=False
     )
-    record = model.brickwork["budget_allocation"]
+    record = model.brickwork.budget_allocation
     assert set(chosen.values()) <= {0.35, 0.5, 0.65}
     assert sum(v > 0.5 for v in chosen.values()) == sum(v < 0.5 for v in chosen.values())  # same average
     for up in (i for i, v in chosen.items() if v > 0.5):  # every move was a measured net gain
@@ -171,7 +171,7 @@ def test_layer_budget_rounds_climb_several_steps_and_keep_the_average(text_file,
     model = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=8, router="fitted")
     one = allocate_budgets(model, tokenizer, str(text_file), 0.5, step=0.07, **options)
     chosen = allocate_budgets(model, tokenizer, str(text_file), 0.5, step=0.07, rounds=3, **options)
-    rounds = model.brickwork["budget_allocation"]["rounds"]
+    rounds = model.brickwork.budget_allocation["rounds"]
     assert 1 <= len(rounds) <= 3 and rounds[0]["moves"]
     first = dict.fromkeys(chosen, 0.5) | {u: 0.57 for u, _ in rounds[0]["moves"]}
     assert first | {d: 0.43 for _, d in rounds[0]["moves"]} == pytest.approx(
@@ -197,7 +197,7 @@ def test_carving_with_sensitivity_layer_budgets(text_file, tokenizer):
     report = bw.carve_(
         model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False
     )
-    record = model.brickwork["budget_allocation"]
+    record = model.brickwork.budget_allocation
     assert record["step"] == 0.15 and set(record["layers"]) == set(carved_layers(model))
     fractions = [b.active_fraction() for b in carved_layers(model).values()]
     assert report.layer_fractions == fractions

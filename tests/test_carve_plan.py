@@ -41,7 +41,7 @@ def test_planning_changes_nothing_and_executing_the_plan_is_carve_(text_file, to
     reference = tiny("llama").eval()
     expected = bw.carve_(reference, config, calibration=calibration, progress=False)
     assert dataclasses.replace(report, seconds=0.0) == dataclasses.replace(expected, seconds=0.0)
-    assert model.brickwork == reference.brickwork
+    assert model.brickwork.record() == reference.brickwork.record()
     carved, wanted = model.state_dict(), reference.state_dict()
     assert carved.keys() == wanted.keys() and all(torch.equal(v, wanted[k]) for k, v in carved.items())
     assert {i: b.spec for i, b in carved_layers(model).items()} == {

@@ -151,13 +151,13 @@ def test_merged_model_saves_and_loads_bit_identically(tmp_path, family, tokenize
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in merged.state_dict().items())
     ids = torch.cat([_ids(tokenizer, domains[0]), _ids(tokenizer, domains[1])])
     assert torch.equal(_logits(loaded, ids), _logits(merged, ids))
-    assert loaded.brickwork["merged"]["children"] == 2
+    assert loaded.brickwork.merged["children"] == 2
     # a plain carve still writes (and reads) format 1, without a merged record
     bw.save(children[0], tmp_path / "child", tokenizer)
     meta = json.loads((tmp_path / "child" / "brickwork.json").read_text())
     assert meta["format_version"] == 1 and "merged" not in meta
     plain = bw.load(tmp_path / "child")
-    assert not any(isinstance(m, MergedBricks) for m in plain.modules()) and "merged" not in plain.brickwork
+    assert not any(isinstance(m, MergedBricks) for m in plain.modules()) and plain.brickwork.merged is None
     assert torch.equal(_logits(plain, ids), _logits(children[0], ids))
     # a damaged merged record is refused before anything is built
     meta = json.loads((tmp_path / "merged" / "brickwork.json").read_text())

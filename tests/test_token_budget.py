@@ -80,9 +80,9 @@ def test_every_path_is_the_reference_path_with_variable_k(
 ):
     model = carved_tiny(text_file, tokenizer, accumulate=accumulate, **CONFIGS[name])
     x = _inputs()
-    for brick in carved_layers(model).values():
+    for index, brick in carved_layers(model).items():
         budget = _budgets(brick, x)[case]
-        bw.set_token_budget(model, {brick._ffn.index: budget})
+        bw.set_token_budget(model, {index: budget})
         with torch.no_grad():
             kept = (brick.select(x) >= 0).sum(-1)
         if case == "zero":

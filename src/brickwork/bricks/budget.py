@@ -37,6 +37,7 @@ from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import CarvedSettings
+from brickwork.bricks.state import carve_state
 from brickwork.errors import BrickworkError
 
 # relative slack when comparing a requested budget with a layer's fraction (floating-point noise only)
@@ -186,8 +187,9 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
             brick.spec = replace(brick.spec, carved=brick.spec.settings)
         _apply(brick, settings)
     fractions = {index: brick.active_fraction() for index, brick in sorted(bricks.items())}
-    if hasattr(model, "brickwork"):
-        model.brickwork["budget"] = fractions
+    state = carve_state(model)
+    if state is not None:
+        state.budget = fractions
     return fractions
 
 
@@ -298,8 +300,8 @@ def allocate_budgets(
         if not moves:
             break
     set_budget(model, chosen)
-    if hasattr(model, "brickwork"):
-        model.brickwork["budget_allocation"] = {
+    if carve_state(model) is not None:
+        model.brickwork.budget_allocation = {
             "budget": budget,
             "step": step,
             "cost": history[0]["cost"],  # the first round's, from the uniform budget

@@ -22,6 +22,7 @@ from brickwork.bricks.combine import fit_combine
 from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import BrickSpec
+from brickwork.bricks.state import LayerState, carve_state
 from brickwork.data.sources import describe_source
 from brickwork.errors import BrickworkError
 from brickwork.grouping import GROUPING_METHODS, GroupingInputs
@@ -89,27 +90,27 @@ def _set(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(_resolve(root, parent) if parent else root, name, module)
 
 
-def _swap_in(ffn: FFN, brick: BrickFFN) -> None:
-    """Put ``brick`` where the dense FFN was; keep the dense modules (emptied) to put back on uncarve_."""
+def _swap_in(model: nn.Module, ffn: FFN, brick: nn.Module) -> None:
+    """Put ``brick`` (a BrickFFN or MergedBricks) where ``model``'s dense FFN ``ffn`` was; keep the dense modules
+    (emptied) in the model's carve state (:class:`~brickwork.bricks.state.LayerState`) to put back on uncarve_."""
     spec = ffn.spec
     if spec.module is not None:
+        path = spec.module
         replaced = {spec.module: ffn.module}
         _set(ffn.block, spec.module, brick)
     else:  # the FFN is spread over the block (OPT, BERT): the brick takes the first projection's place
-        first = spec.gate_up or spec.up
+        first = path = spec.gate_up or spec.up
         replaced = {first: ffn.input_module, spec.act: ffn.activation, spec.down: ffn.down_module}
         _set(ffn.block, first, brick)
         _set(ffn.block, spec.act, nn.Identity())
         _set(ffn.block, spec.down, nn.Identity())
     shapes = {}
-    for path, module in replaced.items():
+    for where, module in replaced.items():
         for name, param in module.named_parameters():
-            shapes[(path, name)] = param.shape
+            shapes[(where, name)] = param.shape
             param.data = torch.empty(0, dtype=param.dtype)
-    # Plain attributes, not submodules: they stay out of state_dict and parameters().
-    object.__setattr__(brick, "_dense_modules", replaced)
-    object.__setattr__(brick, "_dense_shapes", shapes)
-    object.__setattr__(brick, "_ffn", ffn)
+    # in the model's carve state, not as submodules: they stay out of state_dict and parameters()
+    carve_state(model, create=True).layers[ffn.index] = LayerState(ffn, path, replaced, shapes)
 
 
 def refuse_grown(bricks: dict[int, BrickFFN], what: str) -> None:
@@ -126,7 +127,6 @@ def refuse_grown(bricks: dict[int, BrickFFN], what: str) -> None:
 def carved_layers(model: nn.Module) -> dict[int, BrickFFN]:
     """The BrickFFNs of a carved model, by layer index. A merged model (several children's bricks in a layer,
     :mod:`brickwork.ops.merge`) is refused: what reads or changes one carve's bricks does not apply to it."""
-    layers = {}
     for module in model.modules():
         children = getattr(module, "merged_children", None)
         if children is not None:
@@ -134,9 +134,11 @@ def carved_layers(model: nn.Module) -> dict[int, BrickFFN]:
                 f"this model is merged from {children} children's bricks (brickwork merge), and this works on "
                 "one carve's bricks: use one child, or their average (brickwork merge --average)"
             )
-        if isinstance(module, BrickFFN):
-            layers[module._ffn.index] = module
-    return layers
+    state = carve_state(model)
+    if state is None:
+        return {}
+    modules = {index: layer.module() for index, layer in sorted(state.layers.items())}
+    return {index: module for index, module in modules.items() if isinstance(module, BrickFFN)}
 
 
 def plan_layers(model: nn.Module, config: CarveConfig) -> list[FFN]:
@@ -339,7 +341,7 @@ def execute_plan(model: nn.Module, plan: CarvePlan, started: float | None = None
     # Weights per token of every FFN of the model, before swapping: carved ones at their fraction, the rest dense.
     dense_sizes = {ffn.index: ffn.d_ff * _weights_per_neuron(ffn) for ffn in ffns}
     for ffn, brick in bricks:  # swap only once every brick is built: a failure leaves the model untouched
-        _swap_in(ffn, brick)
+        _swap_in(model, ffn, brick)
 
     fits = {layer.index: layer.combine_fit for layer in plan.layers if layer.combine_fit is not None}
     fractions = {ffn.index: brick.active_fraction() for ffn, brick in bricks}
@@ -353,11 +355,10 @@ def execute_plan(model: nn.Module, plan: CarvePlan, started: float | None = None
         calibration=plan.calibration.source,
         combine_fits=fits or None,
     )
-    model.brickwork = {
-        "config": plan.config.to_dict(),
-        "calibration": report.calibration,
-        "calibration_tokens": plan.calibration.profile.tokens,
-    }
+    state = carve_state(model, create=True)
+    state.config = plan.config.to_dict()
+    state.calibration = report.calibration
+    state.calibration_tokens = plan.calibration.profile.tokens
     return report
 
 
@@ -491,14 +492,14 @@ def uncarve_(model: nn.Module) -> nn.Module:
             f"layers {pruned} were pruned (brickwork prune): their dense FFNs cannot be rebuilt; uncarve the "
             "carve from before pruning"
         )
-    for brick in bricks.values():
-        ffn: FFN = brick._ffn
-        for (path, name), shape in brick._dense_shapes.items():
-            param = dict(brick._dense_modules[path].named_parameters())[name]
+    state = carve_state(model)
+    for index, brick in bricks.items():
+        layer = state.layers[index]
+        for (path, name), shape in layer.dense_shapes.items():
+            param = dict(layer.dense_modules[path].named_parameters())[name]
             param.data = torch.empty(shape, dtype=param.dtype, device=brick.up.device)
-        for path, module in brick._dense_modules.items():
-            _set(ffn.block, path, module)
-        ffn.write(brick.to_dense_weights())
-    if hasattr(model, "brickwork"):
-        del model.brickwork
+        for path, module in layer.dense_modules.items():
+            _set(layer.ffn.block, path, module)
+        layer.ffn.write(brick.to_dense_weights())
+    del model.brickwork
     return model

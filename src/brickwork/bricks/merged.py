@@ -73,8 +73,10 @@ class MergedBricks(nn.Module):
 
 def layer_modules(model: nn.Module) -> dict[int, BrickFFN | MergedBricks]:
     """Each carved layer of a carved or merged model, by layer index: its BrickFFN, or its MergedBricks."""
-    return {
-        module._ffn.index: module
-        for module in model.modules()
-        if isinstance(module, (BrickFFN, MergedBricks)) and "_ffn" in module.__dict__
-    }
+    from brickwork.bricks.state import carve_state
+
+    state = carve_state(model)
+    if state is None:
+        return {}
+    modules = {index: layer.module() for index, layer in sorted(state.layers.items())}
+    return {index: m for index, m in modules.items() if isinstance(m, (BrickFFN, MergedBricks))}

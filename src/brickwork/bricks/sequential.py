@@ -354,7 +354,7 @@ def carve_sequential(
                             sampler.hidden.pop(i, None)
                         if fit is not None:
                             fits[i] = fit
-                        _swap_in(ffn, brick)
+                        _swap_in(skeleton, ffn, brick)
                         fractions[i] = brick.active_fraction()
                         records.append(_layer_record(i, brick))
                 with meter.step("write", i):

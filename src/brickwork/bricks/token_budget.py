@@ -29,6 +29,7 @@ from brickwork.bricks.adaptive import TokenBudget, dropped_share, fit_copy_gain,
 from brickwork.bricks.budget import spread_over_layers
 from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carve_state
 from brickwork.errors import BrickworkError
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,8 @@ def _apply(model: nn.Module, bricks: dict[int, BrickFFN], budgets: dict[int, Tok
         brick = bricks[index]
         if brick.spec.token_budget != budget:  # a new spec: the kernels prepare their calls again
             brick.spec = replace(brick.spec, token_budget=budget)
-    if hasattr(model, "brickwork"):
-        model.brickwork["token_budget"] = {
+    if carve_state(model) is not None:
+        model.brickwork.token_budget = {
             i: None if b.spec.token_budget is None else b.spec.token_budget.to_dict()
             for i, b in sorted(bricks.items())
         }
@@ -383,8 +384,8 @@ def fit_token_budget(
         reads=reads,
         copy=copies,
     )
-    if hasattr(model, "brickwork"):
-        model.brickwork["token_budget_fit"] = fit.to_dict()
+    if carve_state(model) is not None:
+        model.brickwork.token_budget_fit = fit.to_dict()
     logger.info("token budget: mean reads %.1f%% (target %.1f%%)", 100 * reads.mean, 100 * target)
     return fit
 

@@ -25,6 +25,7 @@ from brickwork.bricks.config import CarveConfig, check_router_options
 from brickwork.bricks.merged import MergedBricks, layer_modules
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import DTYPES, BrickSpec
+from brickwork.bricks.state import carve_state
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
 from brickwork.models.config_check import check_recorded_settings, recorded_settings
@@ -87,7 +88,7 @@ def _merged_record(model, layers: dict) -> dict | None:
     return {
         "children": children.pop(),
         "layers": sorted(merged),
-        "domains": (model.brickwork.get("merged") or {}).get("domains"),
+        "domains": (model.brickwork.merged or {}).get("domains"),
     }
 
 
@@ -155,7 +156,8 @@ def save(
     (paths the caller read) may be neither ``directory`` nor inside it. Models with non-finite weights are refused.
     """
     bricks = layer_modules(model)
-    if not bricks or not hasattr(model, "brickwork"):
+    state = carve_state(model)
+    if not bricks or state is None or not state.complete:
         raise BrickworkError(
             "save() takes a model carved with brickwork.carve_; for a dense model use model.save_pretrained"
         )
@@ -167,9 +169,9 @@ def save(
         "base_model": str(getattr(model, "name_or_path", "")),
         "model_type": model.config.model_type,
         "model_class": type(model).__name__,
-        "carve_config": model.brickwork["config"],
-        "calibration": model.brickwork["calibration"],
-        "calibration_tokens": model.brickwork["calibration_tokens"],
+        "carve_config": state.config,
+        "calibration": state.calibration,
+        "calibration_tokens": state.calibration_tokens,
         "layers": [_layer_record(i, b) for i, b in sorted(bricks.items())],
         "base_settings": recorded_settings(model.config),
         "weights_dtype": weights_dtype(model.state_dict().values()),
@@ -537,7 +539,7 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
 
             for brick in bricks:
                 brick.grown = GrownExperts.for_brick(brick, grown_spec)
-        _swap_in(ffn, MergedBricks(bricks) if index in merged else bricks[0])
+        _swap_in(model, ffn, MergedBricks(bricks) if index in merged else bricks[0])
     _check_stored_dtypes(directory, meta, layers, model)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
@@ -556,12 +558,11 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
                 f"{directory}/model.safetensors: the weight {name} holds NaN or infinite values; the model cannot "
                 "be used (save it again from a sound copy)"
             )
-    model.brickwork = {
-        "config": carve_config.to_dict(),
-        "calibration": meta.get("calibration"),
-        "calibration_tokens": meta.get("calibration_tokens"),
-    }
+    state = carve_state(model, create=True)
+    state.config = carve_config.to_dict()
+    state.calibration = meta.get("calibration")
+    state.calibration_tokens = meta.get("calibration_tokens")
     if merged:
-        model.brickwork["merged"] = meta["merged"]
+        state.merged = meta["merged"]
     model.name_or_path = str(directory)
     return model.to(device).eval()

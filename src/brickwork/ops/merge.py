@@ -33,6 +33,7 @@ from brickwork.bricks.budget import calibrated
 from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.merged import MergedBricks, layer_modules
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carve_state
 from brickwork.errors import BrickworkError
 from brickwork.routing.fitted import RIDGE
 
@@ -53,15 +54,6 @@ def clone_brick(brick: BrickFFN) -> BrickFFN:
     copied = BrickFFN.from_spec(brick.spec, copy.deepcopy(brick.act), copy.deepcopy(brick.router))
     copied.load_state_dict(brick.state_dict())
     return copied.to(brick.up.device)
-
-
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` where ``old`` sits in ``model``, with the layer records :func:`_swap_in` keeps on it."""
-    name = next(n for n, m in model.named_modules() if m is old)
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, new)
-    for key in ("_dense_modules", "_dense_shapes", "_ffn"):
-        object.__setattr__(new, key, old.__dict__[key])
 
 
 @dataclass
@@ -305,9 +297,10 @@ def merge_children(
         shared_layers=[i for i in checked.layers if i not in checked.differing_layers],
         averaged=checked.differing_parameters,
     )
-    model.brickwork = {
-        **model.brickwork,
-        "merged": {"children": len(children), "layers": report.merged_layers, "domains": report.domains},
+    model.brickwork.merged = {
+        "children": len(children),
+        "layers": report.merged_layers,
+        "domains": report.domains,
     }
     if not report.merged_layers:  # nothing to route: every carved layer is the same in every child
         return model, report
@@ -337,7 +330,7 @@ def merge_children(
         weight, bias = fit_domain_router(moments[index], ridge)
         merged.domain_weight.copy_(weight)
         merged.domain_bias.copy_(bias)
-        _replace(model, own[index], merged.to(own[index].up.device))
+        carve_state(model).layers[index].put(merged.to(own[index].up.device))
 
     report.accuracy, report.domain_accuracy = router_accuracy(
         model, [rest for _, rest in splits], batch_size, progress

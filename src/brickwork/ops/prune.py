@@ -36,6 +36,7 @@ from torch import nn
 
 from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carve_state
 from brickwork.errors import BrickworkError
 from brickwork.models.specs import find_ffns
 from brickwork.ops.usage import ExpertUsage
@@ -178,16 +179,6 @@ def prune_router(router: nn.Module, brick: BrickFFN, experts: torch.Tensor) -> n
     return pruned
 
 
-def _replace_brick(old: BrickFFN, new: BrickFFN) -> None:
-    """Put ``new`` where ``old`` is in its block, with what uncarving and carved_layers read."""
-    ffn = old._ffn
-    path = next(name for name, module in ffn.block.named_modules() if module is old)
-    parent, _, name = path.rpartition(".")
-    setattr(ffn.block.get_submodule(parent) if parent else ffn.block, name, new)
-    for attribute in ("_dense_modules", "_dense_shapes", "_ffn"):
-        object.__setattr__(new, attribute, getattr(old, attribute))
-
-
 @torch.no_grad()
 def prune_brick(brick: BrickFFN, experts: torch.Tensor) -> BrickFFN:
     """A new BrickFFN of ``brick``'s shared neurons and the routed ``experts`` (ascending indices), ``active``
@@ -282,8 +273,9 @@ def prune_for_domain_(
         for index, brick in bricks.items()
     }
     new = {i: prune_brick(bricks[i], plans[i]) for i in bricks if len(plans[i]) < bricks[i].num_experts}
+    state = carve_state(model)
     for index, brick in new.items():  # swapped only once every layer is built
-        _replace_brick(bricks[index], brick)
+        state.layers[index].put(brick)
     layers, notes = [], []
     for index, brick in sorted(bricks.items()):
         after = new.get(index, brick)
