@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.presets import recommended, stock_recommended
-
 
 ROUND_TRIP = [
     CarveConfig(),
