@@ -171,42 +171,41 @@ def evaluate(
             )
     device = next(model.parameters()).device
     started = time.perf_counter()
-    nll_sum, parent_nll_sum, kl_sum, agree, predicted, windows = 0.0, 0.0, 0.0, 0, 0, 0
-    batches = _batches(iter_token_windows(tokenizer, data, window, max_tokens), batch_size)
+    windows = 0
     total = None if max_tokens is None else max_tokens // window
-    for batch in tqdm(
-        batches,
+    progress_bar = tqdm(
+        _batches(iter_token_windows(tokenizer, data, window, max_tokens), batch_size),
         total=None if total is None else math.ceil(total / batch_size),
         unit="batch",
         desc=f"eval {Path(str(data)).name}",
         disable=not progress,
-    ):
-        ids = batch.to(device)
-        targets = ids[:, 1:]
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
-        nll_sum += -logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        if parent is not None:
-            parent_logprobs = torch.log_softmax(parent(input_ids=ids).logits[:, :-1].float(), dim=-1)
-            parent_nll_sum += -parent_logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-            kl_sum += (parent_logprobs.exp() * (parent_logprobs - logprobs)).sum().item()
-            agree += (parent_logprobs.argmax(-1) == logprobs.argmax(-1)).sum().item()
-        predicted += targets.numel()
-        windows += ids.shape[0]
-    if windows == 0:
+    )
+
+    def batches():
+        nonlocal windows
+        for batch in progress_bar:
+            ids = batch.to(device)
+            windows += ids.shape[0]
+            yield ids, window_logprobs(model, ids), None if parent is None else window_logprobs(parent, ids)
+
+    try:
+        score = score_logprobs(batches())
+    except BrickworkError:
+        if windows:
+            raise
         raise BrickworkError(
             f"'{data}' yields no window of {window} tokens: give more text or a smaller window."
-        )
-    nll = nll_sum / predicted
+        ) from None
     return EvalResult(
         data=describe_source(data),
-        tokens=predicted,
+        tokens=score.tokens,
         windows=windows,
         window=window,
-        nll=nll,
-        perplexity=math.exp(nll),
-        kl=kl_sum / predicted if parent is not None else None,
-        parent_perplexity=math.exp(parent_nll_sum / predicted) if parent is not None else None,
-        agreement=agree / predicted if parent is not None else None,
+        nll=score.nll,
+        perplexity=score.perplexity,
+        kl=score.kl,
+        parent_perplexity=score.reference_perplexity,
+        agreement=score.agreement,
         seconds=time.perf_counter() - started,
     )
 
@@ -222,16 +221,7 @@ def _batches(windows, batch_size: int):
         yield torch.stack(batch)
 
 
-@torch.no_grad()
 def mean_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood of ``model`` over the token windows ``[N, T]`` (on the model's
     device); ``math.exp`` of it is the perplexity."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for part in windows.split(batch_size):
-        part = part.to(device)
-        logits = model(input_ids=part).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1))
-        total += float(nll) * part[:, 1:].numel()
-        count += part[:, 1:].numel()
-    return total / count
+    return score_windows(model, windows, batch_size=batch_size).nll
