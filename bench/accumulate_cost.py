@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from functools import partial
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.speed import SpeedBenchConfig, _configs, _interleaved  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.carve import carved_layers  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.benchmarks.speed import SpeedBenchConfig, _configs, _interleaved
+from brickwork.bricks import calibrate
+from brickwork.bricks.carve import carved_layers
 
 
 def main() -> None:

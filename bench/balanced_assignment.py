@@ -8,17 +8,14 @@ and the random split. Writes results.json and results.md.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-from brickwork.grouping import GROUPING_METHODS, GroupingInputs  # noqa: E402
-from brickwork.models.specs import FFNWeights  # noqa: E402
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.grouping import GROUPING_METHODS, GroupingInputs
+from brickwork.models.specs import FFNWeights
 
 
 def main() -> None:

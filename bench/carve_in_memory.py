@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks.presets import recommended  # noqa: E402
-from brickwork.bricks.sequential import SequentialReport, carve_sequential  # noqa: E402
-from brickwork.memory import GIB, StepMeter  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.bricks.presets import recommended
+from brickwork.bricks.sequential import SequentialReport, carve_sequential
+from brickwork.memory import GIB, StepMeter
 
 PER_LAYER_STEPS = ("load", "profile", "forward", "carve", "write")
 TARGETS = {

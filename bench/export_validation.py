@@ -9,18 +9,15 @@ building, writing, and the router-temperature pass; validation (the reload and t
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.data.sources import token_windows  # noqa: E402
-from brickwork.io.export import compare_logits, export, load_exported, stock_routing_copy  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.bricks import calibrate
+from brickwork.data.sources import token_windows
+from brickwork.io.export import compare_logits, export, load_exported, stock_routing_copy
 
 CARVES = {
     "top-1 (2 shared + 1 of 14, 19%)": dict(experts=16, shared=2, active=1),

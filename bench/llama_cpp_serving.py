@@ -33,13 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks.carve import carved_layers  # noqa: E402
-from brickwork.data.sources import token_windows  # noqa: E402
-from brickwork.errors import BrickworkError  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.bricks.carve import carved_layers
+from brickwork.data.sources import token_windows
+from brickwork.errors import BrickworkError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = (

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.speed import SpeedBenchConfig, _configs  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.module import BrickFFN  # noqa: E402
-from brickwork.data.corpora import corpus_path  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.benchmarks.speed import SpeedBenchConfig, _configs
+from brickwork.bricks import calibrate
+from brickwork.bricks.module import BrickFFN
+from brickwork.data.corpora import corpus_path
 
 
 def both_paths(fn):

@@ -9,16 +9,13 @@ more carvable FFN. Question from the real-models issue: does concentration grow 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.profiling.stats import MASS_SHARE_FRACTIONS  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.profiling.stats import MASS_SHARE_FRACTIONS
 
 
 def main() -> None:

@@ -11,21 +11,18 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-import brickwork.profiling.stats as stats_module  # noqa: E402
-from brickwork.data import token_windows  # noqa: E402
-from brickwork.models.specs import find_ffns  # noqa: E402
-from brickwork.profiling import FFNCapture, NeuronStats  # noqa: E402
-from brickwork.profiling.stats import int8_gemm_is_fast  # noqa: E402
+import brickwork as bw
+import brickwork.profiling.stats as stats_module
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.data import token_windows
+from brickwork.models.specs import find_ffns
+from brickwork.profiling import FFNCapture, NeuronStats
+from brickwork.profiling.stats import int8_gemm_is_fast
 
 original_counts = stats_module.coactivation_counts
 

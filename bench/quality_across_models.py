@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
+from brickwork.benchmarks.harness import machine_info, write_results
 
 FAMILIES = ("neuron-level default", "stock default (64 experts, sigmoid)", "16 experts, activation + fitted")
 BASELINES = ("cats", "teal")

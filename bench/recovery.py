@@ -12,22 +12,19 @@ import argparse
 import contextlib
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.common import CONFIG_KEYS as KEYS  # noqa: E402
-from brickwork.benchmarks.quality import HeldOut  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
-from brickwork.recovery import LocalRecoveryConfig, recover_local_  # noqa: E402
-from brickwork.recovery.e2e import E2EConfig, recover_e2e_  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.common import CONFIG_KEYS as KEYS
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.benchmarks.quality import HeldOut
+from brickwork.bricks import calibrate
+from brickwork.bricks.presets import recommended, stock_recommended
+from brickwork.recovery import LocalRecoveryConfig, recover_local_
+from brickwork.recovery.e2e import E2EConfig, recover_e2e_
 
 
 @contextlib.contextmanager

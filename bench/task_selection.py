@@ -8,15 +8,12 @@ choice) and the best constant answer by at least 3 standard errors.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.evaluation.tasks import CANDIDATE_TASKS, load_task, score_task  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import machine_info, write_results
+from brickwork.evaluation.tasks import CANDIDATE_TASKS, load_task, score_task
 
 
 def main() -> None:
