@@ -117,15 +117,16 @@ class Bench:
     def parser(self, description: str | None, out: str, quick: bool = False, raw: bool = False):
         """An argument parser with ``--out`` (default ``out``), ``--replot`` and, with ``quick``, ``--quick``."""
         parser = argparse.ArgumentParser(
-            description=description, formatter_class=argparse.RawDescriptionHelpFormatter if raw else None
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter,
         )
         parser.add_argument("--out", type=Path, default=Path(out), help="results directory")
         shown = ", ".join(["results.md", *self.plots])
         if self.merge is None:
             parser.add_argument(
                 "--replot",
-                nargs=0,
-                action=_ReplotFlag,
+                action="store_const",
+                const=[],  # args.replot: [] when given, None otherwise (as with files to merge)
                 default=None,
                 help=f"only render --out's results.json again ({shown}); runs no model",
             )
@@ -140,7 +141,9 @@ class Bench:
                 "results.json files; runs no model",
             )
         if quick:
-            parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few rows")
+            parser.add_argument(
+                "--quick", action="store_true", help="smoke run: a tiny random model, a few rows"
+            )
         return parser
 
     def start(self, args: argparse.Namespace | None = None, settings: dict | None = None) -> dict:
@@ -170,10 +173,3 @@ class Bench:
                 raise SystemExit(f"--replot takes no files in {self.name}")
             results = self.merge(results, list(extra))
         print(self.write(Path(out), results))
-
-
-class _ReplotFlag(argparse.Action):
-    """``--replot`` without files: ``args.replot`` is ``[]`` when given, None otherwise."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, [])
