@@ -7,30 +7,27 @@ only.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.speed import SpeedBenchConfig, _configs, _interleaved  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.carve import carved_layers  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench
+from brickwork.benchmarks.speed import SpeedBenchConfig, _configs, _interleaved
+from brickwork.bricks import calibrate
+from brickwork.bricks.carve import carved_layers
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/accumulate-cost")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 128, 512])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/accumulate-cost"))
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
+    results = BENCH.start(args)
 
     torch.set_num_threads(2)
     dense, tokenizer = bw.load_model(args.model)
@@ -75,16 +72,17 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
-    results = {
-        "machine": machine_info(),
-        "settings": {**vars(args), "out": str(args.out)},
-        "rows": rows,
-    }
+    results["rows"] = rows
+    print(BENCH.write(args.out, results))
+
+
+def render(results: dict) -> str:
+    s, rows = results["settings"], results["rows"]
     lines = [
-        f"# FFN time with float32 and float64 sums ({args.model})",
+        f"# FFN time with float32 and float64 sums ({s['model']})",
         "",
         f"commit `{results['machine']['commit']}`, {results['machine']['date']}, 2 threads; FFN-only, all layers, "
-        f"random inputs, medians of {args.repeats} interleaved repeats. Speed-up = dense time / carved time.",
+        f"random inputs, medians of {s['repeats']} interleaved repeats. Speed-up = dense time / carved time.",
         "",
         "| carve | tokens per call | float32 ms | float64 ms | float64 / float32 | speed-up float32 | speed-up float64 |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -94,8 +92,10 @@ def main() -> None:
             f"| {r['name']} | {r['tokens']} | {r['ms']['float32']:.1f} | {r['ms']['float64']:.1f} | "
             f"{r['float64_over_float32']:.2f} | x{r['speedup_float32']:.2f} | x{r['speedup_float64']:.2f} |"
         )
-    write_results(args.out, results, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+BENCH = Bench("accumulate_cost", render)
 
 
 if __name__ == "__main__":

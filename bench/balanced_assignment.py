@@ -7,30 +7,25 @@ and the random split. Writes results.json and results.md.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-from brickwork.grouping import GROUPING_METHODS, GroupingInputs  # noqa: E402
-from brickwork.models.specs import FFNWeights  # noqa: E402
+from brickwork.benchmarks.harness import Bench
+from brickwork.grouping import GROUPING_METHODS, GroupingInputs
+from brickwork.models.specs import FFNWeights
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/balanced-assignment")
     parser.add_argument("--d-ff", type=int, default=14336)
     parser.add_argument("--d-model", type=int, default=4096)
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens behind the synthetic co-activation")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/balanced-assignment"))
     args = parser.parse_args()
-
-    machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
+    if args.replot is not None:
+        return BENCH.replot(args.out)
+    results = BENCH.start(args)  # at the start: the commit that runs, not the one checked out at the end
     generator = torch.Generator().manual_seed(0)
     f, d = args.d_ff, args.d_model
     # Neurons in 64 latent groups, so that clustering has structure to find, as trained FFNs do.
@@ -73,10 +68,15 @@ def main() -> None:
         rows.append({"method": name, "seconds": seconds, "planted_pair_purity": same.item()})
         print(f"{name:<14} {seconds:7.1f} s  purity {same.item():.3f}", flush=True)
 
-    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
-    m = results["machine"]
+    results["rows"] = rows
+    print(BENCH.write(args.out, results))
+
+
+def render(results: dict) -> str:
+    s, m, rows = results["settings"], results["machine"], results["rows"]
+    f = s["d_ff"]
     lines = [
-        f"# Balanced grouping at d_ff {f}, {args.experts} experts (one layer, synthetic)",
+        f"# Balanced grouping at d_ff {f}, {s['experts']} experts (one layer, synthetic)",
         "",
         f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}",
         "",
@@ -85,10 +85,12 @@ def main() -> None:
         *[f"| {r['method']} | {r['seconds']:.1f} | {r['planted_pair_purity']:.3f} |" for r in rows],
         "",
         f"Purity: the share of neuron pairs inside an expert that come from the same planted group (random: "
-        f"{1 / args.experts:.3f}).",
+        f"{1 / s['experts']:.3f}).",
     ]
-    write_results(args.out, results, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+BENCH = Bench("balanced_assignment", render)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ weights and seconds. Writes results.json, results.md and brick-ops.png.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -37,14 +36,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, replot, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
-from brickwork.data.sources import iter_documents, token_windows  # noqa: E402
-from brickwork.evaluation.perplexity import mean_nll  # noqa: E402
-from brickwork.ops.train import TrainConfig, train_lm_  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench, load_bench_model
+from brickwork.bricks.presets import recommended, stock_recommended
+from brickwork.data.sources import iter_documents, token_windows
+from brickwork.evaluation.perplexity import score_windows
+from brickwork.ops.train import TrainConfig, train_lm_
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -68,7 +65,7 @@ def split_corpus(source: str, into: Path, every: int) -> tuple[Path, Path]:
 
 def perplexity(model, windows: torch.Tensor) -> float:
     model.eval()
-    return math.exp(mean_nll(model, windows))
+    return score_windows(model, windows).perplexity
 
 
 def lora_per_rank(model) -> int:
@@ -81,7 +78,7 @@ def lora_per_rank(model) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/brick-ops-smollm2", quick=True)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--fraction", type=float, default=0.5, help="the carve's FFN reads")
     parser.add_argument(
@@ -111,23 +108,15 @@ def main() -> None:
     parser.add_argument("--update-coverage", type=float, default=0.5)
     parser.add_argument("--usage-tokens", type=int, default=16384)
     parser.add_argument("--rows", nargs="+", default=["full", "lora", "grow", "update", "prune", "merge"])
-    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few steps")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/brick-ops-smollm2"))
-    parser.add_argument(
-        "--replot",
-        action="store_true",
-        help="only render --out's results.json again (results.md, brick-ops.png)",
-    )
     args = parser.parse_args()
-    if args.replot:
-        return replot(args.out, render, plot, "brick-ops.png")
+    if args.replot is not None:
+        return BENCH.replot(args.out)
     started = time.perf_counter()
-    machine = machine_info()
     if args.quick:
         args.calib_tokens, args.eval_tokens, args.tokens, args.window, args.batch_size = 1024, 256, 256, 64, 2
         args.usage_tokens, args.eval_window = 512, 64
-    model, tokenizer = load(args)
-    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": []}
+    results = BENCH.start(args) | {"rows": []}
+    model, tokenizer = load_bench_model("tiny-llama" if args.quick else args.model)
     with tempfile.TemporaryDirectory(prefix="brickwork-bench-ops-") as tmp:
         splits = {d: split_corpus(d, Path(tmp), args.test_every) for d in {args.new, args.second}}
         test = {args.new: splits[args.new][1], args.second: splits[args.second][1]}
@@ -138,17 +127,7 @@ def main() -> None:
         windows |= {d: token_windows(tokenizer, d, args.eval_window, args.eval_tokens) for d in args.old}
         run(args, model, tokenizer, splits, windows, results)
     results["seconds"] = time.perf_counter() - started
-    write_results(args.out, results, render(results))
-    plot(results, args.out / "brick-ops.png")
-    print(render(results))
-
-
-def load(args):
-    if args.quick:
-        from brickwork.models.tiny import build_tiny_model, build_tiny_tokenizer
-
-        return build_tiny_model("llama").eval(), build_tiny_tokenizer()
-    return bw.load_model(args.model, progress=False)
+    print(BENCH.write(args.out, results))
 
 
 def run(args, model, tokenizer, splits, windows, results) -> None:
@@ -186,7 +165,7 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
         }
         results["rows"].append(row)
         print(f"{name}: " + ", ".join(f"{d} {p:.3f}" for d, p in row["perplexity"].items()), flush=True)
-        write_results(args.out, results, render(results))
+        BENCH.write(args.out, results, plots=False)
         return row
 
     score("carved parent", model, {"trainable": 0}, on=[*domains, args.second])
@@ -414,6 +393,8 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
     tmp.replace(path)
 
+
+BENCH = Bench("brick_ops", render, plots={"brick-ops.png": plot})
 
 if __name__ == "__main__":
     main()

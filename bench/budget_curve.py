@@ -7,41 +7,34 @@ calibration and evaluated on the same held-out windows. Writes results.json, res
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_allocation_arguments, add_model_arguments, machine_info, write_results  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench, add_allocation_arguments, add_model_arguments
+from brickwork.bricks import calibrate, carved_layers
+from brickwork.bricks.budget import allocate_budgets
+from brickwork.models.specs import find_ffns
 
-import brickwork as bw  # noqa: E402
-from brickwork.bricks import calibrate, carved_layers  # noqa: E402
-from brickwork.bricks.budget import allocate_budgets  # noqa: E402
-from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
-from brickwork.models.specs import find_ffns  # noqa: E402
+# Each family's carve at a budget, as a carve string (CarveConfig.from_string) with the budget filled in.
+FAMILY_CARVES = {
+    "neuron-level default": "preset=neuron@{budget}",
+    "stock 64 experts softmax": "preset=stock@{budget},combine=softmax",  # carve --stock --combine softmax
+    "stock 64 experts sigmoid": "preset=stock@{budget},combine=sigmoid",  # carve --stock
+    "16 experts sum": "experts=16,shared=2,active_fraction={budget},method=activation,router=fitted",
+}
+FAMILIES = tuple(FAMILY_CARVES)
 
 
 def family_config(family: str, budget: float, d_ff: int, d_model: int) -> bw.CarveConfig:
-    if family == "neuron-level default":
-        return recommended(budget, d_ff=d_ff, d_model=d_model)
-    if family.startswith("stock 64 experts "):  # carve --stock [--combine sigmoid]
-        return stock_recommended(budget, d_ff=d_ff, combine=family.rsplit(" ", 1)[1])
-    if family == "16 experts sum":
-        return bw.CarveConfig(
-            experts=16, shared=2, active=max(1, round(budget * 16) - 2), method="activation", router="fitted"
-        )
-    raise SystemExit(f"unknown family {family!r}")
-
-
-FAMILIES = ("neuron-level default", "stock 64 experts softmax", "stock 64 experts sigmoid", "16 experts sum")
+    return bw.CarveConfig.from_string(FAMILY_CARVES[family].format(budget=budget), d_ff=d_ff, d_model=d_model)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/budget-smollm2")
     add_model_arguments(parser)
     parser.add_argument("--eval-tokens", type=int, default=2048)
     parser.add_argument("--carve-at", type=float, default=0.5, help="the artefact's own budget")
@@ -61,10 +54,10 @@ def main() -> None:
         action="store_true",
         help="carve the weighted families' artefact with combine_budgets = --budgets (the rule fitted for each)",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/budget-smollm2"))
     args = parser.parse_args()
-
-    machine = machine_info()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
+    results = BENCH.start(args)
     model, tokenizer = bw.load_model(args.model, progress=False)
     ffn = find_ffns(model)[0]
     d_ff, d_model = ffn.d_ff, ffn.read().d_model
@@ -86,12 +79,7 @@ def main() -> None:
         return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
 
     dense = evaluate()
-    results = {
-        "machine": machine,
-        "settings": vars(args) | {"out": str(args.out)},
-        "dense": dense,
-        "rows": [],
-    }
+    results |= {"dense": dense, "rows": []}
     for family in args.families:
         config = family_config(family, args.carve_at, d_ff, d_model)
         if args.fit_budgets and config.combine != "sum":
@@ -140,12 +128,10 @@ def main() -> None:
                 "ratio_separate": {d: separate["perplexity"][d] / dense[d] for d in args.eval},
             }
             results["rows"].append(row)
-            write_results(args.out, results, render(results))
+            BENCH.write(args.out, results, plots=False)
             print(family, budget, row["ratio_artefact"], row["ratio_separate"], flush=True)
     results["seconds"] = time.perf_counter() - started
-    write_results(args.out, results, render(results))
-    plot(results, args.out / "budget.png")
-    print(render(results))
+    print(BENCH.write(args.out, results))
 
 
 def render(results: dict) -> str:
@@ -177,8 +163,9 @@ def render(results: dict) -> str:
     if results.get("per_layer"):
         lines += [
             "",
-            f"## Per-layer budgets (allocate_budgets, step {s['layer_step']}, {s.get('layer_rounds', 1)} round(s)) "
-            "against the uniform budget, same artefact",
+            f"## Per-layer budgets (allocate_budgets, step {s['layer_step']}"
+            + (f", {s['layer_rounds']} round(s)" if "layer_rounds" in s else "")  # earlier runs had one round
+            + ") against the uniform budget, same artefact",
             "",
             "| family | budget | uniform reads | uniform | per-layer reads | per-layer | per-layer / uniform | "
             "layers lowered / raised |",
@@ -248,7 +235,10 @@ def plot(results: dict, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
 
+
+BENCH = Bench("budget_curve", render, plots={"budget.png": plot})
 
 if __name__ == "__main__":
     main()

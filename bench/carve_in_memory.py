@@ -19,22 +19,18 @@ loads the whole model once and would dominate the peak.
 
 from __future__ import annotations
 
-import argparse
 import random
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks.presets import recommended  # noqa: E402
-from brickwork.bricks.sequential import SequentialReport, carve_sequential  # noqa: E402
-from brickwork.memory import GIB, StepMeter  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench
+from brickwork.bricks.presets import recommended
+from brickwork.bricks.sequential import SequentialReport, carve_sequential
+from brickwork.memory import GIB, StepMeter
 
 PER_LAYER_STEPS = ("load", "profile", "forward", "carve", "write")
 TARGETS = {
@@ -261,9 +257,7 @@ def _table(title: str, summary: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = BENCH.parser(__doc__, out="bench/results/carve-in-memory", raw=True)
     parser.add_argument("--model", default="qwen2.5-1.5b", help="cached alias or safetensors directory")
     parser.add_argument("--skip-real", action="store_true", help="only the simulated shape")
     parser.add_argument("--skip-simulation", action="store_true", help="only the real model")
@@ -280,16 +274,31 @@ def main() -> None:
     parser.add_argument("--project-layers", type=int, default=32, help="layers of the full carve projected")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one, removed)")
     parser.add_argument("--keep-carve", type=Path, help="move the real model's carve here (to evaluate it)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/carve-in-memory"))
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
 
-    machine = machine_info()
     results: dict = {
-        "machine": machine,
+        "bench": BENCH.name,
+        "machine": BENCH.start()["machine"],
         "settings": {k: str(v) for k, v in vars(args).items()},
         "targets": TARGETS,
     }
+    with tempfile.TemporaryDirectory(prefix="carve-in-memory-", dir=args.work) as scratch:
+        work = Path(scratch)
+        if not args.skip_real:
+            results["real"] = run_real(args, work)
+            if args.keep_carve:
+                shutil.move(work / "real-carved", args.keep_carve)
+        if not args.skip_simulation:
+            results["simulated"] = run_simulated(args, work)
+    print(BENCH.write(args.out, results))
+
+
+def render(results: dict) -> str:
+    machine, s = results["machine"], results["settings"]
+    targets = results["targets"]
     lines = [
         "# Carving within memory (carve_sequential)",
         "",
@@ -297,44 +306,38 @@ def main() -> None:
         f"{machine['torch_threads']} threads; torch {machine['torch']}",
         "",
     ]
-    with tempfile.TemporaryDirectory(prefix="carve-in-memory-", dir=args.work) as scratch:
-        work = Path(scratch)
-        if not args.skip_real:
-            results["real"] = run_real(args, work)
-            real = results["real"]
-            if args.keep_carve:
-                shutil.move(work / "real-carved", args.keep_carve)
-            lines += _table(f"(a) {args.model} at {args.active_fraction:.0%}", real)
-            lines += [
-                f"Targets: under {TARGETS['real']['seconds'] // 60} min ({real['meets_targets']['seconds']}), peak RSS "
-                f"under {TARGETS['real']['peak_rss_gib']} GB ({real['meets_targets']['peak_rss']}).",
-                "",
-            ]
-        if not args.skip_simulation:
-            results["simulated"] = run_simulated(args, work)
-            sim = results["simulated"]
-            shape = sim["shape"]
-            lines += _table(
-                f"(b) simulated shape: hidden {shape['hidden']}, d_ff {shape['d_ff']}, vocab {shape['vocab']}, "
-                f"{shape['layers']} layers",
-                sim,
-            )
-            lines += [
-                f"Projected {sim['projected_layers']}-layer carve: {sim['projected_seconds'] / 60:.1f} min "
-                f"({sim['seconds_per_layer']:.1f} s per layer; target under "
-                f"{TARGETS['simulated']['seconds_per_layer']} s: {sim['meets_targets']['seconds_per_layer']}), "
-                f"peak RSS {sim['projected_peak_rss_gib']:.2f} GiB (target under "
-                f"{TARGETS['simulated']['peak_rss_gib']} GB: {sim['meets_targets']['peak_rss']}).",
-                "",
-            ]
+    if "real" in results:
+        real = results["real"]
+        lines += _table(f"(a) {s['model']} at {float(s['active_fraction']):.0%}", real)
+        lines += [
+            f"Targets: under {targets['real']['seconds'] // 60} min ({real['meets_targets']['seconds']}), peak RSS "
+            f"under {targets['real']['peak_rss_gib']} GB ({real['meets_targets']['peak_rss']}).",
+            "",
+        ]
     if "simulated" in results:
         sim = results["simulated"]
+        shape = sim["shape"]
+        lines += _table(
+            f"(b) simulated shape: hidden {shape['hidden']}, d_ff {shape['d_ff']}, vocab {shape['vocab']}, "
+            f"{shape['layers']} layers",
+            sim,
+        )
+        lines += [
+            f"Projected {sim['projected_layers']}-layer carve: {sim['projected_seconds'] / 60:.1f} min "
+            f"({sim['seconds_per_layer']:.1f} s per layer; target under "
+            f"{targets['simulated']['seconds_per_layer']} s: {sim['meets_targets']['seconds_per_layer']}), "
+            f"peak RSS {sim['projected_peak_rss_gib']:.2f} GiB (target under "
+            f"{targets['simulated']['peak_rss_gib']} GB: {sim['meets_targets']['peak_rss']}).",
+            "",
+        ]
         lines.append(
             f"Writing the simulated checkpoint (not part of the carve): {sim['checkpoint_write_seconds']:.1f} s, "
             f"peak RSS {sim['checkpoint_write_peak_rss_gib']:.2f} GiB."
         )
-    write_results(args.out, results, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+BENCH = Bench("carve_in_memory", render)
 
 
 if __name__ == "__main__":

@@ -6,53 +6,30 @@ held-out windows, and uncarved (bit-exact) before the next. Writes results.json 
 
 from __future__ import annotations
 
-import argparse
-import sys
+import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_model_arguments, machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.common import CONFIG_KEYS  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-
-
-def parse_config(text: str) -> dict:
-    """'experts=16,shared=2,active=2,method=activation,router=fitted,rank=32' -> CarveConfig kwargs."""
-    kwargs: dict = {}
-    for item in text.split(","):
-        key, value = item.split("=")
-        if key == "rank":
-            kwargs.setdefault("router_options", {})["rank"] = int(value)
-        elif key == "input_fraction":
-            kwargs.setdefault("router_options", {})["input_fraction"] = float(value)
-        elif key == "target":
-            kwargs.setdefault("router_options", {})["target"] = value
-        elif key == "intercept":
-            kwargs.setdefault("router_options", {})["intercept"] = value.lower() in ("1", "true", "yes")
-        elif key in ("experts", "shared", "active"):
-            kwargs[key] = int(value)
-        elif key in ("active_fraction", "down_fraction"):
-            kwargs[key] = float(value)
-        else:
-            kwargs[key] = value
-    return kwargs
+import brickwork as bw
+from brickwork.benchmarks.common import CONFIG_KEYS
+from brickwork.benchmarks.harness import Bench, add_model_arguments
+from brickwork.bricks import calibrate
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/carving-quality")
     add_model_arguments(parser)
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens per corpus")
     parser.add_argument(
         "--config",
         action="append",
         default=[],
-        help="one configuration (repeatable); "
-        "e.g. experts=16,shared=2,active=2,method=activation,router=fitted",
+        help="one configuration (repeatable), a carve string (CarveConfig.from_string); e.g. "
+        "experts=16,shared=2,active=2,method=activation,router=fitted,router.intercept=false, or "
+        "preset=neuron@0.25",
     )
     parser.add_argument(
         "--grid", action="store_true", help="every method x router at 25/50/75%% with 16 experts"
@@ -86,44 +63,11 @@ def main() -> None:
     parser.add_argument(
         "--accumulate", default="auto", choices=("auto", "float32", "float64"), help="sums (see CarveConfig)"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/carving-quality"))
-    parser.add_argument(
-        "--replot",
-        nargs="*",
-        type=Path,
-        help="re-render --out from its results.json, adding the "
-        "rows of these other results.json files (same model, corpora and dense figures)",
-    )
     args = parser.parse_args()
     if args.replot is not None:
-        import json
+        return BENCH.replot(args.out, args.replot)
 
-        results = json.loads((args.out / "results.json").read_text())
-
-        def key(row: dict) -> str:
-            return json.dumps(row["config"], sort_keys=True)
-
-        for extra in args.replot:  # a later file's row replaces an earlier row of the same configuration
-            other = json.loads(extra.read_text())
-            replaced = {key(r) for r in other["rows"]}
-            results["rows"] = [r for r in results["rows"] if key(r) not in replaced]
-            results["rows"] += [dict(r, source=str(extra)) for r in other["rows"]]
-            results.setdefault("merged_from", []).append(
-                {
-                    "file": str(extra),
-                    "machine": other["machine"],
-                    "settings": other["settings"],
-                    "dense": other["dense"],
-                }
-            )
-        write_results(args.out, results, render_table(results))
-        plot(results, args.out / "quality.png")
-        if any("target" in r for r in results["rows"]):
-            plot_granularity(results, args.out / "granularity.png")
-        print(render_table(results))
-        return
-
-    configs = [parse_config(c) for c in args.config]
+    configs: list[dict | str] = list(args.config)  # carve strings, and the grids' CarveConfig keywords
     if args.grid:
         from brickwork.bricks.presets import recommended
         from brickwork.grouping import GROUPING_METHODS
@@ -166,13 +110,13 @@ def main() -> None:
         for active in (306, 690):
             configs.append(dict(experts=1536, shared=0, active=active, method="activation", router="lowrank"))
 
-    machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
+    results = BENCH.start(args)  # at the start: the commit that runs, not the one checked out at the end
     model, tokenizer = bw.load_model(args.model)
-    if args.granularity is not None:
-        from brickwork.models.specs import find_ffns
+    from brickwork.models.specs import find_ffns
 
-        ffn = find_ffns(model)[0]
-        d_ff, d_model, gated = ffn.d_ff, ffn.read().d_model, ffn.is_gated
+    ffn = find_ffns(model)[0]
+    d_ff, d_model, gated = ffn.d_ff, ffn.read().d_model, ffn.is_gated
+    if args.granularity is not None:
         experts = args.granularity or [16, 32, 64, 96, 192, 384, 768, 1536]
         configs += granularity_grid(
             experts,
@@ -199,8 +143,7 @@ def main() -> None:
     dense = evaluate()
     print("dense", dense, flush=True)
     rows = []
-    results = {
-        "machine": machine,
+    results |= {
         "settings": {
             "model": args.model,
             "calib": args.calib,
@@ -214,13 +157,19 @@ def main() -> None:
         "dense": dense,
         "rows": rows,  # the same list: rows appended below are in it
     }
-    for kwargs in configs:
-        target = kwargs.pop("target", None)
-        config = bw.CarveConfig(
+    for item in configs:
+        target = None
+        if isinstance(item, str):
+            config = bw.CarveConfig.from_string(item, d_ff=d_ff, d_model=d_model, gated=gated)
+        else:
+            kwargs = dict(item)
+            target = kwargs.pop("target", None)
+            config = bw.CarveConfig(**kwargs)
+        config = replace(
+            config,
             calib_tokens=args.calib_tokens,
             router_samples=args.router_samples,
             accumulate=args.accumulate,
-            **kwargs,
         )
         started = time.perf_counter()
         report = bw.carve_(model, config, calibration=calibration, progress=False)
@@ -245,18 +194,37 @@ def main() -> None:
                 for key in ("relative_error", "sum_relative_error", "fragile")
             } | {"temperatures": sorted({f["temperature"] for f in fits})}
         rows.append(row)
-        write_results(args.out, results, render_table(results))  # a run stopped early keeps its rows
+        BENCH.write(args.out, results, plots=False)  # a run stopped early keeps its rows
         print(
             f"{row['config']} fraction {report.active_fraction:.3f} ratio "
             f"{' '.join(f'{d}={r:.3f}' for d, r in row['ratio'].items())} ({carve_seconds:.1f} s)",
             flush=True,
         )
 
-    write_results(args.out, results, render_table(results))
-    plot(results, args.out / "quality.png")
-    if any("target" in r for r in results["rows"]):
-        plot_granularity(results, args.out / "granularity.png")
-    print(render_table(results))
+    print(BENCH.write(args.out, results))
+
+
+def merge_runs(results: dict, others: list[Path]) -> dict:
+    """``results`` with the rows of other runs' results.json files (same model, corpora and dense figures); a later
+    file's row replaces an earlier row of the same configuration."""
+
+    def key(row: dict) -> str:
+        return json.dumps(row["config"], sort_keys=True)
+
+    for extra in others:
+        other = json.loads(Path(extra).read_text())
+        replaced = {key(r) for r in other["rows"]}
+        results["rows"] = [r for r in results["rows"] if key(r) not in replaced]
+        results["rows"] += [dict(r, source=str(extra)) for r in other["rows"]]
+        results.setdefault("merged_from", []).append(
+            {
+                "file": str(extra),
+                "machine": other["machine"],
+                "settings": other["settings"],
+                "dense": other["dense"],
+            }
+        )
+    return results
 
 
 def neuron_level_defaults(d_ff: int, d_model: int, gated: bool, targets=(0.25, 0.5)) -> list[dict]:
@@ -325,7 +293,10 @@ def granularity_grid(
 
 
 def plot_granularity(results: dict, path: Path) -> None:
-    """Perplexity ratio against experts per FFN at each read budget, one line per router and budget."""
+    """Perplexity ratio against experts per FFN at each read budget, one line per router and budget (nothing
+    without granularity rows)."""
+    if not any("target" in r for r in results["rows"]):
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -364,6 +335,9 @@ def render_table(results: dict) -> str:
     settings, dense, rows = results["settings"], results["dense"], results["rows"]
     corpora = settings["eval"]
     m = results["machine"]
+    # columns added later: runs before them render as they did
+    experts_run = any("experts_run_fraction" in r for r in rows)
+    combine = any("combine" in r["config"] for r in rows)
     lines = [
         f"# Carving quality ({settings['model']})",
         "",
@@ -373,10 +347,18 @@ def render_table(results: dict) -> str:
         "",
         "Perplexity ratio to dense (dense: " + ", ".join(f"{d} {p:.2f}" for d, p in dense.items()) + ")",
         "",
-        "| experts | shared | active | method | router (, combine) | down rows | experts run | FFN weights read | "
+        f"| experts | shared | active | method | router{' (, combine)' if combine else ''} | down rows | "
+        + ("experts run | " if experts_run else "")
+        + "FFN weights read | "
         + " | ".join(corpora)
         + " | carve s |",
-        "|" + "---:|" * 3 + "---|---|---:|---:|---:|" + "---:|" * len(corpora) + "---:|",
+        "|"
+        + "---:|" * 3
+        + "---|---|---:|"
+        + "---:|" * experts_run
+        + "---:|"
+        + "---:|" * len(corpora)
+        + "---:|",
     ]
     for r in sorted(rows, key=lambda r: (round(r["active_fraction"] * 4) / 4, r["ratio"][corpora[0]])):
         c = r["config"]
@@ -387,7 +369,7 @@ def render_table(results: dict) -> str:
         lines.append(
             f"| {c['experts']} | {c['shared']} | {c['active']} | {c['method']} | {router} | "
             f"{'all' if c.get('down_fraction') is None else format(c['down_fraction'], '.0%')} | "
-            + (f"{r['experts_run_fraction']:.1%} | " if "experts_run_fraction" in r else "| ")
+            + (f"{r['experts_run_fraction']:.1%} | " if "experts_run_fraction" in r else "| " * experts_run)
             + f"{r['active_fraction']:.1%} | "
             + " | ".join(f"x{r['ratio'][d]:.3f}" for d in corpora)
             + f" | {r['carve_seconds']:.1f} |"
@@ -429,6 +411,13 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+BENCH = Bench(
+    "carving_quality",
+    render_table,
+    plots={"quality.png": plot, "granularity.png": plot_granularity},
+    merge=merge_runs,
+)
 
 if __name__ == "__main__":
     main()

@@ -8,19 +8,15 @@ building, writing, and the router-temperature pass; validation (the reload and t
 
 from __future__ import annotations
 
-import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.data.sources import token_windows  # noqa: E402
-from brickwork.io.export import compare_logits, export, load_exported, stock_routing_copy  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench
+from brickwork.bricks import calibrate
+from brickwork.data.sources import token_windows
+from brickwork.io.export import compare_logits, export, load_exported, stock_routing_copy
 
 CARVES = {
     "top-1 (2 shared + 1 of 14, 19%)": dict(experts=16, shared=2, active=1),
@@ -32,13 +28,14 @@ CARVES = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/export-validation")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--data", default="botchan")
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/export-validation"))
     args = parser.parse_args()
-    machine = machine_info()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
+    machine = BENCH.start()["machine"]
     model, tokenizer = bw.load_model(args.model)
     base = dict(method="activation", router="fitted", router_options={"intercept": False})
     calibration = calibrate(model, tokenizer, "wiki", bw.CarveConfig(**base))
@@ -100,16 +97,22 @@ def main() -> None:
                     )
             bw.uncarve_(model)
     results = {
+        "bench": BENCH.name,
         "machine": machine,
         "settings": {"model": args.model, "data": args.data, "tokens": args.tokens, **base},
         "rows": rows,
     }
+    print(BENCH.write(args.out, results))
+
+
+def render(results: dict) -> str:
+    s, machine, rows = results["settings"], results["machine"], results["rows"]
     lines = [
-        f"# Export validation ({args.model})",
+        f"# Export validation ({s['model']})",
         "",
         f"commit `{machine['commit']}`, {machine['date']}, {machine['cpu']}, torch {machine['torch']}; carves: "
         f"activation grouping + fitted router without intercept, calibration wiki 16384 tokens; validation: "
-        f"{args.tokens} tokens of {args.data}, brickwork forward vs stock transformers reload (fp32)",
+        f"{s['tokens']} tokens of {s['data']}, brickwork forward vs stock transformers reload (fp32)",
         "",
         "| carve | FFN reads | format | routing | KL(brickwork‖exported) | top-1 agreement | max abs logit diff "
         "| export s | conversion KL (agreement) |",
@@ -126,8 +129,10 @@ def main() -> None:
             )
             + " |"
         )
-    write_results(args.out, results, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+BENCH = Bench("export_validation", render)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Needs llama.cpp built by ``scripts/build_llama_cpp.sh`` (or ``--llama-cpp DIR`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -33,13 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks.carve import carved_layers  # noqa: E402
-from brickwork.data.sources import token_windows  # noqa: E402
-from brickwork.errors import BrickworkError  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench, import_package
+from brickwork.bricks.carve import carved_layers
+from brickwork.data.sources import token_windows
+from brickwork.errors import BrickworkError
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = (
@@ -119,13 +116,18 @@ def carve_here(
     model, tokenizer, specs: list[str], calib: str, work: Path, calib_tokens: int = 16384
 ) -> list[Path]:
     """Carve ``model`` as each spec says (one calibration pass), save each under ``work``; return the folders."""
-    from carving_quality import parse_config
+    from dataclasses import replace
 
     from brickwork.bricks import calibrate
+    from brickwork.models.specs import find_ffns
 
+    ffn = find_ffns(model)[0]
+    shapes = {"d_ff": ffn.d_ff, "d_model": ffn.read().d_model, "gated": ffn.is_gated}
     configs = [
-        bw.CarveConfig(
-            **parse_config(spec), calib_tokens=calib_tokens, router_samples=min(8192, calib_tokens)
+        replace(
+            bw.CarveConfig.from_string(spec, **shapes),
+            calib_tokens=calib_tokens,
+            router_samples=min(8192, calib_tokens),
         )
         for spec in specs
     ]
@@ -263,16 +265,14 @@ def bench_speed(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = BENCH.parser(__doc__, out="bench/results/llama-cpp-smollm2", raw=True)
     parser.add_argument("--carved", nargs="*", type=Path, default=[], help="carved model folders (bw.save)")
     parser.add_argument(
         "--carve",
         action="append",
         default=[],
-        help="carve the dense model here (repeatable; one calibration for all), as bench/carving_quality.py's "
-        "--config: e.g. experts=64,shared=8,active=24,router=fitted,intercept=false,combine=softmax",
+        help="carve the dense model here (repeatable; one calibration for all), a carve string "
+        "(CarveConfig.from_string): e.g. experts=64,shared=8,active=24,router.intercept=false,combine=softmax",
     )
     parser.add_argument("--calib", default="wiki", help="calibration text of --carve")
     parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens of --carve")
@@ -292,13 +292,14 @@ def main() -> None:
         "--llama-cpp", type=Path, help="a llama.cpp build (default: scripts/build_llama_cpp.sh)"
     )
     parser.add_argument("--keep", type=Path, help="keep the GGUF files here")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/llama-cpp-smollm2"))
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
 
-    machine = machine_info()
+    started_results = BENCH.start(args)
     lcpp = llama_cpp_dir(args.llama_cpp)
     os.environ["LLAMA_CPP_LIB_PATH"] = str(lcpp / "bin")
-    sys.path.insert(0, str(lcpp))  # the binding of the same llama.cpp
+    import_package(lcpp, "llama_cpp")  # the binding of the same llama.cpp
     torch.set_num_threads(args.threads)
     dense_model, tokenizer = bw.load_model(args.model, progress=False)
     windows = token_windows(tokenizer, args.data, args.window, args.tokens)
@@ -319,7 +320,8 @@ def main() -> None:
         models[carved.name] = (bw.load(carved), files, export_checks)
 
     results: dict = {
-        "machine": machine,
+        "bench": started_results["bench"],
+        "machine": started_results["machine"],
         "settings": vars(args)
         | {"llama_cpp": (lcpp / "SOURCE").read_text().strip() if (lcpp / "SOURCE").exists() else str(lcpp)},
         "models": {},
@@ -351,7 +353,7 @@ def main() -> None:
         entry["quality"] = quality
         if args.quality_only:
             results["models"][name] = entry
-            write_results(args.out, results, render(results))
+            BENCH.write(args.out, results, plots=False)
             continue
         llm = open_llama(files["f32"], args.window, args.threads, "f32")
         ours, theirs = (
@@ -365,7 +367,7 @@ def main() -> None:
             "llama_cpp": [tokenizer.decode(t) for t in theirs],
         }
         results["models"][name] = entry
-        write_results(args.out, results, render(results))
+        BENCH.write(args.out, results, plots=False)
 
     if args.quality_only:
         print(render(results))
@@ -383,9 +385,7 @@ def main() -> None:
                 "samples": s["samples"],
             }
     results["seconds"] = time.perf_counter() - started
-    write_results(args.out, results, render(results))
-    plot(results, args.out / "quality-vs-speed.png")
-    print(render(results))
+    print(BENCH.write(args.out, results))
 
 
 def render(results: dict) -> str:
@@ -440,6 +440,8 @@ def render(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    if not any("speed" in e for e in results["models"].values()):  # --quality-only: nothing to plot
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -469,6 +471,8 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+BENCH = Bench("llama_cpp_serving", render, plots={"quality-vs-speed.png": plot})
 
 if __name__ == "__main__":
     main()

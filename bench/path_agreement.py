@@ -9,21 +9,17 @@ float64 (``accumulate``, the default for neuron-level carves) are also run with 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.speed import SpeedBenchConfig, _configs  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.module import BrickFFN  # noqa: E402
-from brickwork.data.corpora import corpus_path  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench
+from brickwork.benchmarks.speed import SpeedBenchConfig, _configs
+from brickwork.bricks import calibrate
+from brickwork.bricks.module import BrickFFN
+from brickwork.data.corpora import corpus_path
+from brickwork.evaluation.perplexity import score_logprobs
 
 
 def both_paths(fn):
@@ -40,14 +36,17 @@ def both_paths(fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/path-agreement")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompts", default="lee-news")
     parser.add_argument("--data", default="botchan")
     parser.add_argument("--windows", type=int, default=2, help="512-token held-out windows")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/path-agreement"))
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
+    results = BENCH.start(args)
+    results["settings"]["tokens"] = 512 * args.windows
 
     torch.manual_seed(0)
     dense, tokenizer = bw.load_model(args.model)
@@ -93,7 +92,7 @@ def main() -> None:
         fast, ref = fast_logits.log_softmax(-1), ref_logits.log_softmax(-1)
 
         def ppl(lp):
-            return float(torch.exp(-lp[:, :-1].gather(-1, ids[:, 1:, None]).mean()))
+            return score_logprobs([(ids, lp[:, :-1], None)]).perplexity
 
         rows.append(
             {
@@ -112,16 +111,18 @@ def main() -> None:
             }
         )
         print(rows[-1], flush=True)
-    results = {
-        "machine": machine_info(),
-        "settings": {**vars(args), "out": str(args.out), "tokens": 512 * args.windows},
-        "rows": rows,
-    }
+    results["rows"] = rows
+    print(BENCH.write(args.out, results))
+
+
+def render(results: dict) -> str:
+    s, rows = results["settings"], results["rows"]
+    prompts = rows[0]["prompts"] if rows else 0
     lines = [
-        f"# Fast kernel paths vs the reference path ({args.model})",
+        f"# Fast kernel paths vs the reference path ({s['model']})",
         "",
-        f"commit `{results['machine']['commit']}`, {results['machine']['date']}; greedy: {len(prompts)} prompts of 32 "
-        f"{args.prompts} tokens, {args.new_tokens} new tokens; distributions over {512 * args.windows} {args.data} "
+        f"commit `{results['machine']['commit']}`, {results['machine']['date']}; greedy: {prompts} prompts of 32 "
+        f"{s['prompts']} tokens, {s['new_tokens']} new tokens; distributions over {s['tokens']} {s['data']} "
         "tokens in 512-token windows.",
         "",
         "| carve | sums | greedy identical | first differing new token | KL(reference \\|\\| fast) | top-1 agreement | "
@@ -136,8 +137,10 @@ def main() -> None:
             f"{r['perplexity_fast']:.3f} / {r['perplexity_reference']:.3f} | "
             f"{r['logits_identical_positions']:.2%} | {r['max_abs_logit_difference']:.2e} |"
         )
-    write_results(args.out, results, "\n".join(lines))
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
+BENCH = Bench("path_agreement", render)
 
 
 if __name__ == "__main__":

@@ -8,30 +8,24 @@ more carvable FFN. Question from the real-models issue: does concentration grow 
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.profiling.stats import MASS_SHARE_FRACTIONS  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench
+from brickwork.profiling.stats import MASS_SHARE_FRACTIONS
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/profile-across-models")
     parser.add_argument(
         "--models", nargs="+", default=["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b"]
     )
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/profile-across-models"))
     args = parser.parse_args()
-
-    machine = machine_info()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
+    results = BENCH.start(args)
     rows = []
     for name in args.models:
         model, tokenizer = bw.load_model(name)
@@ -57,10 +51,14 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
         del model
-    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": rows}
-    m = machine
+    results["rows"] = rows
+    print(BENCH.write(args.out, results))
+
+
+def render(results: dict) -> str:
+    s, m, rows = results["settings"], results["machine"], results["rows"]
     lines = [
-        f"# Activation concentration across models ({args.calib}, {args.tokens} tokens each)",
+        f"# Activation concentration across models ({s['calib']}, {s['tokens']} tokens each)",
         "",
         f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, torch {m['torch']}",
         "",
@@ -75,9 +73,15 @@ def main() -> None:
             f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['layers']} | {r['d_ff']} | {s['0.1']:.3f} | "
             f"{s['0.25']:.3f} | {s['0.5']:.3f} | {lo:.3f}-{hi:.3f} | {r['threshold_rate_mean']:.3f} |"
         )
-    table = "\n".join(lines)
-    write_results(args.out, results, table)
-    print(table)
+    for r in rows:  # a row measured in a run of its own names it
+        if "machine" in r:
+            m = r["machine"]
+            note = f", {r['note']}" if "note" in r else ""
+            lines += ["", f"The {r['model']} row: commit `{m['commit']}`, {m['date']}{note}."]
+    return "\n".join(lines)
+
+
+BENCH = Bench("profile_across_models", render)
 
 
 if __name__ == "__main__":

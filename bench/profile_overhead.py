@@ -8,39 +8,37 @@ corpus, as `brickwork profile` runs it (tokenisation included).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-import brickwork.profiling.stats as stats_module  # noqa: E402
-from brickwork.data import token_windows  # noqa: E402
-from brickwork.models.specs import find_ffns  # noqa: E402
-from brickwork.profiling import FFNCapture, NeuronStats  # noqa: E402
-from brickwork.profiling.stats import int8_gemm_is_fast  # noqa: E402
+import brickwork as bw
+import brickwork.profiling.stats as stats_module
+from brickwork.benchmarks.harness import Bench
+from brickwork.data import token_windows
+from brickwork.models.specs import find_ffns
+from brickwork.profiling import FFNCapture, NeuronStats
+from brickwork.profiling.stats import int8_gemm_is_fast
 
 original_counts = stats_module.coactivation_counts
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/profile-overhead")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calib", default="wiki")
     parser.add_argument("--tokens", type=int, default=65536, help="tokens for the full profile run")
     parser.add_argument("--repeat-tokens", type=int, default=4096, help="tokens per interleaved repeat")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/profile-overhead"))
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
 
-    machine = machine_info()  # at the start: the commit that runs, not the one checked out at the end
+    machine = BENCH.start()[
+        "machine"
+    ]  # at the start: the commit that runs, not the one checked out at the end
     model, tokenizer = bw.load_model(args.model)
     config = bw.ProfileConfig()
     windows = token_windows(tokenizer, args.calib, config.window, args.repeat_tokens).split(config.batch_size)
@@ -89,6 +87,7 @@ def main() -> None:
     full_seconds = time.perf_counter() - start
 
     results = {
+        "bench": BENCH.name,
         "machine": machine,
         "settings": {
             "model": args.model,
@@ -107,32 +106,38 @@ def main() -> None:
         "full_profile_tokens_per_second": prof.tokens / full_seconds,
         "int8_gemm_chosen": int8_gemm_is_fast("cpu"),
     }
-    m = results["machine"]
-    table = "\n".join(
+    print(BENCH.write(args.out, results))
+
+
+def render(results: dict) -> str:
+    s, m, median = results["settings"], results["machine"], results["median_seconds"]
+    tokens, full_seconds = s["repeat_tokens"], results["full_profile_seconds"]
+    return "\n".join(
         [
-            f"# Profiling overhead ({args.model}, {args.calib})",
+            f"# Profiling overhead ({s['model']}, {s['calib']})",
             "",
             f"commit `{m['commit']}`, {m['date']}, {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}",
             f"CPU flags: {' '.join(m['cpu_flags'])}; torch CPU capability {m['torch_cpu_capability']}; "
             f"co-activation form chosen here: {'int8 GEMM' if results['int8_gemm_chosen'] else 'float32'}",
             "",
-            f"Interleaved, median of {args.repeats} repeats over the same {tokens} tokens "
-            f"(windows of {config.window}, batch {config.batch_size}):",
+            f"Interleaved, median of {s['repeats']} repeats over the same {tokens} tokens "
+            f"(windows of {s['window']}, batch {s['batch_size']}):",
             "",
             "| run | median s | tokens/s | profiling speed as a fraction of this run's |",
             "|---|---:|---:|---:|",
             *[
                 f"| {name} | {median[name]:.2f} | {tokens / median[name]:.0f} | "
                 f"{median[name] / median['profile']:.2f}x |"
-                for name in runs
+                for name in median
             ],
             "",
-            f"Full profile of {prof.tokens} tokens from `{args.calib}` (tokenisation included): {full_seconds:.1f} s "
-            f"({prof.tokens / full_seconds:.0f} tokens/s).",
+            f"Full profile of {s['full_profile_tokens']} tokens from `{s['calib']}` (tokenisation included): "
+            f"{full_seconds:.1f} s ({results['full_profile_tokens_per_second']:.0f} tokens/s).",
         ]
     )
-    write_results(args.out, results, table)
-    print(table)
+
+
+BENCH = Bench("profile_overhead", render)
 
 
 if __name__ == "__main__":

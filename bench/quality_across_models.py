@@ -13,13 +13,10 @@ the dense parent on botchan / lee-news. Writes results.md and results.json (the 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
+from brickwork.benchmarks.harness import Bench
 
 FAMILIES = ("neuron-level default", "stock default (64 experts, sigmoid)", "16 experts, activation + fitted")
 BASELINES = ("cats", "teal")
@@ -88,7 +85,11 @@ def _ratio(r: float) -> str:
     return f"x{r:.3f}" if r < 10 else f"x{r:.1f}"
 
 
-def render(cells: list[dict], models: list[str], fractions, machine: dict) -> str:
+def render(results: dict) -> str:
+    s, cells, machine = results["settings"], results["cells"], results["machine"]
+    fractions = s["fractions"]
+    models = list(dict.fromkeys([*(item.split("=", 1)[0] for item in s["bench"]),
+                                 *(item.split("=", 1)[0].split(":")[0] for item in s["eval"])]))  # fmt: skip
     corpora = sorted({d for c in cells for d in c["ratio"]})
     families = [*FAMILIES, *(b.upper() for b in BASELINES)]
     lines = [
@@ -124,9 +125,7 @@ def render(cells: list[dict], models: list[str], fractions, machine: dict) -> st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = BENCH.parser(__doc__, out="bench/results/quality-across-models", raw=True)
     parser.add_argument(
         "--bench",
         nargs="*",
@@ -142,8 +141,9 @@ def main() -> None:
         "stock default)",
     )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/quality-across-models"))
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
     bench = [(k, Path(v)) for k, v in (item.split("=", 1) for item in args.bench)]
     evals = {}
     for item in args.eval:
@@ -158,13 +158,12 @@ def main() -> None:
         if cell in evals:
             raise SystemExit(f"--eval {item}: {key} is given twice")
         evals[cell] = Path(path)
-    models = list(dict.fromkeys([*(m for m, _ in bench), *(m for m, _, _ in evals)]))
-    cells = collect(bench, evals, args.fractions)
-    machine = machine_info()
-    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "cells": cells}
-    write_results(args.out, results, render(cells, models, args.fractions, machine))
-    print(render(cells, models, args.fractions, machine))
+    results = BENCH.start(args)
+    results["cells"] = collect(bench, evals, args.fractions)
+    print(BENCH.write(args.out, results))
 
+
+BENCH = Bench("quality_across_models", render)
 
 if __name__ == "__main__":
     main()

@@ -8,26 +8,22 @@ budget. Writes results.json / results.md; `bench/results/quality-smollm2` merges
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.common import CONFIG_KEYS as KEYS  # noqa: E402
-from brickwork.benchmarks.quality import HeldOut  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.presets import recommended, stock_recommended  # noqa: E402
-from brickwork.recovery import LocalRecoveryConfig, recover_local_  # noqa: E402
-from brickwork.recovery.e2e import E2EConfig, recover_e2e_  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.common import CONFIG_KEYS as KEYS
+from brickwork.benchmarks.harness import Bench, settings_of
+from brickwork.benchmarks.quality import HeldOut
+from brickwork.bricks import calibrate
+from brickwork.bricks.presets import recommended, stock_recommended
+from brickwork.recovery import LocalRecoveryConfig, recover_local_
+from brickwork.recovery.e2e import E2EConfig, recover_e2e_
 
 
 @contextlib.contextmanager
@@ -66,14 +62,15 @@ class _Curve:
         print(f"  e2e {done * self.per_step} tokens ({elapsed:.0f} s): {ratios}", flush=True)
 
 
-def _table(args, machine: dict, rows: list[dict]) -> str:
-    corpora = args.eval
+def render(results: dict) -> str:
+    s, machine, rows = results["settings"], results["machine"], results["rows"]
+    corpora = s["eval"]
     lines = [
-        f"# Recovery ({Path(str(args.model)).name})",
+        f"# Recovery ({Path(str(s['model'])).name})",
         "",
         f"commit `{machine['commit']}`, {machine['date']}, {machine.get('device') or machine['cpu']}; held-out "
-        f"{args.eval_tokens} tokens per corpus; local recovery on {args.local_tokens} wiki tokens; e2e budget "
-        f"{max(args.e2e_tokens, default=0)} tokens (lr {args.e2e_lr}, {args.e2e_batch} x {args.e2e_window})",
+        f"{s['eval_tokens']} tokens per corpus; local recovery on {s['local_tokens']} wiki tokens; e2e budget "
+        f"{max(s['e2e_tokens'], default=0)} tokens (lr {s['e2e_lr']}, {s['e2e_batch']} x {s['e2e_window']})",
         "",
         "| configuration | reads | "
         + " | ".join(f"{c} before / local / e2e" for c in corpora)
@@ -108,7 +105,7 @@ def _table(args, machine: dict, rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/recovery")
     parser.add_argument("--model", default="smollm2-135m", help="alias, model directory or .gguf file")
     parser.add_argument(
         "--device", default="cpu", help="where recovery and scoring run (carving runs on the CPU)"
@@ -133,7 +130,6 @@ def main() -> None:
     parser.add_argument("--e2e-batch", type=int, default=E2EConfig.batch_size)
     parser.add_argument("--tf32", action="store_true", help="TF32 matrix products while training on a GPU")
     parser.add_argument("--configs", nargs="*", help="only these configurations (names as printed)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/recovery"))
     parser.add_argument(
         "--merge-into",
         type=Path,
@@ -146,12 +142,14 @@ def main() -> None:
         help="merge these recovery results.json files into --merge-into, running nothing",
     )
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
     if args.merge_only:
         if not args.merge_into:
             parser.error("--merge-only needs --merge-into")
         _merge(args.merge_into, [json.loads(f.read_text()) for f in args.merge_only])
         return
-    machine = machine_info()
+    machine = BENCH.start()["machine"]
     device = torch.device(args.device)
     if device.type == "cuda":
         machine["device"] = torch.cuda.get_device_name(device)
@@ -225,12 +223,9 @@ def main() -> None:
             print(f"  + e2e {row['e2e']['seconds']:.0f} s training", flush=True)
         rows.append(row)
         del work
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        results = {"machine": machine, "settings": settings, "rows": rows}
-        write_results(
-            args.out, results, _table(args, machine, rows)
-        )  # after every row: a cut-off run keeps them
-    print(_table(args, machine, rows))
+        results = {"bench": BENCH.name, "machine": machine, "settings": settings_of(args), "rows": rows}
+        table = BENCH.write(args.out, results)  # after every row: a cut-off run keeps them
+    print(table)
     if args.merge_into:
         _merge(args.merge_into, [results])
 
@@ -241,6 +236,8 @@ def _merge(directory: Path, recoveries: list[dict]) -> None:
     quality = json.loads((directory / "results.json").read_text())
     write(merge_recovery(quality, *recoveries), directory)
 
+
+BENCH = Bench("recovery", render)
 
 if __name__ == "__main__":
     main()

