@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brickwork.benchmarks.common import CONFIG_KEYS
+from brickwork.bricks.presets import NEURON_ROUTER
 
 logger = logging.getLogger(__name__)
 
@@ -488,7 +489,7 @@ def _series(row: dict) -> str:
     if row["kind"] == "dense":
         return "dense"
     c = row["config"]
-    if c["experts"] >= 512 or c["router"] == "partial" and "neuron" in row["name"]:
+    if c["experts"] >= 512 or c["router"] == NEURON_ROUTER and "neuron" in row["name"]:
         return "carved: neuron-level default (partial router)"
     if c.get("combine", "sum") != "sum":
         return f"carved: stock default ({c['combine']} experts)"

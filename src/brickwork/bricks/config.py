@@ -257,7 +257,7 @@ class CarveConfig:
                 preset = _parse_preset(value)
                 continue
             option = key.removeprefix("router.") if key.startswith("router.") else None
-            if option is None and key not in names and key in ROUTER_OPTION_RULES:
+            if option is None and key not in names and key in _router_option_types():
                 option = key  # the bare router-option names of earlier carve strings
             if option is not None:
                 if option in router_options:
@@ -317,7 +317,21 @@ class CarveConfig:
 
 def _known_keys() -> str:
     names = [f.name for f in fields(CarveConfig) if f.name != "router_options"]
-    return ", ".join([*names, "router.<option> (" + ", ".join(ROUTER_OPTION_RULES) + ")", "preset"])
+    options = ", ".join(sorted(_router_option_types()))
+    return ", ".join([*names, "router.<option> (" + options + ")", "preset"])
+
+
+def _router_option_types() -> dict[str, type]:
+    """Every registered router's options and their types (a Literal's are strings), as the routers declare them."""
+    import typing
+
+    from brickwork.routing import ROUTERS
+
+    types: dict[str, type] = {}
+    for cls in ROUTERS.values():
+        for name, kind in cls.Options.types().items():
+            types[name] = str if typing.get_origin(kind) is typing.Literal else kind
+    return types
 
 
 def _parse_preset(value: str) -> tuple[str, float]:
@@ -362,8 +376,9 @@ def _field_value(key: str, text: str):
 
 
 def _router_value(option: str, text: str):
-    if option in ROUTER_OPTION_RULES:
-        return _scalar(ROUTER_OPTION_RULES[option][0], text, f"router.{option}")
+    types = _router_option_types()
+    if option in types:
+        return _scalar(types[option], text, f"router.{option}")
     for kind in (int, float):  # an option without a rule: a number where it reads as one
         try:
             return kind(text)
