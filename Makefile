@@ -18,8 +18,9 @@ demo: setup
 		--eval botchan lee-news --eval-tokens 8192 --samples 3
 
 lint:
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench docs
+	$(BIN)/ruff format --check src tests bench docs
+	$(BIN)/lint-imports
 
 format:
 	$(BIN)/ruff format src tests bench

@@ -32,7 +32,7 @@ from brickwork.data.debian import DebFile, fetch_deb, read_deb_files, read_deb_m
 from brickwork.data.doc_markup import clean_plain_book, clean_rst
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_write_text
-from brickwork.models.loading import cache_dir
+from brickwork.settings import cache_dir
 
 logger = logging.getLogger(__name__)
 

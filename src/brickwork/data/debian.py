@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from brickwork.data.registry import fetch_verified, sha256_of
 from brickwork.errors import BrickworkError
-from brickwork.models.loading import cache_dir
+from brickwork.settings import cache_dir
 
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60

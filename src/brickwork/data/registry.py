@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 from brickwork.errors import BrickworkError
+from brickwork.io_utils import sha256_of
 
 DEFAULT_INDEX = "https://pypi.org/simple/"
 _LINK = re.compile(r"""<a\s[^>]*href=["']([^"']+)["'][^>]*>""", re.I)
@@ -78,14 +79,6 @@ def file_url(spec: RegistryFile, timeout: float = 60) -> str:
             )
         return url.split("#", 1)[0]
     raise BrickworkError(f"The index page {page} does not list {spec.filename}. {_manual_hint(spec)}")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify(spec: RegistryFile, path: Path) -> Path:

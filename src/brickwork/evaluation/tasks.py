@@ -39,7 +39,7 @@ import torch
 from brickwork.data import registry
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_write_text
-from brickwork.models.loading import cache_dir
+from brickwork.settings import cache_dir
 
 logger = logging.getLogger(__name__)
 

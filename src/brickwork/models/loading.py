@@ -24,6 +24,7 @@ from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text, clean_stale
 from brickwork.models.config_check import check_config_fields
 from brickwork.models.wheel_parts import PARTED_MODELS, PartedModel, check_resources, fetch_gguf, provenance
+from brickwork.settings import cache_dir  # noqa: F401  (re-exported: callers read it here too)
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +50,6 @@ BUNDLED_MODELS: dict[str, BundledModel | PartedModel] = {
     **PARTED_MODELS,
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def cache_dir() -> Path:
-    """Where brickwork keeps converted models and prepared corpora (``$BRICKWORK_HOME``)."""
-    return Path(os.environ.get("BRICKWORK_HOME", Path.home() / ".cache" / "brickwork"))
 
 
 def _bundled_gguf_path(spec: BundledModel) -> Path:

@@ -261,7 +261,7 @@ def _check_joined(spec: PartedModel, path: Path, size: int, sha256: str, what: s
 
 
 def _wheel_record(wheel: WheelMember, wheel_path: Path) -> dict:
-    from brickwork.data.registry import sha256_of
+    from brickwork.io_utils import sha256_of
 
     return {
         "requirement": wheel.requirement,
