@@ -10,12 +10,16 @@ from pathlib import Path
 
 from brickwork.errors import BrickworkError
 from brickwork.io.formats.base import ExportPlan, StockFormat
+from brickwork.io.formats.deepseek_v3 import DeepseekV3
 from brickwork.io.formats.gguf import Gguf
 from brickwork.io.formats.glm4_moe import Glm4Moe
 from brickwork.io.formats.mixtral import Mixtral
 from brickwork.io.formats.qwen2_moe import Qwen2Moe
+from brickwork.io.formats.qwen3_moe import Qwen3Moe
 
-EXPORT_FORMATS: dict[str, type[StockFormat]] = {cls.name: cls for cls in (Qwen2Moe, Mixtral, Glm4Moe, Gguf)}
+EXPORT_FORMATS: dict[str, type[StockFormat]] = {
+    cls.name: cls for cls in (Qwen2Moe, Mixtral, Glm4Moe, Gguf, Qwen3Moe, DeepseekV3)
+}
 DEFAULT_FORMAT = Qwen2Moe.name
 
 

@@ -66,9 +66,13 @@ class StockFormat:
         """The carve's :class:`ExportPlan`, or BrickworkError saying what this format cannot hold and what to do."""
         config = model.config
         if config.model_type not in self.sources:
+            from brickwork.io.formats import EXPORT_FORMATS
+
+            others = [name for name, cls in EXPORT_FORMATS.items() if config.model_type in cls.sources]
             raise BrickworkError(
                 f"export to {self.name} supports carved {', '.join(self.sources)} models "
                 f"({self.source_description}); this model is '{config.model_type}'"
+                + (f": export it to {' or '.join(others)}" if others else "")
             )
         bricks = carved_layers(model)
         if not bricks:
@@ -112,9 +116,14 @@ class StockFormat:
                 for name, cls in EXPORT_FORMATS.items()
                 if rule in cls.rules and config.model_type in cls.sources
             ]
+            where = (
+                f"export it to {' or '.join(fits)}"
+                if fits
+                else f"no export format holds a '{rule}' carve of a {config.model_type} model"
+            )
             raise BrickworkError(
                 f"this carve weights its experts by '{rule}', which {self.name} cannot compute "
-                f"({self.rule_hint}); export it to {' or '.join(fits)}"
+                f"({self.rule_hint}); {where}"
             )
         for index, spec in specs.items():
             if spec.down_keep is not None:
