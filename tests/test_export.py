@@ -422,3 +422,84 @@ def test_gguf_names_the_pre_tokenizer_llama_cpp_knows(tmp_path, text_file, token
     assert "may split text differently" in caplog.text
     # the known families are looked up by llama.cpp's own hash of the test string's token ids
     assert set(_PRE_TOKENIZERS.values()) >= {"smollm", "qwen2", "llama-bpe"}
+
+
+@pytest.mark.parametrize(
+    "active, combine, layers",
+    [(1, "sum", None), (2, "sum", [1]), (3, "softmax_topk", None), (2, "softmax", None)],
+)
+def test_qwen3_moe_export_of_a_carved_qwen3(tmp_path, text_file, tokenizer, active, combine, layers):
+    """Qwen3 attention (q/k norms, explicit head_dim) maps as it is; no shared expert; dense layers stay dense."""
+    model = _carved(text_file, tokenizer, "qwen3", active=active, shared=0, combine=combine, layers=layers)
+    out = tmp_path / "q3"
+    report = export(
+        model, out, "qwen3_moe", tokenizer, validate_data=str(text_file), validate_tokens=256, window=64
+    )
+    v = report.validation
+    exact = combine != "sum" or active == 1
+    assert v["agreement"] == 1.0 and abs(v["kl"]) < (1e-8 if exact else 1e-6), v
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["num_local_experts"] == 8  # num_experts in memory
+    assert config["norm_topk_prob"] == (combine != "softmax")
+    assert config["mlp_only_layers"] == ([0] if layers else [])
+    assert config["head_dim"] == model.config.head_dim
+    stock = load_exported(out, "qwen3_moe")
+    assert torch.equal(
+        stock.model.layers[0].self_attn.q_norm.weight, model.model.layers[0].self_attn.q_norm.weight
+    )
+
+
+def test_qwen3_moe_takes_qwen3_alone_and_no_shared_neurons(tmp_path, text_file, tokenizer):
+    from brickwork.io.export import plan_export
+
+    with pytest.raises(BrickworkError, match="supports carved qwen3 models"):
+        plan_export(_carved(text_file, tokenizer, shared=0), "qwen3_moe")  # Llama attention has no q/k norms
+    with pytest.raises(BrickworkError, match="this model is 'qwen3': export it to qwen3_moe"):
+        plan_export(_carved(text_file, tokenizer, "qwen3"), "qwen2_moe")
+    with pytest.raises(BrickworkError, match="qwen3_moe has no shared expert.*--shared 0"):
+        plan_export(_carved(text_file, tokenizer, "qwen3", shared=1), "qwen3_moe")
+    with pytest.raises(BrickworkError, match="no export format holds a 'sigmoid' carve of a qwen3 model"):
+        plan_export(_carved(text_file, tokenizer, "qwen3", shared=0, combine="sigmoid"), "qwen3_moe")
+
+
+def test_deepseek_v3_is_refused_with_the_reason_and_the_format_that_holds_its_router(
+    tmp_path, text_file, tokenizer, capsys
+):
+    """DeepSeek-V3's MLA cannot hold Llama-style attention exactly; glm4_moe is its router with that attention."""
+    from brickwork.io.formats import get_format
+
+    model = _carved(text_file, tokenizer, active=2, combine="sigmoid")
+    message = get_format("deepseek_v3").supports(model)
+    assert "Multi-head Latent Attention" in message and "--format glm4_moe" in message
+    assert get_format("glm4_moe").supports(model) is None
+    bw.save(model, tmp_path / "carved", tokenizer)
+    assert (
+        cli(
+            f"export {tmp_path / 'carved'} --format deepseek_v3 --out {tmp_path / 'd'} --no-validate -q".split()
+        )
+        == 2
+    )
+    assert "--format glm4_moe" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_every_registered_format_declares_what_it_holds():
+    """The registry is the one list of formats: each names itself, its sources and rules, and the CLI offers it."""
+    from brickwork.cli.main import build_parser
+    from brickwork.io.formats import EXPORT_FORMATS, default_format
+
+    for name, cls in EXPORT_FORMATS.items():
+        assert cls.name == name
+        assert cls.suffix or cls.model_class.endswith(
+            "ForCausalLM"
+        )  # a file format names its models per plan
+        assert set(cls.rules) <= {"softmax", "softmax_topk", "sigmoid"}
+    parser = build_parser()
+    export_parser = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "export")[
+        1
+    ]
+    choices = next(a.choices for a in export_parser._actions if a.dest == "format")
+    assert list(choices) == list(EXPORT_FORMATS)
+    assert default_format("x.gguf", {"sigmoid"}) == "gguf"
+    assert default_format("x", {"sigmoid"}) == "glm4_moe"
+    assert default_format("x", {"sum"}) == default_format("x", set()) == "qwen2_moe"

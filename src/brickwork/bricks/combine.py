@@ -30,14 +30,6 @@ import torch
 from brickwork.routing.base import topk_by_position
 
 COMBINE_RULES: tuple[str, ...] = ("sum", "softmax", "softmax_topk", "sigmoid")
-# The weighted rules each export format computes (top-1 "sum" carves also export exactly to renormalising ones).
-STOCK_RULES: dict[str, tuple[str, ...]] = {
-    "qwen2_moe": ("softmax", "softmax_topk"),
-    "mixtral": ("softmax_topk",),
-    "glm4_moe": ("sigmoid",),
-    # llama.cpp's qwen2moe (softmax, never renormalised) or glm4moe (sigmoid)
-    "gguf": ("softmax", "sigmoid"),
-}
 
 
 # A k-th/(k+1)-th logit gap (scores / temperature) below this is "fragile": float32 probabilities 2^-21 apart

@@ -366,18 +366,16 @@ def _cmd_bench_quality(args: argparse.Namespace) -> None:
 
 
 def _default_export_format(model: str, out: Path) -> str:
-    """``export --format`` when not given: gguf for a ``.gguf`` output, else the stock format that computes the
-    carve's combine rule (sigmoid: glm4_moe; otherwise qwen2_moe)."""
-    from brickwork.io.export import rule_architecture
+    """``export --format`` when not given: the file format of ``out``'s suffix (gguf), else the stock format that
+    computes the carve's combine rule (:func:`brickwork.io.formats.default_format`)."""
+    from brickwork.io.formats import default_format
 
-    if Path(out).suffix == ".gguf":
-        return "gguf"
     try:
         layers = json.loads((Path(model) / "brickwork.json").read_text())["layers"]
         rules = {(layer.get("combine") or {}).get("rule", "sum") for layer in layers}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return "qwen2_moe"  # the checks that follow say what is wrong with the folder
-    return rule_architecture(rules.pop()) if len(rules) == 1 else "qwen2_moe"
+        rules = set()  # the checks that follow say what is wrong with the folder
+    return default_format(out, rules)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -1262,7 +1260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_eval)
 
-    from brickwork.io.export import EXPORT_FORMATS
+    from brickwork.io.formats import EXPORT_FORMATS
 
     p = sub.add_parser(
         "export",
@@ -1272,7 +1270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a carved model directory (brickwork carve --out)")
     p.add_argument(
         "--format",
-        choices=EXPORT_FORMATS,
+        choices=list(EXPORT_FORMATS),
         help="default: gguf for an --out ending in .gguf, else the carve's own: glm4_moe for a sigmoid carve, "
         "qwen2_moe otherwise",
     )
