@@ -157,3 +157,18 @@ def cli_carved(tmp_path, tiny_dir, text_file) -> Path:
     )
     assert cli(carve.split()) == 0
     return out
+
+
+def bpe_tokenizer(text_file, vocab_size: int):
+    """A small byte-level BPE tokenizer (GPT-2 style, as SmolLM and Qwen use) trained on the test text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False
+    )
+    bpe.train([str(text_file)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")

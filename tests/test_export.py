@@ -16,7 +16,7 @@ from brickwork.io.export import (
     load_exported,
     stock_routing_copy,
 )
-from conftest import carved_tiny, tiny
+from conftest import bpe_tokenizer, carved_tiny, tiny
 
 
 def _carved(text_file, tokenizer, model_type="llama", **overrides):
@@ -388,28 +388,13 @@ def test_a_rule_the_format_cannot_compute_is_refused(tmp_path, text_file, tokeni
     assert not out.exists()
 
 
-def _bpe_tokenizer(text_file, vocab_size: int):
-    """A small byte-level BPE tokenizer (GPT-2 style, as SmolLM and Qwen use) trained on the test text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False
-    )
-    bpe.train([str(text_file)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
 def test_gguf_names_the_pre_tokenizer_llama_cpp_knows(tmp_path, text_file, tokenizer, caplog):
     import gguf
 
     from brickwork.io.gguf import _PRE_TOKENIZERS, pre_tokenizer_name
 
     model = _carved(text_file, tokenizer, active=2, combine="softmax")
-    bpe = _bpe_tokenizer(text_file, model.config.vocab_size)
+    bpe = bpe_tokenizer(text_file, model.config.vocab_size)
     path = tmp_path / "c.gguf"
     export(model, path, "gguf", bpe, validate_data=str(text_file), validate_tokens=128, window=64)
     reader = gguf.GGUFReader(str(path))

@@ -36,7 +36,7 @@ from brickwork.bricks import calibrate, carved_layers  # noqa: E402
 from brickwork.grouping import GROUPING_METHODS  # noqa: E402
 from brickwork.models.tiny import TINY_MODEL_TYPES, build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from brickwork.routing import ROUTERS  # noqa: E402
-from conftest import synthetic_text  # noqa: E402
+from conftest import bpe_tokenizer, synthetic_text  # noqa: E402
 
 
 def digest(*tensors: torch.Tensor) -> str:
@@ -197,20 +197,6 @@ def record_saved() -> dict:
     return cases
 
 
-def _bpe_tokenizer(text_file: Path, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False
-    )
-    bpe.train([str(text_file)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
 def _export_digests(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -278,7 +264,7 @@ def record_exports(calib: Path, tokenizer, work: Path) -> dict:
             model, bw.CarveConfig(**(base | overrides)), calib=str(calib), tokenizer=tokenizer, progress=False
         )
         out = work / (name + (".gguf" if format == "gguf" else ""))
-        exporter_tokenizer = tok or _bpe_tokenizer(calib, model.config.vocab_size)
+        exporter_tokenizer = tok or bpe_tokenizer(calib, model.config.vocab_size)
         report = export(
             model, out, format, exporter_tokenizer, validate_data=str(calib), validate_tokens=256, window=64
         )
