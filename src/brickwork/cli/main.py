@@ -1264,8 +1264,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a carved model as a stock MoE model (qwen2_moe, mixtral) or a qwen2moe GGUF file, "
-        "then load it back with stock transformers and compare",
+        help=f"write a carved model in a stock MoE format ({', '.join(EXPORT_FORMATS)}), then load it back "
+        "with stock transformers and compare",
     )
     p.add_argument("model", help="a carved model directory (brickwork carve --out)")
     p.add_argument(
