@@ -185,7 +185,7 @@ def _apply_token_budget(args: argparse.Namespace, model, tokenizer) -> bool:
 
     if args.token_threshold is None and args.token_budget is None:
         return False
-    from brickwork.bricks.carve import carved_layers
+    from brickwork.bricks.state import carved_layers
 
     if not carved_layers(model):
         raise BrickworkError(f"per-token budgets route a carved model's experts; {args.model} is dense")
@@ -220,8 +220,8 @@ def _apply_token_budget(args: argparse.Namespace, model, tokenizer) -> bool:
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     import brickwork as bw
-    from brickwork.bricks.carve import model_reads
     from brickwork.bricks.merged import layer_modules
+    from brickwork.bricks.state import model_reads
     from brickwork.data.corpora import DEFAULT_EVALUATION
     from brickwork.data.sources import check_source
     from brickwork.models.loading import check_window
@@ -260,7 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if corpora:
         check_window(model, args.window)
     if args.budget is not None:
-        from brickwork.bricks.carve import carved_layers
+        from brickwork.bricks.state import carved_layers
 
         if not carved_layers(model):
             raise BrickworkError(f"--budget re-budgets a carved model; {args.model} is dense")
@@ -300,7 +300,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if layer_modules(
         model
     ):  # every FFN's weights read per token, as carve reports it (reads: per-token means)
-        report["active_fraction"] = model_reads(model)
+        report["reads"] = model_reads(model)
     if args.tasks:
         from brickwork.evaluation import harness
 
@@ -845,18 +845,44 @@ def _continuations(model, tokenizer, prompts, new_tokens: int) -> list[str]:
 
 
 def _is_preset(args: argparse.Namespace, options: dict) -> bool:
-    """Whether carve picks the measured configuration for --active-fraction (with --stock, or without --experts)."""
-    return (
-        "active_fraction" in options
-        and "active" not in options
-        and (getattr(args, "stock", False) or "experts" not in options)
+    """Whether carve picks the measured configuration for a reads budget (--reads; the older --active-fraction
+    without --experts or with --stock)."""
+    stock = getattr(args, "stock", False)
+    older = (
+        hasattr(args, "active_fraction") and "active" not in options and (stock or "experts" not in options)
     )
+    return hasattr(args, "reads") or older
+
+
+def _budget_options(args: argparse.Namespace, options: dict) -> float | None:
+    """The reads budget a preset is picked for (None: no preset); --active-fraction, the older name of both
+    --reads and --neuron-share, becomes the one it meant. Conflicting options are refused."""
+    older = getattr(args, "active_fraction", None)
+    if older is not None and (hasattr(args, "reads") or "neuron_share" in options):
+        raise BrickworkError(
+            "--active-fraction is the older name of --reads and --neuron-share: give one of them"
+        )
+    preset = _is_preset(args, options)
+    if not preset:
+        if older is not None:
+            options["neuron_share"] = older
+        return None
+    if "active" in options or ("experts" in options and not args.stock):
+        raise BrickworkError(
+            "--reads picks a measured configuration for that budget; with --experts or --active give "
+            "--neuron-share (the share of neurons computed per token) instead"
+        )
+    if "neuron_share" in options:
+        raise BrickworkError(
+            "give --reads (a budget of weights read) or --neuron-share (a share of neurons), not both"
+        )
+    return older if older is not None else args.reads
 
 
 def _router_of(args: argparse.Namespace, options: dict) -> str:
     """The router a carve will use: the one given, the preset's, or CarveConfig's default."""
     import brickwork as bw
-    from brickwork.bricks.presets import NEURON_ROUTER, STOCK_ROUTER
+    from brickwork.carving.presets import NEURON_ROUTER, STOCK_ROUTER
 
     if "router" in options:
         return options["router"]
@@ -890,8 +916,8 @@ def _carve_options(args: argparse.Namespace) -> dict:
 
 def _cmd_carve(args: argparse.Namespace) -> None:
     import brickwork as bw
-    from brickwork.bricks.carve import plan_layers
-    from brickwork.bricks.config import check_router_options
+    from brickwork.carving.carve import plan_layers
+    from brickwork.carving.config import check_router_options
     from brickwork.data.sources import check_source
     from brickwork.io_utils import check_output_dir
     from brickwork.models.loading import check_window
@@ -899,13 +925,12 @@ def _cmd_carve(args: argparse.Namespace) -> None:
     options = _carve_options(args)
     if "layer_step" in options and options.get("layer_budgets") != "sensitivity":
         raise BrickworkError("--layer-step is an option of --layer-budgets sensitivity, which was not given")
-    if args.stock and "active_fraction" not in options:
-        raise BrickworkError("--stock picks a configuration for a budget: give --active-fraction too")
+    if args.stock and not _is_preset(args, options):
+        raise BrickworkError("--stock picks a configuration for a budget: give --reads too")
     if args.stock and "active" in options:
-        raise BrickworkError(
-            "--stock chooses --active from --active-fraction; give one of --stock and --active"
-        )
-    preset = _is_preset(args, options)
+        raise BrickworkError("--stock chooses --active from --reads; give one of --stock and --active")
+    budget = _budget_options(args, options)
+    preset = budget is not None
     if preset:  # checked now; the measured configuration needs the model's shapes
         check_router_options(_router_of(args, options), options.get("router_options", {}))
         config = None
@@ -921,25 +946,24 @@ def _cmd_carve(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "carve", args.overwrite, inputs)
     _check_model(args.model)
     if args.sequential:  # a meta-device skeleton: shapes for the checks and presets, no weights
-        from brickwork.bricks.sequential import resolve_safetensors_model
+        from brickwork.carving.sequential import resolve_safetensors_model
         from brickwork.models.lazy import open_lazy_model
 
         model = open_lazy_model(resolve_safetensors_model(args.model, progress=not args.quiet)).model
     else:
         model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     if preset:
-        from brickwork.bricks.presets import recommended, stock_recommended
+        from brickwork.carving.presets import recommended, stock_recommended
 
         first = bw.find_ffns(model)[0]
-        fraction = options.pop("active_fraction")
         if args.stock:
-            config = stock_recommended(fraction, d_ff=first.d_ff, **options)
+            config = stock_recommended(budget, d_ff=first.d_ff, **options)
         else:
             config = recommended(
-                fraction, d_ff=first.d_ff, d_model=first.read().d_model, gated=first.is_gated, **options
+                budget, d_ff=first.d_ff, d_model=first.read().d_model, gated=first.is_gated, **options
             )
         print(
-            f"--active-fraction {fraction}{' --stock' if args.stock else ''}: the measured default is "
+            f"--reads {budget}{' --stock' if args.stock else ''}: the measured default is "
             f"{config.experts} experts of {first.d_ff // config.experts} neuron(s), {config.shared} shared, "
             f"{config.active} active, method {config.method}, router {config.router} "
             f"{config.router_options or ''}, combine {config.combine}"
@@ -958,7 +982,7 @@ def _cmd_carve(args: argparse.Namespace) -> None:
     out = bw.save(model, args.out, tokenizer, overwrite=args.overwrite, inputs=inputs)
     print(
         f"carved {len(report.layers)} FFN layers in {report.seconds:.1f} s; FFN weights read per token: "
-        f"{report.active_fraction:.1%} of dense (router included); saved to {out}/"
+        f"{report.reads:.1%} of dense (router included); saved to {out}/"
     )
     for data in args.eval or []:
         carved = bw.evaluate(
@@ -997,7 +1021,7 @@ def _check_sequential_options(args: argparse.Namespace) -> None:
 
 
 def _carve_sequential(args: argparse.Namespace, config) -> None:
-    from brickwork.bricks.sequential import carve_sequential
+    from brickwork.carving.sequential import carve_sequential
     from brickwork.memory import GIB, StepMeter
 
     options = {"dtype": args.dtype} if args.dtype is not None else {}
@@ -1009,7 +1033,7 @@ def _carve_sequential(args: argparse.Namespace, config) -> None:
     print(
         f"carved {len(report.layers)} FFN layers layer by layer in {report.seconds:.1f} s (weights stored in "
         f"{report.dtype}); peak RSS {report.peak_rss / GIB:.2f} GiB; FFN weights read per token: "
-        f"{report.active_fraction:.1%} of dense (router included); saved to {report.output}/"
+        f"{report.reads:.1%} of dense (router included); saved to {report.output}/"
     )
     print(f"{'step':<16}{'count':>6}{'total s':>10}{'max s':>9}{'peak RSS GiB':>14}")
     for step, row in meter.by_step().items():
@@ -1022,7 +1046,7 @@ def _carve_sequential(args: argparse.Namespace, config) -> None:
 def _default_storage_dtype() -> str:
     import inspect
 
-    from brickwork.bricks.sequential import carve_sequential
+    from brickwork.carving.sequential import carve_sequential
 
     return str(inspect.signature(carve_sequential).parameters["dtype"].default).removeprefix("torch.")
 
@@ -1088,7 +1112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_profile)
 
     from brickwork.bricks.combine import COMBINE_RULES
-    from brickwork.bricks.config import ACCUMULATE, CarveConfig
+    from brickwork.carving.config import ACCUMULATE, CarveConfig
     from brickwork.grouping import GROUPING_METHODS
     from brickwork.routing import ROUTERS
 
@@ -1097,19 +1121,28 @@ def build_parser() -> argparse.ArgumentParser:
     _config_option(p, "--experts", CarveConfig, "experts", type=int)
     _config_option(p, "--shared", CarveConfig, "shared", type=int)
     _config_option(p, "--active", CarveConfig, "active", type=int)
-    _config_option(
-        p,
+    _config_option(p, "--neuron-share", CarveConfig, "neuron_share", type=_fraction, metavar="SHARE")
+    p.add_argument(
+        "--reads",
+        type=_fraction,
+        default=argparse.SUPPRESS,
+        metavar="FRACTION",
+        help="the FFN weights a token reads (router included) as a fraction of dense: picks the best measured "
+        "configuration for that budget, neuron-level (or with --stock, stock-exportable); the other options "
+        "given override it",
+    )
+    p.add_argument(
         "--active-fraction",
-        CarveConfig,
-        "active_fraction",
-        "fraction of the FFN per token; without --experts and --active, it picks the best measured "
-        "configuration for that fraction (the other options given override it)",
-        type=float,
+        type=_fraction,
+        default=argparse.SUPPRESS,
+        metavar="FRACTION",
+        help="the older name of --reads (without --experts, or with --stock) and of --neuron-share (with "
+        "--experts or --active)",
     )
     p.add_argument(
         "--stock",
         action="store_true",
-        help="with --active-fraction: the best measured configuration that stock MoE engines run exactly "
+        help="with --reads: the best measured configuration that stock MoE engines run exactly "
         "(expert-level, fitted bias-free router, sigmoid combine: exports to glm4_moe and gguf; add "
         "--combine softmax for qwen2_moe)",
     )
@@ -1495,7 +1528,7 @@ def build_parser() -> argparse.ArgumentParser:
     from brickwork.evaluation.baselines import BASELINES
 
     p.add_argument("model", nargs="?", help=f"{model_help} (default {DEFAULT_MODEL})")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="active fractions")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="reads budgets (fractions of the dense FFN weights)")
     p.add_argument("--methods", nargs="+", choices=sorted(GROUPING_METHODS), help="default: all")
     p.add_argument(
         "--routers",
