@@ -71,7 +71,9 @@ def collect(
                 "model": model,
                 "fraction": fraction,
                 "family": family,
-                "reads": report.get("active_fraction", fraction),
+                "reads": report.get(
+                    "reads", report.get("active_fraction", fraction)
+                ),  # eval --json; the older key
                 "ratio": {r["data"]: r["perplexity"] / r["parent_perplexity"] for r in report["results"]},
                 "tokens": {r["data"]: r["tokens"] for r in report["results"]},
                 "source": str(path),

@@ -77,9 +77,8 @@ class CarveReport:
 
     config: CarveConfig
     layers: list[int]
-    reads: (
-        float  # FFN weights read per token / dense, over every FFN (layers left dense at 1), router included
-    )
+    # FFN weights read per token / dense, over every FFN (layers left dense at 1), router included
+    reads: float
     layer_fractions: list[float]
     seconds: float
     calibration: str | None
