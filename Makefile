@@ -14,7 +14,7 @@ setup:
 demo: setup
 	$(BIN)/brickwork profile smollm2-135m --calib wiki --tokens 16384 --out runs/profile-smollm2
 	$(BIN)/brickwork eval smollm2-135m --data botchan lee-news --max-tokens 16384 --json runs/eval-smollm2.json
-	$(BIN)/brickwork carve smollm2-135m --active-fraction 0.5 --calib wiki --out runs/carved-smollm2-50 \
+	$(BIN)/brickwork carve smollm2-135m --reads 0.5 --calib wiki --out runs/carved-smollm2-50 \
 		--eval botchan lee-news --eval-tokens 8192 --samples 3
 
 lint:
@@ -27,7 +27,7 @@ format:
 	$(BIN)/ruff check --fix src tests bench
 
 test: setup lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-fast: lint
 	$(BIN)/pytest -q -m "not slow"

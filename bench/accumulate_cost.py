@@ -15,8 +15,8 @@ import torch
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench
 from brickwork.benchmarks.speed import SpeedBenchConfig, _configs, _interleaved
-from brickwork.bricks import calibrate
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
+from brickwork.carving import calibrate
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ import torch
 
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench, load_bench_model
-from brickwork.bricks.presets import recommended, stock_recommended
+from brickwork.carving.presets import recommended, stock_recommended
 from brickwork.data.sources import iter_documents, token_windows
 from brickwork.evaluation.perplexity import score_windows
 from brickwork.ops.train import TrainConfig, train_lm_
@@ -152,7 +152,7 @@ def run(args, model, tokenizer, splits, windows, results) -> None:
     t = time.perf_counter()
     report = bw.carve_(model, config, calib=args.calib, tokenizer=tokenizer, progress=False)
     seconds = time.perf_counter() - t
-    results["carve"] = {"config": config.to_dict(), "reads": report.active_fraction, "seconds": seconds}
+    results["carve"] = {"config": config.to_dict(), "reads": report.reads, "seconds": seconds}
     new_train, second_train = str(splits[args.new][0]), str(splits[args.second][0])
     domains = [args.new, *args.old]
     train = TrainConfig(tokens=args.tokens, window=args.window, batch_size=args.batch_size)

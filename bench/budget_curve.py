@@ -15,8 +15,9 @@ import torch
 
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench, add_allocation_arguments, add_model_arguments
-from brickwork.bricks import calibrate, carved_layers
+from brickwork.bricks import carved_layers
 from brickwork.bricks.budget import allocate_budgets
+from brickwork.carving import calibrate
 from brickwork.models.specs import find_ffns
 
 # Each family's carve at a budget, as a carve string (CarveConfig.from_string) with the budget filled in.
@@ -24,7 +25,7 @@ FAMILY_CARVES = {
     "neuron-level default": "preset=neuron@{budget}",
     "stock 64 experts softmax": "preset=stock@{budget},combine=softmax",  # carve --stock --combine softmax
     "stock 64 experts sigmoid": "preset=stock@{budget},combine=sigmoid",  # carve --stock
-    "16 experts sum": "experts=16,shared=2,active_fraction={budget},method=activation,router=fitted",
+    "16 experts sum": "experts=16,shared=2,neuron_share={budget},method=activation,router=fitted",
 }
 FAMILIES = tuple(FAMILY_CARVES)
 
@@ -76,7 +77,7 @@ def main() -> None:
         config = replace(
             config, calib_tokens=args.calib_tokens, router_samples=args.router_samples, accumulate="float32"
         )
-        return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
+        return bw.carve_(model, config, calibration=calibration, progress=False).reads
 
     dense = evaluate()
     results |= {"dense": dense, "rows": []}
@@ -102,7 +103,7 @@ def main() -> None:
                 rounds=args.layer_rounds,
                 progress=False,
             )
-            fractions = {i: b.active_fraction() for i, b in carved_layers(model).items()}
+            fractions = {i: b.read_fraction() for i, b in carved_layers(model).items()}
             per_layer = {
                 "family": family,
                 "budget": budget,

@@ -28,8 +28,8 @@ import torch
 
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench
-from brickwork.bricks.presets import recommended
-from brickwork.bricks.sequential import SequentialReport, carve_sequential
+from brickwork.carving.presets import recommended
+from brickwork.carving.sequential import SequentialReport, carve_sequential
 from brickwork.memory import GIB, StepMeter
 
 PER_LAYER_STEPS = ("load", "profile", "forward", "carve", "write")
@@ -43,7 +43,7 @@ def _config(args, d_ff: int, d_model: int, gated: bool) -> bw.CarveConfig:
     options = {"calib_tokens": args.calib_tokens} if args.calib_tokens else {}
     if args.experts is not None:
         return bw.CarveConfig(
-            experts=args.experts, shared=args.shared or 0, active_fraction=args.active_fraction, **options
+            experts=args.experts, shared=args.shared or 0, neuron_share=args.active_fraction, **options
         )
     return recommended(args.active_fraction, d_ff=d_ff, d_model=d_model, gated=gated, **options)
 
@@ -74,7 +74,7 @@ def _summary(report: SequentialReport) -> dict:
         "peak_is_lifetime": any(s.peak_is_lifetime for s in report.steps),
         "by_step": meter.by_step(),
         "layers": list(per_layer.values()),
-        "active_fraction": report.active_fraction,
+        "active_fraction": report.reads,
         "calibration_tokens": report.calibration_tokens,
         "config": report.config.to_dict(),
         "dtype": report.dtype,
@@ -116,7 +116,7 @@ def write_random_checkpoint(
     import transformers
     from accelerate import init_empty_weights
 
-    from brickwork.io.stream_writer import SafetensorsStreamWriter
+    from brickwork.carving.stream_writer import SafetensorsStreamWriter
 
     heads = max(1, hidden // 128)
     config = transformers.LlamaConfig(

@@ -16,7 +16,7 @@ import torch
 import brickwork as bw
 from brickwork.benchmarks.common import CONFIG_KEYS
 from brickwork.benchmarks.harness import Bench, add_model_arguments
-from brickwork.bricks import calibrate
+from brickwork.carving import calibrate
 
 
 def main() -> None:
@@ -69,7 +69,7 @@ def main() -> None:
 
     configs: list[dict | str] = list(args.config)  # carve strings, and the grids' CarveConfig keywords
     if args.grid:
-        from brickwork.bricks.presets import recommended
+        from brickwork.carving.presets import recommended
         from brickwork.grouping import GROUPING_METHODS
         from brickwork.routing import ROUTERS
 
@@ -179,7 +179,7 @@ def main() -> None:
         bw.uncarve_(model)
         row = {
             "config": {k: v for k, v in config.to_dict().items() if k in CONFIG_KEYS},
-            "active_fraction": report.active_fraction,
+            "active_fraction": report.reads,
             "carve_seconds": carve_seconds,
             "perplexity": perplexity,
             "ratio": {d: perplexity[d] / dense[d] for d in args.eval},
@@ -196,7 +196,7 @@ def main() -> None:
         rows.append(row)
         BENCH.write(args.out, results, plots=False)  # a run stopped early keeps its rows
         print(
-            f"{row['config']} fraction {report.active_fraction:.3f} ratio "
+            f"{row['config']} fraction {report.reads:.3f} ratio "
             f"{' '.join(f'{d}={r:.3f}' for d, r in row['ratio'].items())} ({carve_seconds:.1f} s)",
             flush=True,
         )
@@ -230,7 +230,7 @@ def merge_runs(results: dict, others: list[Path]) -> dict:
 def neuron_level_defaults(d_ff: int, d_model: int, gated: bool, targets=(0.25, 0.5)) -> list[dict]:
     """The measured default carve (``presets.recommended``: neuron level, partial router) at 25% and 50% reads,
     the quality that no stock format can hold, as the reference line of the granularity grid."""
-    from brickwork.bricks.presets import recommended
+    from brickwork.carving.presets import recommended
 
     rows = []
     for target in targets:

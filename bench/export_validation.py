@@ -14,7 +14,7 @@ from pathlib import Path
 
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench
-from brickwork.bricks import calibrate
+from brickwork.carving import calibrate
 from brickwork.data.sources import token_windows
 from brickwork.io.export import compare_logits, export, load_exported, stock_routing_copy
 
@@ -79,7 +79,7 @@ def main() -> None:
                     row = {
                         "carve": name,
                         "config": shape,
-                        "active_fraction": report.active_fraction,
+                        "active_fraction": report.reads,
                         "format": fmt,
                         "mode": mode_name,
                         "export_seconds": seconds,

@@ -34,7 +34,7 @@ import torch
 
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench, import_package
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.data.sources import token_windows
 from brickwork.errors import BrickworkError
 
@@ -118,7 +118,7 @@ def carve_here(
     """Carve ``model`` as each spec says (one calibration pass), save each under ``work``; return the folders."""
     from dataclasses import replace
 
-    from brickwork.bricks import calibrate
+    from brickwork.carving import calibrate
     from brickwork.models.specs import find_ffns
 
     ffn = find_ffns(model)[0]
@@ -341,7 +341,7 @@ def main() -> None:
                 "expert_size": brick.expert_size,
                 "active": brick.active,
                 "combine": brick.combine.rule,
-                "active_fraction": sum(b.active_fraction() for b in bricks.values()) / len(bricks),
+                "active_fraction": sum(b.read_fraction() for b in bricks.values()) / len(bricks),
             }
         quality = {}
         for dtype, path in files.items():

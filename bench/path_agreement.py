@@ -16,8 +16,8 @@ import torch
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench
 from brickwork.benchmarks.speed import SpeedBenchConfig, _configs
-from brickwork.bricks import calibrate
 from brickwork.bricks.module import BrickFFN
+from brickwork.carving import calibrate
 from brickwork.data.corpora import corpus_path
 from brickwork.evaluation.perplexity import score_logprobs
 

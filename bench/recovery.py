@@ -20,8 +20,8 @@ import brickwork as bw
 from brickwork.benchmarks.common import CONFIG_KEYS as KEYS
 from brickwork.benchmarks.harness import Bench, settings_of
 from brickwork.benchmarks.quality import HeldOut
-from brickwork.bricks import calibrate
-from brickwork.bricks.presets import recommended, stock_recommended
+from brickwork.carving import calibrate
+from brickwork.carving.presets import recommended, stock_recommended
 from brickwork.recovery import LocalRecoveryConfig, recover_local_
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
 
@@ -191,12 +191,12 @@ def main() -> None:
         row = {
             "name": name,
             "config": kwargs,
-            "active_fraction": report.active_fraction,
+            "active_fraction": report.reads,
             "before": before,
             "local": {"heldout": after, "seconds": local_seconds, "layers": layers},
         }
         print(
-            f"{name}: reads {report.active_fraction:.1%}; "
+            f"{name}: reads {report.reads:.1%}; "
             + "; ".join(f"{d} x{before[d]['ratio']:.3f} -> x{after[d]['ratio']:.3f}" for d in before)
             + f" (local {local_seconds:.0f} s)",
             flush=True,

@@ -34,9 +34,10 @@ from brickwork.benchmarks.harness import (
 )
 from brickwork.benchmarks.quality import HeldOut
 from brickwork.benchmarks.speed import _decode_steps, _interleaved
-from brickwork.bricks import calibrate, carved_layers
+from brickwork.bricks import carved_layers
 from brickwork.bricks.budget import allocate_budgets
 from brickwork.bricks.token_budget import ReadCounter
+from brickwork.carving import calibrate
 
 # name -> fit_token_budget options (None: the uniform top-k rows)
 VARIANTS = {
@@ -117,7 +118,7 @@ def main() -> None:
         config = bw.CarveConfig(
             experts=args.experts,
             shared=args.shared,
-            active_fraction=fraction,
+            neuron_share=fraction,
             active=active,
             method="activation",
             router="fitted",
@@ -128,7 +129,7 @@ def main() -> None:
             router_samples=args.router_samples,
             window=args.window,
         )
-        return bw.carve_(model, config, calibration=calibration, progress=False).active_fraction
+        return bw.carve_(model, config, calibration=calibration, progress=False).reads
 
     def layer_variant(name: str, reads: float) -> dict:
         """Per-layer budgets averaging ``reads`` (the uniform row's mean reads, not the nominal target: each layer

@@ -38,8 +38,8 @@ import torch
 
 import brickwork as bw
 from brickwork.benchmarks.harness import Bench
-from brickwork.bricks import calibrate
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
+from brickwork.carving import calibrate
 from brickwork.data.sources import token_windows
 from brickwork.errors import BrickworkError
 from brickwork.io.export import export
@@ -204,7 +204,7 @@ def main() -> None:
         report = bw.carve_(model, config, calibration=calibration, progress=False)
         bricks = carved_layers(model)
         name = f"e{config.experts}-s{config.shared}-k{config.active}-{config.combine}-{fmt}"
-        entry: dict = {"spec": spec, "format": fmt, "active_fraction": report.active_fraction}
+        entry: dict = {"spec": spec, "format": fmt, "active_fraction": report.reads}
         brick = next(iter(bricks.values()))
         entry["temperatures"] = sorted({b.combine.temperature for b in bricks.values()})
         entry["carve"] = {

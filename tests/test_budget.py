@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers
-from brickwork.bricks.presets import recommended
+from brickwork.bricks.state import carved_layers
+from brickwork.carving import execute_plan, plan_carve
+from brickwork.carving.presets import recommended
 from brickwork.errors import BrickworkError
 from conftest import carved_tiny, cli_carved, tiny
 
@@ -39,7 +40,7 @@ def test_budgets_change_reads_nest_and_return_bit_for_bit(text_file, tokenizer, 
     ids = torch.randint(3, 100, (2, 24))
     carved = _logits(model, ids)
     bricks = carved_layers(model)
-    before = {i: b.active_fraction() for i, b in bricks.items()}
+    before = {i: b.read_fraction() for i, b in bricks.items()}
     small = bw.set_budget(model, min(before.values()) * 0.6)
     assert all(small[i] < before[i] and small[i] <= min(before.values()) * 0.6 + 1e-12 for i in small)
     assert model.brickwork.budget == small
@@ -151,7 +152,7 @@ def test_layer_budgets_move_reads_from_the_least_to_the_most_sensitive_layers(te
     assert sum(v > 0.5 for v in chosen.values()) == sum(v < 0.5 for v in chosen.values())  # same average
     for up in (i for i, v in chosen.items() if v > 0.5):  # every move was a measured net gain
         assert any(record["gain"][up] > record["cost"][down] for down, v in chosen.items() if v < 0.5)
-    fractions = {i: b.active_fraction() for i, b in carved_layers(model).items()}
+    fractions = {i: b.read_fraction() for i, b in carved_layers(model).items()}
     assert all(fractions[i] <= chosen[i] + 1e-9 for i in chosen)  # the allocation is applied
     again = carved_tiny(text_file, tokenizer, experts=16, shared=2, active=8, router="fitted")
     assert (
@@ -199,12 +200,18 @@ def test_carving_with_sensitivity_layer_budgets(text_file, tokenizer):
     )
     record = model.brickwork.budget_allocation
     assert record["step"] == 0.15 and set(record["layers"]) == set(carved_layers(model))
-    fractions = [b.active_fraction() for b in carved_layers(model).values()]
+    fractions = [b.read_fraction() for b in carved_layers(model).values()]
     assert report.layer_fractions == fractions
-    carved = [b.active_fraction() for b in carved_layers(uniform).values()]  # the same carve, uniform
+    carved = [b.read_fraction() for b in carved_layers(uniform).values()]  # the same carve, uniform
     assert sum(f > u for f, u in zip(fractions, carved, strict=True)) == sum(
         f < u for f, u in zip(fractions, carved, strict=True)
     )  # as many layers raised as lowered: the same average
+    # the plan says so and executing it is the same carve: print(plan) shows what executes
+    planned = tiny("llama").eval()
+    plan = plan_carve(planned, bw.CarveConfig(**options), str(text_file), tokenizer, progress=False)
+    assert "per-layer budgets by sensitivity (allocate_budgets, step 0.15)" in str(plan)
+    execute_plan(planned, plan, progress=False)
+    assert [b.read_fraction() for b in carved_layers(planned).values()] == fractions
     with pytest.raises(BrickworkError, match="calib"):
         bw.carve_(tiny("llama"), bw.CarveConfig(**options), calibration=object())
     with pytest.raises(ValueError, match="layer_budgets"):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks import calibrate, carved_layers, execute_plan, plan_carve
+from brickwork.bricks import carved_layers
+from brickwork.carving import calibrate, execute_plan, plan_carve
 from brickwork.errors import BrickworkError
 from conftest import tiny
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from brickwork.bricks.config import CarveConfig
-from brickwork.bricks.presets import recommended, stock_recommended
+from brickwork.carving.config import CarveConfig
+from brickwork.carving.presets import recommended, stock_recommended
 
 ROUND_TRIP = [
     CarveConfig(),
@@ -17,7 +17,7 @@ ROUND_TRIP = [
         router_options={"intercept": False},
         combine="sigmoid",
     ),
-    CarveConfig(experts=64, shared=8, active_fraction=0.5, combine="softmax", combine_budgets=(0.25, 0.5)),
+    CarveConfig(experts=64, shared=8, neuron_share=0.5, combine="softmax", combine_budgets=(0.25, 0.5)),
     CarveConfig(
         experts=1536,
         shared=0,
@@ -107,6 +107,14 @@ def test_the_earlier_bare_router_option_names_still_read():
         CarveConfig(
             experts=1536, shared=0, active=300, router="partial", router_options={"input_fraction": 0.25}
         )
+    )
+
+    # neuron_share's older name, as bench/budget_curve.py's strings wrote it
+    assert CarveConfig.from_string("experts=16,shared=2,active_fraction=0.5") == CarveConfig(
+        experts=16, shared=2, neuron_share=0.5
+    )
+    assert CarveConfig.from_string("experts=16,shared=2,active_fraction=0.5").to_string() == (
+        "experts=16,shared=2,active=6,neuron_share=0.5"
     )
 
 

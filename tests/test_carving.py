@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks import calibrate, carved_layers
+from brickwork.bricks import carved_layers
+from brickwork.carving import calibrate
 from brickwork.errors import BrickworkError
 from brickwork.grouping import GROUPING_METHODS
 from brickwork.models.tiny import TINY_FFN, TINY_MODEL_TYPES
@@ -153,14 +154,14 @@ def test_same_seed_same_bytes(method, calib_file, tokenizer):
     assert digests[0] != digests[2]
 
 
-def test_active_fraction_counts_router_and_experts(calibrations):
+def test_reads_count_router_and_experts(calibrations):
     model = tiny("llama")
     report = bw.carve_(model, small(router="fitted"), calibration=calibrations["llama"])
     brick = carved_layers(model)[0]
     d, f = 32, TINY_FFN
     expected = ((1 + 2) * (f // 8) * 3 * d + 7 * d + 7) / (3 * d * f)  # shared + 2 experts, router W and bias
-    assert brick.active_fraction() == pytest.approx(expected)
-    assert report.active_fraction == pytest.approx(expected)
+    assert brick.read_fraction() == pytest.approx(expected)
+    assert report.reads == pytest.approx(expected)
 
 
 def test_configs_refuse_what_cannot_be_built(calib_file, tokenizer):
@@ -168,13 +169,25 @@ def test_configs_refuse_what_cannot_be_built(calib_file, tokenizer):
         bw.CarveConfig(experts=16, shared=2, active=15)
     with pytest.raises(ValueError, match="shared must be in"):
         bw.CarveConfig(experts=4, shared=4, active=1)
-    with pytest.raises(ValueError, match="active_fraction must be in"):
-        bw.CarveConfig(active_fraction=1.5)
+    with pytest.raises(ValueError, match="neuron_share must be in"):
+        bw.CarveConfig(neuron_share=1.5)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         bw.CarveConfig(method="nope")
     with pytest.raises(ValueError, match="unknown router 'nope'"):
         bw.CarveConfig(router="nope")
-    assert bw.CarveConfig(experts=16, shared=2, active_fraction=0.25).active == 2
+    assert bw.CarveConfig(experts=16, shared=2, neuron_share=0.25).active == 2
+    # the older name of neuron_share still reads, as a keyword and in a saved record, and means the same
+    old = bw.CarveConfig(experts=16, shared=2, active_fraction=0.25)
+    assert old == bw.CarveConfig(experts=16, shared=2, neuron_share=0.25)
+    record = old.to_dict()
+    assert record["version"] == 2 and record["neuron_share"] == 0.25
+    record["active_fraction"] = record.pop("neuron_share")
+    assert bw.CarveConfig.from_dict(record) == old
+    plain = bw.CarveConfig(experts=16, shared=2, active=2).to_dict()  # what older brickwork reads
+    assert plain["version"] == 1 and "neuron_share" not in plain
+    assert bw.CarveConfig.from_dict(plain | {"active_fraction": None}) == bw.CarveConfig.from_dict(plain)
+    with pytest.raises(ValueError, match="not both"):
+        bw.CarveConfig(neuron_share=0.25, active_fraction=0.5)
     model = tiny("llama")
     with pytest.raises(ValueError, match="not divisible by experts = 7"):
         bw.carve_(model, small(experts=7, shared=1), calib=calib_file, tokenizer=tokenizer, progress=False)
@@ -212,7 +225,7 @@ def test_damaged_saves_give_clear_errors(tmp_path, calibrations, tokenizer):
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_recommended_config_reads_what_was_asked(fraction, model_type, calib_file, tokenizer):
-    from brickwork.bricks.presets import recommended
+    from brickwork.carving.presets import recommended
 
     model = tiny(model_type)
     first = bw.find_ffns(model)[0]
@@ -231,7 +244,7 @@ def test_recommended_config_reads_what_was_asked(fraction, model_type, calib_fil
         and config.down_fraction < config.planned_fraction
     )
     report = bw.carve_(model, config, calib=calib_file, tokenizer=tokenizer, progress=False)
-    assert fraction - 3 / TINY_FFN <= report.active_fraction <= fraction  # rounded down to whole neurons
+    assert fraction - 3 / TINY_FFN <= report.reads <= fraction  # rounded down to whole neurons
     assert recommended(0.5, d_ff=64, d_model=32, router="fitted").router_options == {}
     # The SmolLM2 shapes give the configurations measured best (bench/results/carving-quality).
     best = recommended(0.5, d_ff=1536, d_model=576)
@@ -262,9 +275,7 @@ def test_down_fraction_reads_only_the_largest_activations(tmp_path, calibrations
     assert brick.down_keep == TINY_FFN // 4
     d, f = 32, TINY_FFN
     expected = ((1 + 3) * (f // 8) * 2 * d + (f // 4) * d + 7 * d + 7) / (3 * d * f)
-    assert brick.active_fraction() == pytest.approx(expected) and report.active_fraction == pytest.approx(
-        expected
-    )
+    assert brick.read_fraction() == pytest.approx(expected) and report.reads == pytest.approx(expected)
 
     # The brick's output equals down applied to h with all but the 16 largest computed |h| zeroed.
     x = torch.randn(5, d, generator=torch.Generator().manual_seed(4))

@@ -9,8 +9,8 @@ import torch
 
 import brickwork as bw
 from brickwork.bricks import paths as kernels
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.combine import Combine, boundary_ties, fit_combine
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from conftest import carved_tiny
 
@@ -228,7 +228,7 @@ def test_fit_avoids_temperatures_where_rounding_could_reorder_experts():
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_stock_preset_reads_about_what_was_asked_and_exports(tmp_path, text_file, tokenizer, fraction):
-    from brickwork.bricks.presets import stock_recommended
+    from brickwork.carving.presets import stock_recommended
     from brickwork.io.export import plan_export
 
     config = stock_recommended(fraction, d_ff=1536)

@@ -10,8 +10,8 @@ import torch
 
 import brickwork as bw
 from brickwork.benchmarks.quality import HeldOut
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.paths import supports_fast_path
+from brickwork.bricks.state import carved_layers
 from brickwork.recovery import LocalRecoveryConfig, recover_local_
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
 from conftest import carved_tiny, tiny

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.cli.main import main as cli
 from brickwork.errors import BrickworkError
 from brickwork.io.export import (

@@ -69,7 +69,7 @@ if point == "write":
         half_written(path)
     matplotlib.figure.Figure.savefig = savefig_half
 
-    import brickwork.io.stream_writer as stream  # a carve made layer by layer streams its weights
+    import brickwork.carving.stream_writer as stream  # a carve made layer by layer streams its weights
 
     add = stream.SafetensorsStreamWriter.add
     def add_then_die(self, *args, **kwargs):

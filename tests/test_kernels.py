@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from brickwork.bricks import paths as kernels
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carved_layers
 from conftest import carved_tiny
 
 CONFIGS = {

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers, uncarve_
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carved_layers, uncarve_
 from brickwork.errors import BrickworkError
 from brickwork.ops.grow import GrownExperts, GrownSpec, grow_, grown_layers, plan_grow, remove_grown_
 from brickwork.ops.train import TrainConfig

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.ops.merge import (
     MergedBricks,

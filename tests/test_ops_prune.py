@@ -7,8 +7,8 @@ import torch
 
 import brickwork as bw
 from brickwork.bricks.budget import calibrated
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carved_layers
 from brickwork.data.sources import token_windows
 from brickwork.errors import BrickworkError
 from brickwork.ops.prune import prune_for_domain_

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.ops.train import TrainConfig, batches, train_lm_
 from brickwork.ops.usage import expert_usage

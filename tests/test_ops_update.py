@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.ops.train import TrainConfig
 from brickwork.ops.update import choose_bricks, update_

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.recovery import LocalRecoveryConfig, recover_local_
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
@@ -140,7 +140,7 @@ import brickwork as bw
 from accelerate import PartialState
 from brickwork.models.tiny import build_tiny_tokenizer
 from brickwork.recovery.e2e import E2EConfig, recover_e2e_
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from conftest import CAUSAL_TYPES, carved_tiny, tiny
 tok = build_tiny_tokenizer()
 parent = tiny().eval()

@@ -198,11 +198,11 @@ def test_per_layer_budgets_of_an_expert_level_carve_keep_the_average(text_file, 
     """A step of one expert moves whole experts; a step of one and a half could raise a layer by one expert and
     lower another by two: such pairs are not made, and the average stays exactly the uniform one."""
     from brickwork.bricks import allocate_budgets
-    from brickwork.bricks.carve import carved_layers
+    from brickwork.bricks.state import carved_layers
 
     model = carved_tiny(text_file, tokenizer, experts=8, shared=1, active=2)
     bricks = carved_layers(model)
-    uniform = sum(b.active_fraction() for b in bricks.values()) / len(bricks)
+    uniform = sum(b.read_fraction() for b in bricks.values()) / len(bricks)
     first = next(iter(bricks.values()))
     one_expert = first.routed_fraction(3) - first.routed_fraction(2)
     options = {"tokens": 256, "window": 64, "progress": False}
@@ -210,7 +210,7 @@ def test_per_layer_budgets_of_an_expert_level_carve_keep_the_average(text_file, 
         allocate_budgets(model, tokenizer, str(text_file), uniform, step=one_expert / 2, **options)
     for step, moved in ((one_expert, True), (one_expert * 1.5, False)):
         chosen = allocate_budgets(model, tokenizer, str(text_file), uniform, step=step, **options)
-        after = sum(b.active_fraction() for b in bricks.values()) / len(bricks)
+        after = sum(b.read_fraction() for b in bricks.values()) / len(bricks)
         assert after == pytest.approx(uniform, abs=1e-12), (step, chosen, uniform, after)
         assert (len(set(chosen.values())) > 1) == moved, chosen
 

@@ -9,7 +9,7 @@ import torch
 
 import brickwork as bw
 from brickwork.bricks import paths
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.ops.prune import prune_brick, prune_router
 from brickwork.ops.train import TrainConfig
@@ -73,7 +73,7 @@ def test_budgets_change_and_restore_exactly(router, text_file, tokenizer):
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    carved = {i: b.active_fraction() for i, b in carved_layers(model).items()}
+    carved = {i: b.read_fraction() for i, b in carved_layers(model).items()}
     lower = min(carved.values()) * 0.9  # a routed expert or more below (the oracle alone reads the whole FFN)
     fractions = bw.set_budget(model, lower)
     assert all(f <= lower * (1 + 1e-9) for f in fractions.values())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.config import CarveConfig
+from brickwork.carving.config import CarveConfig
 from brickwork.cli.main import main
 from brickwork.data.sources import iter_documents
 from brickwork.errors import BrickworkError
@@ -140,6 +140,10 @@ def test_missing_or_unexpected_weights_are_refused(tmp_path, tokenizer):
         ("--router-option nope=1", "takes no option 'nope'"),
         ("--active-fraction 0.5 --router-option intercept=false", "takes no option 'intercept'"),
         ("--router lowrank --rank 4 --router-option rank=8", "disagree"),
+        ("--reads 0.5 --active-fraction 0.5", "older name of --reads and --neuron-share"),
+        ("--reads 0.5 --experts 16", "give --neuron-share"),
+        ("--reads 0.5 --neuron-share 0.5", "not both"),
+        ("--stock --neuron-share 0.5", "give --reads too"),
     ],
 )
 def test_carve_options_are_refused_before_loading(
@@ -150,10 +154,10 @@ def test_carve_options_are_refused_before_loading(
     assert message in capsys.readouterr().err and not out.exists()
 
 
-def test_options_given_with_active_fraction_are_honoured(tmp_path, tiny_dir, text_file):
+def test_options_given_with_a_reads_budget_are_honoured(tmp_path, tiny_dir, text_file):
     out = tmp_path / "c"
     command = (
-        f"carve {tiny_dir} --active-fraction 0.5 --shared 2 --router-option input_fraction=0.5 --calib {text_file} "
+        f"carve {tiny_dir} --reads 0.5 --shared 2 --router-option input_fraction=0.5 --calib {text_file} "
         f"--calib-tokens 512 --window 64 --out {out} -q"
     )
     assert cli(command) == 0
@@ -181,6 +185,7 @@ def test_recover_tokens_zero_is_refused(carved_dir, text_file, tmp_path, capsys,
         "",
         "--experts 8 --shared 1 --active 3 --method random --router centroid --seed 3",
         "--experts 16 --active-fraction 0.5",
+        "--experts 16 --neuron-share 0.5",
     ],
 )
 def test_the_cli_carves_exactly_what_carve_config_says(tmp_path, tiny_dir, text_file, tokenizer, options):
@@ -213,7 +218,7 @@ def test_cli_help_comes_from_the_config():
 def test_non_finite_settings_losses_and_weights_are_refused(
     carved_dir, tiny_dir, text_file, tmp_path, capsys
 ):
-    from brickwork.bricks.carve import carved_layers
+    from brickwork.bricks.state import carved_layers
     from brickwork.recovery.e2e import E2EConfig, recover_e2e_
 
     out = tmp_path / "e2e"

@@ -1,4 +1,4 @@
-"""Carving layer by layer (brickwork.bricks.sequential): the same carve as carve_ + save, in bounded memory."""
+"""Carving layer by layer (brickwork.carving.sequential): the same carve as carve_ + save, in bounded memory."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import brickwork as bw
-from brickwork.bricks import sequential
-from brickwork.bricks.sequential import carve_sequential
+from brickwork.carving import sequential
+from brickwork.carving.sequential import carve_sequential
+from brickwork.carving.stream_writer import SafetensorsStreamWriter
 from brickwork.errors import BrickworkError
-from brickwork.io.stream_writer import SafetensorsStreamWriter
 from brickwork.models.lazy import is_materialised
 from brickwork.models.tiny import build_tiny_model
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import brickwork as bw
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import SPEC_VERSION, BrickSpec
+from brickwork.bricks.state import carved_layers
 from brickwork.routing import ROUTERS
 from conftest import carved_tiny
 
@@ -34,7 +34,7 @@ PRE_SPEC_KEYS = [
     "down_keep",
     "accumulate",
     "combine",
-    "active_fraction",
+    "active_fraction",  # what files before the spec wrote for the layer's reads
 ]
 
 
@@ -145,7 +145,7 @@ def test_carved_bricks_carry_their_spec_and_saving_writes_it(tmp_path, text_file
         spec = bricks[record["layer"]].spec
         assert spec.router == "partial" and spec.router_config == {"input_fraction": 0.25}
         # the saved record is the spec's own, less the layer and its reads
-        assert {k: v for k, v in record.items() if k not in ("layer", "active_fraction")} == spec.to_dict()
+        assert {k: v for k, v in record.items() if k not in ("layer", "reads")} == spec.to_dict()
     again = carved_layers(bw.load(tmp_path / "m"))
     assert {i: b.spec for i, b in again.items()} == {i: b.spec for i, b in bricks.items()}
 
@@ -161,6 +161,8 @@ def test_files_written_before_the_spec_still_load(tmp_path, text_file, tokenizer
     keys = PRE_SPEC_KEYS
     if era == "pre-accumulate":
         keys = [k for k in keys if k not in ("down_keep", "accumulate", "combine")]
+    for record in meta["layers"]:  # the layer's reads, under the name of those files
+        record["active_fraction"] = record.pop("reads")
     meta["layers"] = [{k: record[k] for k in keys} for record in meta["layers"]]
     path.write_text(json.dumps(meta, indent=2))
     again = bw.load(tmp_path / "m")

@@ -11,7 +11,7 @@ import torch
 import brickwork as bw
 from brickwork.bricks import paths as kernels
 from brickwork.bricks.adaptive import TokenBudget, dropped_share, kept_counts
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.bricks.token_budget import ReadCounter
 from brickwork.errors import BrickworkError
 from conftest import carved_tiny, cli_carved
@@ -144,7 +144,7 @@ def test_reads_are_counted_per_token_mean_within_worst(text_file, tokenizer):
         _logits(model, ids)
     fixed = counter.reads()
     assert fixed.tokens == 60 and fixed.mean == pytest.approx(fixed.worst)
-    assert all(r["worst"] == bricks[i].active_fraction() for i, r in fixed.layers.items())
+    assert all(r["worst"] == bricks[i].read_fraction() for i, r in fixed.layers.items())
     bw.set_token_budget(model, 0.5, min_active=0, zero_mass=1e9)  # every token: no routed expert
     with ReadCounter(model) as counter:
         _logits(model, ids)
@@ -152,7 +152,7 @@ def test_reads_are_counted_per_token_mean_within_worst(text_file, tokenizer):
     for index, layer in none.layers.items():
         assert layer["kept"][0] == 60 and layer["routed_mean"] == 0
         assert layer["mean"] == pytest.approx(bricks[index].routed_fraction(0))
-        assert layer["worst"] == bricks[index].active_fraction()  # the cap: unchanged
+        assert layer["worst"] == bricks[index].read_fraction()  # the cap: unchanged
     bw.set_token_budget(model, 0.6)
     with ReadCounter(model) as counter:
         _logits(model, ids)
@@ -176,7 +176,7 @@ def test_tokens_may_skip_every_routed_expert_and_still_run_the_shared_ones(text_
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_fit_token_budget_reads_the_target_on_calibration_text(per_layer, text_file, tokenizer):
     model = carved_tiny(text_file, tokenizer, **CONFIGS["sigmoid"])
-    worst = next(iter(carved_layers(model).values())).active_fraction()
+    worst = next(iter(carved_layers(model).values())).read_fraction()
     target = 0.75 * worst
     fit = bw.fit_token_budget(
         model, tokenizer, str(text_file), target, per_layer=per_layer, tokens=512, window=64, progress=False
@@ -193,7 +193,7 @@ def test_fit_token_budget_reads_the_target_on_calibration_text(per_layer, text_f
 
 def test_the_copy_expert_is_fitted_in_closed_form_and_adds_only_where_mass_was_dropped(text_file, tokenizer):
     model = carved_tiny(text_file, tokenizer, **CONFIGS["sum fitted"])
-    worst = next(iter(carved_layers(model).values())).active_fraction()
+    worst = next(iter(carved_layers(model).values())).read_fraction()
     fit = bw.fit_token_budget(
         model, tokenizer, str(text_file), 0.8 * worst, copy=True, tokens=512, window=64, progress=False
     )
@@ -312,9 +312,7 @@ def test_cli_eval_with_a_token_threshold_or_a_fitted_token_budget(tmp_path, tiny
     reads = written["results"][0]["reads"]
     assert reads["mean"] < reads["worst"]
     layers = json.loads((out / "brickwork.json").read_text())["layers"]  # equal sizes: the plain mean
-    assert written["active_fraction"] == pytest.approx(
-        sum(x["active_fraction"] for x in layers) / len(layers)
-    )
+    assert written["reads"] == pytest.approx(sum(x["reads"] for x in layers) / len(layers))
     fit = [*common, "--token-budget", "0.4", "--token-calib", str(text_file), "--token-copy"]
     assert cli(fit) == 0
     assert "per-token budget fitted to 40.0%" in capsys.readouterr().out

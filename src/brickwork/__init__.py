@@ -12,17 +12,15 @@ The whole job in a few lines::
 
 from brickwork.bricks import (
     BrickFFN,
-    CarveConfig,
-    CarveReport,
     TokenBudget,
-    carve_,
+    carved_layers,
     count_reads,
     fit_token_budget,
     set_budget,
     set_token_budget,
     uncarve_,
 )
-from brickwork.bricks.sequential import carve_sequential
+from brickwork.carving import CarveConfig, CarveReport, calibrate, carve_, carve_sequential
 from brickwork.errors import BrickworkError
 from brickwork.evaluation import EvalResult, evaluate
 from brickwork.io import load, save
@@ -43,8 +41,10 @@ __all__ = [
     "ProfileConfig",
     "TokenBudget",
     "__version__",
+    "calibrate",
     "carve_",
     "carve_sequential",
+    "carved_layers",
     "count_reads",
     "evaluate",
     "find_ffns",

@@ -32,7 +32,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # conftest's synthetic_text, for the calibration text
 
 import brickwork as bw  # noqa: E402
-from brickwork.bricks import calibrate, carved_layers  # noqa: E402
+
+try:  # since carving was split from bricks
+    from brickwork.bricks.state import carved_layers  # noqa: E402
+    from brickwork.carving import calibrate  # noqa: E402
+except ImportError:  # the recorded commit's source
+    from brickwork.bricks import calibrate, carved_layers  # noqa: E402
 from brickwork.grouping import GROUPING_METHODS  # noqa: E402
 from brickwork.models.tiny import TINY_MODEL_TYPES, build_tiny_model, build_tiny_tokenizer  # noqa: E402
 from brickwork.routing import ROUTERS  # noqa: E402
@@ -139,7 +144,7 @@ def record_battery(calib: Path, tokenizer) -> dict:
 
 
 def record_smollm2(calib: Path) -> dict:
-    from brickwork.bricks.presets import recommended, stock_recommended
+    from brickwork.carving.presets import recommended, stock_recommended
 
     model, tokenizer = bw.load_model("smollm2-135m", progress=False)
     ffn = bw.find_ffns(model)[0]

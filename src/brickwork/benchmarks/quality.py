@@ -5,14 +5,14 @@
 - ``dense``, the parent;
 - every construction method x router at each requested fraction, with ``experts`` equal experts of which
   ``shared`` always run (the expert-level grid); ``round(fraction * experts) - shared`` routed experts run;
-- the measured neuron-level default (:func:`brickwork.bricks.presets.recommended`) at each fraction;
+- the measured neuron-level default (:func:`brickwork.carving.presets.recommended`) at each fraction;
 - the neuron-level baselines of :mod:`brickwork.evaluation.baselines` (CATS, TEAL, oracle) keeping that
   fraction of neurons.
 
 Every row is scored on the same held-out windows against the dense model's cached log-probabilities
 (perplexity, its ratio to dense, mean KL(dense || row), top-1 agreement) and on the same downstream task
 examples (accuracy, and agreement with the dense model's choices). Rows are compared at equal cost: the
-FFN weights a token reads, router included (:attr:`CarveReport.active_fraction`,
+FFN weights a token reads, router included (:attr:`CarveReport.reads`,
 :meth:`NeuronSparsity.report`).
 """
 
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brickwork.benchmarks.common import CONFIG_KEYS
-from brickwork.bricks.presets import NEURON_ROUTER
+from brickwork.carving.presets import NEURON_ROUTER
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ def _setting(default, help: str, default_text: str | None = None):
 @dataclass
 class QualityBenchConfig:
     model: str = _setting("smollm2-135m", "the dense model")
-    fractions: tuple[float, ...] = _setting((0.25, 0.5, 0.75), "active fractions", "0.25 0.5 0.75")
+    fractions: tuple[float, ...] = _setting(
+        (0.25, 0.5, 0.75), "reads budgets (fractions of the dense FFN weights)", "0.25 0.5 0.75"
+    )
     methods: tuple[str, ...] | None = _setting(None, "construction methods of the grid", "all")
     routers: tuple[str, ...] | None = _setting(None, "routers of the grid", ", ".join(DEFAULT_ROUTERS))
     experts: int = _setting(16, "experts per FFN in the grid")
@@ -185,7 +187,7 @@ class HeldOut:
 def _carve_configs(
     config: QualityBenchConfig, d_ff: int, d_model: int, gated: bool
 ) -> list[tuple[str, dict]]:
-    from brickwork.bricks.presets import recommended, stock_recommended
+    from brickwork.carving.presets import recommended, stock_recommended
     from brickwork.grouping import GROUPING_METHODS
 
     methods = config.methods or tuple(GROUPING_METHODS)
@@ -248,7 +250,7 @@ def run_quality_bench(config: QualityBenchConfig, progress: bool = True) -> dict
     """Every row's metrics; the returned dict is what ``results.json`` holds."""
     import brickwork as bw
     from brickwork.benchmarks.common import machine_info
-    from brickwork.bricks import calibrate
+    from brickwork.carving import calibrate
     from brickwork.evaluation.baselines import NeuronSparsity
     from brickwork.evaluation.tasks import DEFAULT_TASKS, load_task, score_task
 
@@ -331,7 +333,7 @@ def run_quality_bench(config: QualityBenchConfig, progress: bool = True) -> dict
                 # a quantile per layer needs far fewer tokens than grouping and routers do
                 tokens = min(config.calib_tokens, BASELINE_CALIB_TOKENS)
                 sparsity.calibrate(tokenizer, config.calib, tokens=tokens, window=config.window)
-            row = Row(name, kind, kwargs, sparsity.report().active_fraction)
+            row = Row(name, kind, kwargs, sparsity.report().reads)
             row.seconds["calibrate"] = time.perf_counter() - started
             with sparsity:
                 measure(row, choices)
@@ -344,7 +346,7 @@ def run_quality_bench(config: QualityBenchConfig, progress: bool = True) -> dict
                 **kwargs,
             )
             report = bw.carve_(model, carve, calibration=calibration, progress=False)
-            row = Row(name, kind, kwargs, report.active_fraction)
+            row = Row(name, kind, kwargs, report.reads)
             row.seconds["carve"] = time.perf_counter() - started
             try:
                 measure(row, choices)

@@ -160,7 +160,7 @@ def _switch_points(bricks, dense_ffns, tokens_list, repeats) -> dict:
 
 
 def _configs(config: SpeedBenchConfig, d_ff: int, d_model: int, gated: bool) -> dict[str, dict]:
-    from brickwork.bricks.presets import recommended
+    from brickwork.carving.presets import recommended
 
     out = {}
     for fraction in config.fractions:
@@ -182,8 +182,8 @@ def run_speed_bench(config: SpeedBenchConfig, progress: bool = True) -> dict:
     import brickwork as bw
     from brickwork.benchmarks.common import machine_info
     from brickwork.benchmarks.quality import _load
-    from brickwork.bricks import calibrate
-    from brickwork.bricks.carve import carved_layers
+    from brickwork.bricks.state import carved_layers
+    from brickwork.carving import calibrate
 
     machine = machine_info()
     torch.manual_seed(config.seed)
@@ -215,7 +215,7 @@ def run_speed_bench(config: SpeedBenchConfig, progress: bool = True) -> dict:
         row = {
             "name": name,
             "config": kwargs,
-            "active_fraction": report.active_fraction,
+            "active_fraction": report.reads,
             "ffn": {},
             "e2e": {},
         }

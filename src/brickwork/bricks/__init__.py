@@ -1,22 +1,11 @@
-"""BrickFFN and its BrickSpec, CarveConfig, plan_carve/execute_plan, and carve_/uncarve_."""
+"""BrickFFN and its BrickSpec, a carved model's state (``model.brickwork``), and what changes a carved model's
+reads: budgets per layer (set_budget, allocate_budgets) and per token. Making a carve is :mod:`brickwork.carving`."""
 
 from brickwork.bricks.adaptive import TokenBudget
 from brickwork.bricks.budget import allocate_budgets, set_budget
-from brickwork.bricks.carve import (
-    Calibration,
-    CarvePlan,
-    CarveReport,
-    LayerPlan,
-    calibrate,
-    carve_,
-    carved_layers,
-    execute_plan,
-    plan_carve,
-    uncarve_,
-)
-from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import BrickSpec
+from brickwork.bricks.state import CarveState, LayerState, carve_state, carved_layers, model_reads, uncarve_
 from brickwork.bricks.token_budget import (
     ReadCounter,
     TokenBudgetFit,
@@ -29,16 +18,11 @@ from brickwork.bricks.token_budget import (
 __all__ = [
     "BrickFFN",
     "BrickSpec",
-    "Calibration",
-    "calibrate",
-    "CarveConfig",
-    "CarvePlan",
-    "CarveReport",
-    "carve_",
+    "CarveState",
+    "LayerState",
+    "carve_state",
     "carved_layers",
-    "execute_plan",
-    "LayerPlan",
-    "plan_carve",
+    "model_reads",
     "set_budget",
     "allocate_budgets",
     "TokenBudget",

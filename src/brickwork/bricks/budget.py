@@ -3,14 +3,14 @@
 One carved model serves many budgets (MatFormer, Devvrit et al. 2023; Flextron, Cai et al. 2024; SortedNet,
 Valipour et al. 2023 train nested sub-models for this; brickwork's bricks are nested without training, because a
 router's top-k of a smaller budget is inside its top-k of a larger one). A layer's budget is the fraction of its
-dense FFN weights a token reads, router included (:meth:`BrickFFN.active_fraction`), as at carve time:
+dense FFN weights a token reads, router included (:meth:`BrickFFN.read_fraction`), as at carve time:
 
 - by default (routers that score experts on their own: ``fitted``, ``trained``, ``centroid``,
   ``representative``, ``lowrank``, ``oracle``): the number of routed experts per token (top-k) changes. Selections are nested: the
   experts a token runs at a smaller budget are among those it runs at a larger one. Down-row sparsity, where the
   carve has it, keeps its share of the computed neurons.
 - a router with a re-budgeting of its own (:meth:`Router.rebudget`) sets what it says; the ``partial`` router
-  (the neuron-level defaults of :func:`brickwork.bricks.presets.recommended`) sets the number
+  (the neuron-level defaults of :func:`brickwork.carving.presets.recommended`) sets the number
   of neurons computed, the down rows read and the router's input fraction are set as that preset sets them for
   the budget, giving exactly the carve the preset makes for that budget from the same calibration (same neuron
   order, same neuron count). Selections are nested only while the input fraction stays the same.
@@ -33,11 +33,10 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import CarvedSettings
-from brickwork.bricks.state import carve_state
+from brickwork.bricks.state import carve_state, carved_layers, refuse_grown
 from brickwork.errors import BrickworkError
 
 # relative slack when comparing a requested budget with a layer's fraction (floating-point noise only)
@@ -101,7 +100,7 @@ def _fraction_with(brick: BrickFFN, settings: dict) -> float:
     brick.spec = replace(spec, token_budget=None)  # the cap's reads (and no min_active above a trial top-k)
     _apply(brick, settings)
     try:
-        return brick.active_fraction()
+        return brick.read_fraction()
     finally:
         _apply(brick, current)
         brick.spec = spec
@@ -186,7 +185,7 @@ def set_budget(model: nn.Module, budget: float | dict[int, float] | None) -> dic
         if brick.spec.carved is None:  # the carved settings, kept before a budget first changes them
             brick.spec = replace(brick.spec, carved=brick.spec.settings)
         _apply(brick, settings)
-    fractions = {index: brick.active_fraction() for index, brick in sorted(bricks.items())}
+    fractions = {index: brick.read_fraction() for index, brick in sorted(bricks.items())}
     state = carve_state(model)
     if state is not None:
         state.budget = fractions

@@ -31,7 +31,7 @@ def _bricks(target) -> dict:
     if isinstance(target, dict):
         return dict(target)
     if isinstance(target, nn.Module):
-        from brickwork.bricks.carve import carved_layers
+        from brickwork.bricks.state import carved_layers
 
         return carved_layers(target)
     return dict(enumerate(target))

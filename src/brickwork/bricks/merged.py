@@ -61,11 +61,11 @@ class MergedBricks(nn.Module):
                 out = out.index_copy(0, rows, branch(flat.index_select(0, rows)))
         return out.view(x.shape)
 
-    def active_fraction(self) -> float:
+    def read_fraction(self) -> float:
         """FFN weights read per token (one branch's, and the domain router's) / dense FFN weights."""
         branch = self.branches[0]
         router = self.domain_weight.numel() + self.domain_bias.numel()
-        return branch.active_fraction() + router / (branch.d_ff * branch.weights_per_neuron)
+        return branch.read_fraction() + router / (branch.d_ff * branch.weights_per_neuron)
 
     def extra_repr(self) -> str:
         return f"children={len(self.branches)}, top-1 linear domain router"

@@ -211,7 +211,7 @@ class BrickFFN(nn.Module):
     def weights_per_neuron(self) -> int:
         return self.spec.weights_per_neuron
 
-    def active_fraction(self) -> float:
+    def read_fraction(self) -> float:
         """FFN weights read per token (shared + selected experts + router) / dense FFN weights: with a per-token
         budget, the worst case (a token that keeps the cap); :func:`brickwork.bricks.token_budget.count_reads`
         measures the mean on given inputs."""

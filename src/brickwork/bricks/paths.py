@@ -141,7 +141,7 @@ class Plan:
         self.own_points = type(brick.router).switch_points
         # float64 sums rounded once (BrickFFN.accumulate): the kernels are given the inputs widened to float64
         self.exact = spec.accumulate == "float64"
-        self.fraction = brick.active_fraction()
+        self.fraction = brick.read_fraction()
         self.adaptive = spec.adaptive  # a per-token budget: routed in torch on every path
         self.kernel, self.args = None, ()
         self.router_batch = None  # the batch path's router, x [T, D] -> chosen [T, k]; None: in torch

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field, fields, replace
 
 from brickwork.bricks.adaptive import TokenBudget
 from brickwork.bricks.combine import Combine
-from brickwork.bricks.config import ACCUMULATE
 
 # 1: the record brickwork.json has held since format 1 (files written before the spec existed carry no
 # ``spec_version`` and read as version 1). 2: the record has ``combine_fits`` (written as 2 only then, so that
 # records without them still load in a brickwork that reads 1).
 SPEC_VERSION = 2
+# What BrickFFN.accumulate takes (CarveConfig also takes "auto").
+ACCUMULATE = ("float32", "float64")
 # What ``dtype`` takes (torch dtype names).
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -207,7 +208,7 @@ class BrickSpec:
         return next((c for j, c in self.combine_fits if j == k), None)
 
     def to_dict(self) -> dict:
-        """The JSON form (brickwork.json's per-layer record, less ``layer``, ``active_fraction`` and a grown bank);
+        """The JSON form (brickwork.json's per-layer record, less ``layer``, ``reads`` and a grown bank);
         ``token_budget``, ``combine_fits`` and ``pruned_from`` only when set, and ``calibrated`` without its rule
         when that is the spec's own and no other top-k was fitted, so that records without them read as they
         always have (and, without ``combine_fits``, as spec version 1)."""

@@ -11,7 +11,7 @@ mass reaches a threshold, at least ``min_active``); this module applies it to a 
   mass read less, the others more) or one per layer (each layer reads the target), and can fit the copy
   expert's gain.
 - :class:`ReadCounter` and :func:`count_reads` measure what tokens read: per layer and over the carved layers,
-  the mean and the worst case (``BrickFFN.active_fraction``, the cap).
+  the mean and the worst case (``BrickFFN.read_fraction``, the cap).
 
 With a per-token budget, ``active`` (and :func:`~brickwork.bricks.budget.set_budget`, which changes it) is the cap
 within which tokens choose.
@@ -27,9 +27,8 @@ from torch import nn
 
 from brickwork.bricks.adaptive import TokenBudget, dropped_share, fit_copy_gain, kept_counts
 from brickwork.bricks.budget import spread_over_layers
-from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
-from brickwork.bricks.state import carve_state
+from brickwork.bricks.state import carve_state, carved_layers, refuse_grown
 from brickwork.errors import BrickworkError
 
 logger = logging.getLogger(__name__)
@@ -130,7 +129,7 @@ def set_token_budget(
 class TokenReads:
     """FFN weights read per token, as a fraction of the dense FFN's, measured on given tokens.
 
-    ``layers``: per carved layer, ``mean`` and ``worst`` (the cap: :meth:`BrickFFN.active_fraction`) fractions,
+    ``layers``: per carved layer, ``mean`` and ``worst`` (the cap: :meth:`BrickFFN.read_fraction`) fractions,
     ``routed_mean`` (routed experts run per token on average), ``tokens`` and ``kept`` (how many tokens kept
     0, 1, ..., ``active`` experts). ``mean`` and ``worst``: over the carved layers, each weighted by its dense FFN
     size (weights read by all carved layers / their dense weights).
@@ -192,13 +191,13 @@ class ReadCounter:
             size = brick.d_ff * brick.weights_per_neuron
             result.layers[index] = {
                 "mean": mean,
-                "worst": brick.active_fraction(),
+                "worst": brick.read_fraction(),
                 "routed_mean": float((counts * torch.arange(len(counts))).sum() / tokens),
                 "tokens": tokens,
                 "kept": [int(c) for c in self.counts[index][: brick.active + 1]],
             }
             read += mean * size
-            worst += brick.active_fraction() * size
+            worst += brick.read_fraction() * size
             dense += size
             result.tokens = max(result.tokens, tokens)
         if dense:

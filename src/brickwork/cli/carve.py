@@ -30,22 +30,27 @@ DEMO_PROMPTS = (
     "The main reason people drink water is",
 )
 
-# --active-fraction alone picks a measured configuration (a preset): this help, _is_preset and the preset branch
-# of run() are the CLI's only readers of active_fraction.
+# --reads picks a measured configuration for a budget (a preset); --active-fraction is the older name of --reads
+# and of --neuron-share. These helps, _is_preset and _budget_options are the CLI's only readers of the two.
+READS_HELP = (
+    "the FFN weights a token reads (router included) as a fraction of dense: picks the best measured configuration "
+    "for that budget, neuron-level (or with --stock, stock-exportable); the other options given override it"
+)
 ACTIVE_FRACTION_HELP = (
-    "fraction of the FFN per token; without --experts and --active, it picks the best measured configuration for "
-    "that fraction (the other options given override it)"
+    "the older name of --reads (without --experts, or with --stock) and of --neuron-share (with --experts or "
+    "--active)"
 )
 STOCK_HELP = (
-    "with --active-fraction: the best measured configuration that stock MoE engines run exactly (expert-level, "
+    "with --reads: the best measured configuration that stock MoE engines run exactly (expert-level, "
     "fitted bias-free router, sigmoid combine: exports to glm4_moe and gguf; add --combine softmax for qwen2_moe)"
 )
 
 
 def add_parser(subparsers) -> None:
     from brickwork.bricks.combine import COMBINE_RULES
-    from brickwork.bricks.config import ACCUMULATE, LAYER_BUDGETS, CarveConfig
-    from brickwork.bricks.sequential import STORAGE_DTYPES
+    from brickwork.bricks.spec import ACCUMULATE
+    from brickwork.carving.config import LAYER_BUDGETS, CarveConfig
+    from brickwork.carving.sequential import STORAGE_DTYPES
     from brickwork.grouping import GROUPING_METHODS
     from brickwork.routing import ROUTERS
 
@@ -60,8 +65,16 @@ def add_parser(subparsers) -> None:
         "experts",
         "shared",
         "active",
-        "active_fraction",
-        active_fraction={"text": ACTIVE_FRACTION_HELP},
+        "neuron_share",
+        neuron_share={"type": fraction, "metavar": "SHARE"},
+    )
+    p.add_argument("--reads", type=fraction, default=argparse.SUPPRESS, metavar="FRACTION", help=READS_HELP)
+    p.add_argument(
+        "--active-fraction",
+        type=fraction,
+        default=argparse.SUPPRESS,
+        metavar="FRACTION",
+        help=ACTIVE_FRACTION_HELP,
     )
     p.add_argument("--stock", action="store_true", help=STOCK_HELP)
     add_options(
@@ -124,25 +137,50 @@ def add_parser(subparsers) -> None:
 
 
 def _default_storage_dtype() -> str:
-    from brickwork.bricks.sequential import carve_sequential
+    from brickwork.carving.sequential import carve_sequential
     from brickwork.cli.options import default_of
 
     return str(default_of(carve_sequential, "dtype")).removeprefix("torch.")
 
 
 def _is_preset(args: argparse.Namespace, options: dict) -> bool:
-    """Whether carve picks the measured configuration for --active-fraction (with --stock, or without --experts)."""
-    return (
-        "active_fraction" in options
-        and "active" not in options
-        and (getattr(args, "stock", False) or "experts" not in options)
+    """Whether carve picks the measured configuration for a reads budget (--reads; the older --active-fraction
+    without --experts or with --stock)."""
+    stock = getattr(args, "stock", False)
+    older = (
+        hasattr(args, "active_fraction") and "active" not in options and (stock or "experts" not in options)
     )
+    return hasattr(args, "reads") or older
+
+
+def _budget_options(args: argparse.Namespace, options: dict) -> float | None:
+    """The reads budget a preset is picked for (None: no preset); --active-fraction, the older name of both
+    --reads and --neuron-share, becomes the one it meant. Conflicting options are refused."""
+    older = getattr(args, "active_fraction", None)
+    if older is not None and (hasattr(args, "reads") or "neuron_share" in options):
+        raise BrickworkError(
+            "--active-fraction is the older name of --reads and --neuron-share: give one of them"
+        )
+    if not _is_preset(args, options):
+        if older is not None:
+            options["neuron_share"] = older
+        return None
+    if "active" in options or ("experts" in options and not args.stock):
+        raise BrickworkError(
+            "--reads picks a measured configuration for that budget; with --experts or --active give "
+            "--neuron-share (the share of neurons computed per token) instead"
+        )
+    if "neuron_share" in options:
+        raise BrickworkError(
+            "give --reads (a budget of weights read) or --neuron-share (a share of neurons), not both"
+        )
+    return older if older is not None else args.reads
 
 
 def _router_of(args: argparse.Namespace, options: dict) -> str:
     """The router a carve will use: the one given, the preset's, or CarveConfig's default."""
     import brickwork as bw
-    from brickwork.bricks.presets import NEURON_ROUTER, STOCK_ROUTER
+    from brickwork.carving.presets import NEURON_ROUTER, STOCK_ROUTER
 
     if "router" in options:
         return options["router"]
@@ -178,12 +216,10 @@ def _check_combinations(args: argparse.Namespace, options: dict) -> None:
     """Refuse options given without the one they modify."""
     if "layer_step" in options and options.get("layer_budgets") != "sensitivity":
         raise BrickworkError("--layer-step is an option of --layer-budgets sensitivity, which was not given")
-    if args.stock and "active_fraction" not in options:
-        raise BrickworkError("--stock picks a configuration for a budget: give --active-fraction too")
+    if args.stock and not _is_preset(args, options):
+        raise BrickworkError("--stock picks a configuration for a budget: give --reads too")
     if args.stock and "active" in options:
-        raise BrickworkError(
-            "--stock chooses --active from --active-fraction; give one of --stock and --active"
-        )
+        raise BrickworkError("--stock chooses --active from --reads; give one of --stock and --active")
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -204,21 +240,21 @@ def _check_inputs(args: argparse.Namespace) -> None:
         )
 
 
-def _preset_config(args: argparse.Namespace, options: dict, model):
-    """The measured configuration for --active-fraction (--stock: the stock-exportable one), sized to ``model``."""
+def _preset_config(args: argparse.Namespace, options: dict, budget: float, model):
+    """The measured configuration for the reads ``budget`` (--stock: the stock-exportable one), sized to
+    ``model``."""
     import brickwork as bw
-    from brickwork.bricks.presets import recommended, stock_recommended
+    from brickwork.carving.presets import recommended, stock_recommended
 
     first = bw.find_ffns(model)[0]
-    fraction = options.pop("active_fraction")
     if args.stock:
-        config = stock_recommended(fraction, d_ff=first.d_ff, **options)
+        config = stock_recommended(budget, d_ff=first.d_ff, **options)
     else:
         config = recommended(
-            fraction, d_ff=first.d_ff, d_model=first.read().d_model, gated=first.is_gated, **options
+            budget, d_ff=first.d_ff, d_model=first.read().d_model, gated=first.is_gated, **options
         )
     print(
-        f"--active-fraction {fraction}{' --stock' if args.stock else ''}: the measured default is "
+        f"--reads {budget}{' --stock' if args.stock else ''}: the measured default is "
         f"{config.experts} experts of {first.d_ff // config.experts} neuron(s), {config.shared} shared, "
         f"{config.active} active, method {config.method}, router {config.router} "
         f"{config.router_options or ''}, combine {config.combine}"
@@ -228,14 +264,15 @@ def _preset_config(args: argparse.Namespace, options: dict, model):
 
 def run(args: argparse.Namespace) -> None:
     import brickwork as bw
-    from brickwork.bricks.carve import plan_layers
-    from brickwork.bricks.config import check_router_options
+    from brickwork.carving.carve import plan_layers
+    from brickwork.carving.config import check_router_options
     from brickwork.io_utils import check_output_dir
     from brickwork.models.loading import check_window
 
     options = _carve_options(args)
     _check_combinations(args, options)
-    preset = _is_preset(args, options)
+    budget = _budget_options(args, options)
+    preset = budget is not None
     if preset:  # checked now; the measured configuration needs the model's shapes
         check_router_options(_router_of(args, options), options.get("router_options", {}))
     config = None if preset else bw.CarveConfig(**options)
@@ -244,14 +281,14 @@ def run(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "carve", args.overwrite, inputs)
     check_model(args.model)
     if args.sequential:  # a meta-device skeleton: shapes for the checks and presets, no weights
-        from brickwork.bricks.sequential import resolve_safetensors_model
+        from brickwork.carving.sequential import resolve_safetensors_model
         from brickwork.models.lazy import open_lazy_model
 
         model = open_lazy_model(resolve_safetensors_model(args.model, progress=not args.quiet)).model
     else:
         model, tokenizer = bw.load_model(args.model, progress=not args.quiet)
     if preset:
-        config = _preset_config(args, options, model)
+        config = _preset_config(args, options, budget, model)
     check_window(model, config.window)
     if args.eval and args.eval_tokens < config.window:
         raise BrickworkError(
@@ -266,7 +303,7 @@ def run(args: argparse.Namespace) -> None:
     out = bw.save(model, args.out, tokenizer, overwrite=args.overwrite, inputs=inputs)
     print(
         f"carved {len(report.layers)} FFN layers in {report.seconds:.1f} s; FFN weights read per token: "
-        f"{report.active_fraction:.1%} of dense (router included); saved to {out}/"
+        f"{report.reads:.1%} of dense (router included); saved to {out}/"
     )
     for data in args.eval or []:
         carved = bw.evaluate(
@@ -315,7 +352,7 @@ def _continuations(model, tokenizer, prompts) -> list[str]:
 
 
 def _carve_sequential(args: argparse.Namespace, config) -> None:
-    from brickwork.bricks.sequential import carve_sequential
+    from brickwork.carving.sequential import carve_sequential
     from brickwork.memory import GIB, StepMeter
 
     options = {"dtype": args.dtype} if args.dtype is not None else {}
@@ -327,7 +364,7 @@ def _carve_sequential(args: argparse.Namespace, config) -> None:
     print(
         f"carved {len(report.layers)} FFN layers layer by layer in {report.seconds:.1f} s (weights stored in "
         f"{report.dtype}); peak RSS {report.peak_rss / GIB:.2f} GiB; FFN weights read per token: "
-        f"{report.active_fraction:.1%} of dense (router included); saved to {report.output}/"
+        f"{report.reads:.1%} of dense (router included); saved to {report.output}/"
     )
     print(f"{'step':<16}{'count':>6}{'total s':>10}{'max s':>9}{'peak RSS GiB':>14}")
     for step, row in meter.by_step().items():

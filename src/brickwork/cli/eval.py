@@ -187,7 +187,7 @@ def _apply_token_budget(args: argparse.Namespace, model, tokenizer) -> bool:
 
     if args.token_threshold is None and args.token_budget is None:
         return False
-    from brickwork.bricks.carve import carved_layers
+    from brickwork.bricks.state import carved_layers
 
     if not carved_layers(model):
         raise BrickworkError(f"per-token budgets route a carved model's experts; {args.model} is dense")
@@ -271,8 +271,8 @@ def _task_scores(args: argparse.Namespace, model, tokenizer) -> list:
 
 def run(args: argparse.Namespace) -> None:
     import brickwork as bw
-    from brickwork.bricks.carve import model_reads
     from brickwork.bricks.merged import layer_modules
+    from brickwork.bricks.state import model_reads
     from brickwork.data.corpora import DEFAULT_EVALUATION
     from brickwork.models.loading import check_window
 
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> None:
     if corpora:
         check_window(model, args.window)
     if args.budget is not None:
-        from brickwork.bricks.carve import carved_layers
+        from brickwork.bricks.state import carved_layers
 
         if not carved_layers(model):
             raise BrickworkError(f"--budget re-budgets a carved model; {args.model} is dense")
@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> None:
     if layer_modules(
         model
     ):  # every FFN's weights read per token, as carve reports it (reads: per-token means)
-        report["active_fraction"] = model_reads(model)
+        report["reads"] = model_reads(model)
     if args.tasks:
         from brickwork.evaluation.harness import render_table
 

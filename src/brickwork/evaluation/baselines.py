@@ -39,7 +39,7 @@ BASELINES: tuple[str, ...] = ("cats", "teal", "oracle")
 class BaselineReport:
     kind: str
     keep_fraction: float
-    active_fraction: float  # FFN weights read per token / dense, averaged over layers by size
+    reads: float  # FFN weights read per token / dense, averaged over layers by size
 
 
 def reads_fraction(kind: str, keep: float, gated: bool) -> float:
@@ -135,7 +135,7 @@ class NeuronSparsity:
         sizes = [ffn.d_ff * (3 if ffn.is_gated else 2) for ffn in self.ffns]
         fractions = [reads_fraction(self.kind, self.keep, ffn.is_gated) for ffn in self.ffns]
         overall = sum(s * f for s, f in zip(sizes, fractions, strict=True)) / sum(sizes)
-        return BaselineReport(kind=self.kind, keep_fraction=self.keep, active_fraction=overall)
+        return BaselineReport(kind=self.kind, keep_fraction=self.keep, reads=overall)
 
     def __enter__(self) -> NeuronSparsity:
         if self.kind != "oracle" and not self.thresholds:

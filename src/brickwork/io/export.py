@@ -39,9 +39,9 @@ from typing import Literal
 
 import torch
 
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.combine import Combine
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.io.formats import DEFAULT_FORMAT, EXPORT_FORMATS, ExportPlan, StockFormat, get_format
 from brickwork.io.formats.base import EXPORT_MARKER, export_record

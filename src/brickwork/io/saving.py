@@ -19,47 +19,29 @@ from safetensors import SafetensorError
 from safetensors.torch import _remove_duplicate_names, load_model, save_file
 
 from brickwork.bricks.budget import restore_calibrated
-from brickwork.bricks.carve import _swap_in
 from brickwork.bricks.combine import Combine
-from brickwork.bricks.config import CarveConfig, check_router_options
 from brickwork.bricks.merged import MergedBricks, layer_modules
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.record import (
+    FORMAT,
+    FORMAT_VERSION,
+    OPS_FORMAT_VERSION,
+    header,
+    layer_record,
+    model_card,
+)
 from brickwork.bricks.spec import DTYPES, BrickSpec
-from brickwork.bricks.state import carve_state
+from brickwork.bricks.state import RECORDED, _swap_in, carve_state
+from brickwork.carving.config import CarveConfig, check_router_options
 from brickwork.errors import BrickworkError
 from brickwork.io_utils import atomic_directory, atomic_write_text
-from brickwork.models.config_check import check_recorded_settings, recorded_settings
-from brickwork.models.loading import check_model_dir
+from brickwork.models.config_check import check_recorded_settings
+from brickwork.models.loading import check_model_dir, register_directory_loader
 from brickwork.models.specs import find_ffns
 from brickwork.routing import ROUTERS
 from brickwork.version import __version__
 
-FORMAT = "brickwork-carved"
-FORMAT_VERSION = 1
-# 2: a model the brick operations changed (brickwork.ops): a "merged" record, or layers with "grown" experts or
-# "pruned_from"; or layers whose weighted rule was fitted for more than one top-k (a "combine" in "calibrated",
-# "combine_fits" in the spec); plain carves still write 1, so older brickwork reads them, and says "upgrade" for
-# the others
-OPS_FORMAT_VERSION = 2
 MAX_CHILDREN = 256  # a merged record asking for more is damaged
-
-
-def _layer_record(index: int, layer: BrickFFN | MergedBricks) -> dict:
-    brick = (
-        layer.branches[0] if isinstance(layer, MergedBricks) else layer
-    )  # a merged layer's branches share one spec
-    # the spec's own record: shapes, rule, the carved settings set_budget(model, None) restores, pruned_from
-    record = {"layer": index, **brick.spec.to_dict(), "active_fraction": layer.active_fraction()}
-    if brick.grown is not None:  # new bricks grown beside the carved ones (brickwork.ops.grow)
-        record["grown"] = brick.grown.spec.to_dict()
-    return record
-
-
-def format_version(layers: list[dict], merged: dict | None = None) -> int:
-    """The format version a brickwork.json with these layer records (and ``merged`` record) is written as: the
-    oldest that reads it (see :data:`OPS_FORMAT_VERSION`)."""
-    changed = any("grown" in r or "pruned_from" in r or "combine" in r["calibrated"] for r in layers)
-    return OPS_FORMAT_VERSION if merged is not None or changed else FORMAT_VERSION
 
 
 def _grown_spec(directory: Path, record: dict):
@@ -90,33 +72,6 @@ def _merged_record(model, layers: dict) -> dict | None:
         "layers": sorted(merged),
         "domains": (model.brickwork.merged or {}).get("domains"),
     }
-
-
-def _model_card(meta: dict) -> str:
-    config = meta["carve_config"]
-    fractions = [layer["active_fraction"] for layer in meta["layers"]]
-    return "\n".join(
-        [
-            f"# Carved with brickwork {meta['brickwork_version']}",
-            "",
-            f"- base model: `{meta['base_model']}` ({meta['model_type']})",
-            f"- carved layers: {len(meta['layers'])}; experts {config['experts']} (shared {config['shared']}, "
-            f"active {config['active']} routed per token); method `{config['method']}`, router `{config['router']}`",
-            f"- FFN weights read per token (carved layers, router included): {sum(fractions) / len(fractions):.1%}",
-            f"- calibration: `{meta['calibration']}` ({meta['calibration_tokens']} tokens), seed {config['seed']}",
-            "",
-            *(
-                [
-                    f"- merged from {meta['merged']['children']} children; routed layers: {meta['merged']['layers']}",
-                    "",
-                ]
-                if "merged" in meta
-                else []
-            ),
-            "Load with `brickwork.load(path)`; the result is a `transformers` model (`generate()` works).",
-            "",
-        ]
-    )
 
 
 def check_finite(model) -> None:
@@ -162,30 +117,17 @@ def save(
             "save() takes a model carved with brickwork.carve_; for a dense model use model.save_pretrained"
         )
     check_finite(model)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "brickwork_version": __version__,
-        "base_model": str(getattr(model, "name_or_path", "")),
-        "model_type": model.config.model_type,
-        "model_class": type(model).__name__,
-        "carve_config": state.config,
-        "calibration": state.calibration,
-        "calibration_tokens": state.calibration_tokens,
-        "layers": [_layer_record(i, b) for i, b in sorted(bricks.items())],
-        "base_settings": recorded_settings(model.config),
-        "weights_dtype": weights_dtype(model.state_dict().values()),
-    }
-    merged = _merged_record(model, bricks)
-    if merged is not None:
-        meta["merged"] = merged
-    meta["format_version"] = format_version(meta["layers"], merged)
+    layers = [layer_record(i, b) for i, b in sorted(bricks.items())]
+    record = {name: getattr(state, name) for name in RECORDED}
+    weights = weights_dtype(model.state_dict().values())
+    base_model = str(getattr(model, "name_or_path", ""))
+    meta = header(model, base_model, record, layers, weights, merged=_merged_record(model, bricks))
     with atomic_directory(directory, "carve", overwrite, inputs) as tmp:
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         write_weights(model, tmp / "model.safetensors", FORMAT)
-        atomic_write_text(tmp / "README.md", _model_card(meta))
+        atomic_write_text(tmp / "README.md", model_card(meta))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
@@ -566,3 +508,6 @@ def load(directory: str | os.PathLike, device: str | torch.device = "cpu"):
         state.merged = meta["merged"]
     model.name_or_path = str(directory)
     return model.to(device).eval()
+
+
+register_directory_loader("brickwork.json", load)  # load_model() of a saved carve loads it here

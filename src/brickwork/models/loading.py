@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,6 +289,17 @@ def _check_loading_info(name, info: dict) -> None:
         )
 
 
+# Directories that hold more than a transformers model, by the file that marks them: marker -> a function
+# ``(directory, device=...) -> model``. Registered by the layers that own those formats (brickwork.io registers
+# brickwork.json, brickwork.save's format), so that load_model reads them without importing upwards.
+DIRECTORY_LOADERS: dict[str, Callable] = {}
+
+
+def register_directory_loader(marker: str, load: Callable) -> None:
+    """Make :func:`load_model` hand a directory holding the file ``marker`` to ``load``."""
+    DIRECTORY_LOADERS[marker] = load
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -304,11 +316,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, location = resolve_model_source(name_or_path)
-    carved = kind == "dir" and (Path(location) / "brickwork.json").is_file()  # saved by brickwork.save
-    if carved:
-        from brickwork.io import load
-
-        model = load(location, device=device)
+    marker = next((m for m in DIRECTORY_LOADERS if kind == "dir" and (Path(location) / m).is_file()), None)
+    if marker is not None:  # e.g. a carved model saved by brickwork.save
+        model = DIRECTORY_LOADERS[marker](location, device=device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(location)
         except (OSError, ValueError) as exc:

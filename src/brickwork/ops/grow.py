@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.grown import DEFAULT_RANK, KINDS, GrownExperts, GrownSpec, _positive_int
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.ops.train import TrainConfig, batches, train_lm_
 

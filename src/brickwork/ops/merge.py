@@ -17,7 +17,7 @@ dense model; what the averaging costs is the perplexity gap :func:`domain_perple
 
 A merged model evaluates, generates, saves and loads like any carve; what reads or changes one carve's bricks
 (``set_budget``, per-token budgets, recovery, export, ``uncarve_``) refuses it
-(:func:`brickwork.bricks.carve.carved_layers`).
+(:func:`brickwork.bricks.state.carved_layers`).
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from brickwork.bricks.budget import calibrated
-from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.merged import MergedBricks, layer_modules
 from brickwork.bricks.module import BrickFFN
-from brickwork.bricks.state import carve_state
+from brickwork.bricks.state import carve_state, carved_layers, refuse_grown
 from brickwork.errors import BrickworkError
 from brickwork.routing.fitted import RIDGE
 

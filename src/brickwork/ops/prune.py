@@ -34,9 +34,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
-from brickwork.bricks.state import carve_state
+from brickwork.bricks.state import carve_state, carved_layers, refuse_grown
 from brickwork.errors import BrickworkError
 from brickwork.models.specs import find_ffns
 from brickwork.ops.usage import ExpertUsage

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 from brickwork.ops.train import TrainConfig, train_lm_
 from brickwork.ops.usage import ExpertUsage

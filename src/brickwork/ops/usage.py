@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from brickwork.bricks.carve import carved_layers
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 
 

@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from brickwork.bricks.capture import BalanceCapture
-from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.merged import MergedBricks
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carved_layers, refuse_grown
 from brickwork.divergence import DivergenceGuard
 from brickwork.errors import BrickworkError
 

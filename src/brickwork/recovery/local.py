@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from brickwork.bricks.carve import carved_layers, refuse_grown
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carved_layers, refuse_grown
 from brickwork.errors import BrickworkError
 from brickwork.models.specs import find_ffns
 
@@ -186,7 +186,7 @@ def _refit_layer(brick: BrickFFN, x: torch.Tensor, y: torch.Tensor, h_dense: tor
     if (
         brick.combine.weighted
     ):  # the weights follow the (refitted) router: fit their temperature and scale again
-        from brickwork.bricks.carve import refit_combine_
+        from brickwork.carving.carve import refit_combine_
 
         step = max(1, len(x) // 8192)  # what carving fits them on, at most
         refit_combine_(brick, x[::step])

@@ -31,7 +31,7 @@ from brickwork.routing.base import (
 DEFAULT_INPUT_FRACTION = 0.25
 
 # (reads budget, input_fraction, fraction of neurons computed, fraction reading down rows): the neuron-level
-# settings measured best at each budget (brickwork.bricks.presets.recommended, bench/results/carving-quality).
+# settings measured best at each budget (brickwork.carving.presets.recommended, bench/results/carving-quality).
 MEASURED_BEST = ((0.25, 0.125, 330 / 1536, 0.12), (0.50, 0.375, 0.375, 0.28), (0.75, 0.25, 0.75, 0.60))
 
 

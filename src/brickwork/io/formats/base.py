@@ -17,8 +17,8 @@ from typing import ClassVar
 
 import torch
 
-from brickwork.bricks.carve import carved_layers
 from brickwork.bricks.module import BrickFFN
+from brickwork.bricks.state import carved_layers
 from brickwork.errors import BrickworkError
 
 EXPORT_MARKER = "brickwork-export"  # brickwork-export.json's format: what check_output_dir recognises

@@ -6,26 +6,26 @@ fields' metadata (:func:`option_help`) and passes only the options a user gave.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, InitVar, asdict, dataclass, field, fields
 from typing import get_type_hints
 
+from brickwork.bricks.spec import ACCUMULATE
 from brickwork.routing.base import check_router_options
 
-CONFIG_VERSION = 1
+# 2: a record holding neuron_share (active_fraction before); records without it are still written as 1
+CONFIG_VERSION = 2
 # accumulate="auto" sums in float64 when more experts than this are routed (neuron-level and fine-grained carves):
 # on SmolLM2 the fast and reference paths of 16-expert carves agree exactly with float32 sums, those of
 # neuron-level carves (1,536 routed) do not (bench/results/path-agreement).
 EXACT_ABOVE = 64
-# What BrickFFN.accumulate takes (CarveConfig also takes "auto").
-ACCUMULATE = ("float32", "float64")
 # How a carve's budget is spread over its layers (CarveConfig.layer_budgets).
 LAYER_BUDGETS = ("uniform", "sensitivity")
-# Routed experts per token when neither `active` nor `active_fraction` is given.
+# Routed experts per token when neither `active` nor `neuron_share` is given.
 DEFAULT_ACTIVE = 2
 
 
 # The named starting points of a carve string (``preset=NAME@FRACTION``): the preset functions of
-# :mod:`brickwork.bricks.presets`, which need the model's FFN shapes.
+# :mod:`brickwork.carving.presets`, which need the model's FFN shapes.
 CARVE_PRESETS = ("neuron", "stock")
 # Separates the items of a list value in a carve string (``layers=0/1/2``): commas separate the keys.
 _LIST_SEPARATOR = "/"
@@ -59,9 +59,14 @@ class CarveConfig:
     Each carved FFN is cut into ``experts`` equal slices of ``d_ff / experts`` neurons; ``shared`` of them run
     for every token and ``active`` of the other ``experts - shared`` (routed) ones are picked per token by the
     router. So ``(shared + active) / experts`` of the FFN runs per token; e.g. ``experts=16, shared=2,
-    active=2`` runs 25%. ``experts = d_ff`` is the neuron level. Instead of ``active``, ``active_fraction``
-    asks for a fraction of the FFN: ``active = round(active_fraction * experts) - shared``; giving both is
-    refused unless they agree. Neither: ``active`` is :data:`DEFAULT_ACTIVE`.
+    active=2`` runs 25%. ``experts = d_ff`` is the neuron level. Instead of ``active``, ``neuron_share`` asks
+    for a share of the FFN's neurons, shared ones included: ``active = round(neuron_share * experts) - shared``;
+    giving both is refused unless they agree. Neither: ``active`` is :data:`DEFAULT_ACTIVE`. The neuron share is
+    not the weights a token reads (the router's reads and ``down_fraction`` change those): that is
+    :attr:`CarveReport.reads <brickwork.carving.carve.CarveReport.reads>`, and the budget the presets
+    (:func:`~brickwork.carving.presets.recommended`) and :func:`~brickwork.bricks.budget.set_budget` take.
+    ``active_fraction=``, this field's name before, is still read (here, in :meth:`from_dict` and
+    :meth:`from_string`).
 
     ``router_options`` passes keyword arguments to the router's builder (e.g. ``{"rank": 64}`` for lowrank).
     ``down_fraction`` (of d_ff) caps how many of the computed neurons' down rows each token reads: those with
@@ -80,11 +85,13 @@ class CarveConfig:
         default=None,
         metadata={
             "help": "routed slices run per token",
-            "default_text": f"{DEFAULT_ACTIVE}, or what --active-fraction asks for",
+            "default_text": f"{DEFAULT_ACTIVE}, or what --neuron-share asks for",
         },
     )
-    active_fraction: float | None = _option(
-        None, "fraction of the FFN run per token: active = round(fraction x experts) - shared", "unset"
+    neuron_share: float | None = _option(
+        None,
+        "share of the FFN's neurons computed per token, shared included: active = round(share x experts) - shared",
+        "unset",
     )
     method: str = _option("activation", "expert construction")
     router: str = _option("fitted", "router kind")
@@ -127,8 +134,10 @@ class CarveConfig:
         "layers whose calibration loss suffers least to those it helps most (allocate_budgets), same average",
     )
     layer_step: float = _option(0.1, "with layer_budgets=sensitivity: the fraction a layer moves up or down")
+    # neuron_share's name before it was split from the reads budget; read, never stored
+    active_fraction: InitVar[float | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, active_fraction: float | None = None) -> None:
         from brickwork.bricks.combine import COMBINE_RULES
         from brickwork.grouping import GROUPING_METHODS
         from brickwork.routing import ROUTERS
@@ -142,19 +151,24 @@ class CarveConfig:
         routed = self.experts - self.shared
         if self.active is not None:
             _int("active", self.active)
-        if self.active_fraction is not None:
-            if not isinstance(self.active_fraction, (int, float)) or not 0 < self.active_fraction <= 1:
-                raise ValueError(f"active_fraction must be in (0, 1], got {self.active_fraction}")
-            resolved = round(self.active_fraction * self.experts) - self.shared
+        if active_fraction is not None:
+            if self.neuron_share is not None and self.neuron_share != active_fraction:
+                raise ValueError("give neuron_share (active_fraction is its older name), not both")
+            self.neuron_share = active_fraction
+        if self.neuron_share is not None:
+            share = self.neuron_share
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ValueError(f"neuron_share must be in (0, 1], got {share}")
+            resolved = round(share * self.experts) - self.shared
             if resolved < 1:
                 raise ValueError(
-                    f"active_fraction {self.active_fraction} with {self.shared} shared of {self.experts} "
+                    f"neuron_share {share} with {self.shared} shared of {self.experts} "
                     "experts leaves no routed expert active: raise it or lower `shared`"
                 )
             resolved = min(resolved, routed)
             if self.active is not None and self.active != resolved:
                 raise ValueError(
-                    f"active {self.active} and active_fraction {self.active_fraction} disagree (the fraction "
+                    f"active {self.active} and neuron_share {share} disagree (the share "
                     f"means active {resolved} with {self.shared} shared of {self.experts} experts): give one"
                 )
             self.active = resolved
@@ -198,7 +212,7 @@ class CarveConfig:
         ):
             raise ValueError(f"layer_step must be in (0, 1), got {self.layer_step!r}")
         if self.layer_budgets == "sensitivity":
-            planned = self.active_fraction if self.active_fraction is not None else self.planned_fraction
+            planned = self.neuron_share if self.neuron_share is not None else self.planned_fraction
             if not (self.layer_step < planned and planned + self.layer_step <= 1):
                 raise ValueError(
                     f"layer_step {self.layer_step} must leave the budget {planned:.3g} -/+ layer_step inside (0, 1]"
@@ -225,9 +239,14 @@ class CarveConfig:
         return "float64" if self.experts - self.shared > EXACT_ABOVE else "float32"
 
     def to_dict(self) -> dict:
-        """The JSON form (what a saved carve's ``carve_config`` holds)."""
+        """The JSON form (what a saved carve's ``carve_config`` holds). An unset ``neuron_share`` is left out (it
+        only ever resolves ``active``), so that brickwork before the name reads the record; a set one makes the
+        record version 2, which that brickwork refuses with "newer than this brickwork understands"."""
         record = asdict(self)
         record["combine_budgets"] = list(self.combine_budgets)
+        if record["neuron_share"] is None:
+            del record["neuron_share"]
+            return {"version": 1, **record}
         return {"version": CONFIG_VERSION, **record}
 
     @classmethod
@@ -240,8 +259,8 @@ class CarveConfig:
         from the fields' types (``none`` for an unset optional field, lists as ``layers=0/1/2``), and
         ``router.NAME=value`` for an option of the router's builder (``router.intercept=false``; a bare ``NAME``
         that is no field of this class means the same, so ``intercept=false`` also reads).
-        ``preset=neuron@F`` and ``preset=stock@F`` start from :func:`~brickwork.bricks.presets.recommended`
-        (the neuron-level default) and :func:`~brickwork.bricks.presets.stock_recommended` (``brickwork carve
+        ``preset=neuron@F`` and ``preset=stock@F`` start from :func:`~brickwork.carving.presets.recommended`
+        (the neuron-level default) and :func:`~brickwork.carving.presets.stock_recommended` (``brickwork carve
         --stock``) at the budget ``F``, with the other keys as their overrides; a preset needs the model's
         ``d_ff`` (and ``d_model`` and ``gated`` for ``neuron``). :meth:`to_string` writes the inverse.
         """
@@ -258,6 +277,8 @@ class CarveConfig:
             if key == "preset":
                 preset = _parse_preset(value)
                 continue
+            if key == "active_fraction":  # neuron_share's older name
+                key = "neuron_share"
             option = key.removeprefix("router.") if key.startswith("router.") else None
             if option is None and key not in names and key in _router_option_types():
                 option = key  # the bare router-option names of earlier carve strings
@@ -275,7 +296,7 @@ class CarveConfig:
             kwargs["router_options"] = router_options
         if preset is None:
             return cls(**kwargs)
-        from brickwork.bricks.presets import recommended, stock_recommended
+        from brickwork.carving.presets import recommended, stock_recommended
 
         name, fraction = preset
         if d_ff is None or (name == "neuron" and d_model is None):
@@ -311,6 +332,10 @@ class CarveConfig:
                 f"carve config version {version!r} is newer than this brickwork understands "
                 f"(<= {CONFIG_VERSION})"
             )
+        if "active_fraction" in data:  # neuron_share's older name
+            data["neuron_share"] = data.pop("active_fraction")
+            if data["neuron_share"] is None:
+                del data["neuron_share"]
         unknown = sorted(set(data) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown carve config field(s) {unknown}")

@@ -8,7 +8,7 @@ position ids and embeddings), and then, for each layer in turn:
 1. reads the layer's weights from the safetensors checkpoint;
 2. runs every calibration batch through it with the FFN hooks of :func:`brickwork.profile` (the same per-layer
    statistics and (x, h) samples, in the same batches, so the same float32 partial sums);
-3. carves the FFN with :func:`brickwork.bricks.carve.carve_layer` (what :func:`carve_` does per layer: the same
+3. carves the FFN with :func:`brickwork.carving.carve.carve_layer` (what :func:`carve_` does per layer: the same
    grouping, router, combine fit and per-layer seed);
 4. appends the carved layer's tensors to the output's ``model.safetensors`` and frees the layer.
 
@@ -42,28 +42,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from brickwork.bricks.carve import (
-    _swap_in,
-    _weights_per_neuron,
-    calibration_settings,
-    carve_layer,
-    plan_layers,
-)
-from brickwork.bricks.config import CarveConfig
+from brickwork.bricks.record import FORMAT, header, layer_record, model_card
+from brickwork.bricks.state import _swap_in, _weights_per_neuron
+from brickwork.carving.carve import calibration_settings, carve_layer, plan_layers
+from brickwork.carving.config import CarveConfig
+from brickwork.carving.stream_writer import SafetensorsStreamWriter
 from brickwork.data.sources import describe_source
 from brickwork.errors import BrickworkError
-from brickwork.io.saving import FORMAT, _layer_record, _model_card, format_version
-from brickwork.io.stream_writer import SafetensorsStreamWriter
 from brickwork.io_utils import atomic_directory, atomic_write_text, check_output_dir
 from brickwork.memory import GIB, StepMemory, StepMeter
-from brickwork.models.config_check import recorded_settings
 from brickwork.models.lazy import LazyModel, materialise, materialise_parameters, open_lazy_model, release
 from brickwork.models.loading import check_window
 from brickwork.models.specs import find_ffns
 from brickwork.profiling.hooks import FFNCapture
 from brickwork.profiling.profile import Profile, capture_callbacks, iter_batches, layer_stats
 from brickwork.routing import ROUTERS
-from brickwork.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +71,7 @@ class SequentialReport:
     output: Path
     dtype: str
     layers: list[int]
-    active_fraction: float  # mean over the model's FFNs, router included (as CarveReport)
+    reads: float  # FFN weights read per token / dense, over every FFN, router included (as CarveReport)
     layer_fractions: list[float]
     seconds: float
     calibration: str
@@ -96,7 +89,7 @@ class SequentialReport:
             "output": str(self.output),
             "dtype": self.dtype,
             "layers": self.layers,
-            "active_fraction": self.active_fraction,
+            "reads": self.reads,
             "layer_fractions": self.layer_fractions,
             "seconds": self.seconds,
             "calibration": self.calibration,
@@ -355,8 +348,8 @@ def carve_sequential(
                         if fit is not None:
                             fits[i] = fit
                         _swap_in(skeleton, ffn, brick)
-                        fractions[i] = brick.active_fraction()
-                        records.append(_layer_record(i, brick))
+                        fractions[i] = brick.read_fraction()
+                        records.append(layer_record(i, brick))
                 with meter.step("write", i):
                     prefix = lazy.prefix(block)
                     for name, tensor in block.state_dict().items():
@@ -371,21 +364,9 @@ def carve_sequential(
                 dense_sizes.values()
             )
             source = describe_source(calib)
-            meta = {
-                "format": FORMAT,
-                "format_version": format_version(records),
-                "brickwork_version": __version__,
-                "base_model": str(model),
-                "model_type": skeleton.config.model_type,
-                "model_class": type(skeleton).__name__,
-                "carve_config": config.to_dict(),
-                "calibration": source,
-                "calibration_tokens": tokens,
-                "layers": records,
-                "sequential": {"weights_dtype": dtype_name, "compute_dtype": "float32"},
-                "base_settings": recorded_settings(skeleton.config),
-                "weights_dtype": dtype_name,
-            }
+            carve = {"config": config.to_dict(), "calibration": source, "calibration_tokens": tokens}
+            sequential = {"weights_dtype": dtype_name, "compute_dtype": "float32"}
+            meta = header(skeleton, str(model), carve, records, dtype_name, sequential=sequential)
             skeleton.config.dtype = dtype
             skeleton.config.save_pretrained(tmp)
             try:
@@ -394,14 +375,14 @@ def carve_sequential(
                 generation = getattr(skeleton, "generation_config", None)
             if generation is not None:
                 generation.save_pretrained(tmp)
-            atomic_write_text(tmp / "README.md", _model_card(meta))
+            atomic_write_text(tmp / "README.md", model_card(meta))
             tokenizer.save_pretrained(tmp)
             report = SequentialReport(
                 config=config,
                 output=Path(out),
                 dtype=dtype_name,
                 layers=sorted(fractions),
-                active_fraction=overall,
+                reads=overall,
                 layer_fractions=[fractions[i] for i in sorted(fractions)],
                 seconds=0.0,
                 calibration=source,

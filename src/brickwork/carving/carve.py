@@ -19,15 +19,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from brickwork.bricks.combine import fit_combine
-from brickwork.bricks.config import CarveConfig
 from brickwork.bricks.module import BrickFFN
 from brickwork.bricks.spec import BrickSpec
-from brickwork.bricks.state import LayerState, carve_state
+from brickwork.bricks.state import _swap_in, _weights_per_neuron, carve_state, carved_layers, model_reads
+from brickwork.carving.config import CarveConfig
 from brickwork.data.sources import describe_source
 from brickwork.errors import BrickworkError
 from brickwork.grouping import GROUPING_METHODS, GroupingInputs
 from brickwork.grouping.base import Grouping
-from brickwork.models.specs import FFN, FFNWeights, _resolve, find_ffns
+from brickwork.models.specs import FFN, FFNWeights, find_ffns
 from brickwork.profiling.profile import Profile, ProfileConfig, TokenSampler, profile
 from brickwork.routing import ROUTERS, Router, RouterInputs
 from brickwork.routing.base import topk_by_position
@@ -77,68 +77,14 @@ class CarveReport:
 
     config: CarveConfig
     layers: list[int]
-    active_fraction: float  # mean over carved layers, router included
+    reads: (
+        float  # FFN weights read per token / dense, over every FFN (layers left dense at 1), router included
+    )
     layer_fractions: list[float]
     seconds: float
     calibration: str | None
     # weighted combine rules: per carved layer, fit_combine's figures (temperature, scale, relative errors)
     combine_fits: dict[int, dict] | None = None
-
-
-def _set(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(_resolve(root, parent) if parent else root, name, module)
-
-
-def _swap_in(model: nn.Module, ffn: FFN, brick: nn.Module) -> None:
-    """Put ``brick`` (a BrickFFN or MergedBricks) where ``model``'s dense FFN ``ffn`` was; keep the dense modules
-    (emptied) in the model's carve state (:class:`~brickwork.bricks.state.LayerState`) to put back on uncarve_."""
-    spec = ffn.spec
-    if spec.module is not None:
-        path = spec.module
-        replaced = {spec.module: ffn.module}
-        _set(ffn.block, spec.module, brick)
-    else:  # the FFN is spread over the block (OPT, BERT): the brick takes the first projection's place
-        first = path = spec.gate_up or spec.up
-        replaced = {first: ffn.input_module, spec.act: ffn.activation, spec.down: ffn.down_module}
-        _set(ffn.block, first, brick)
-        _set(ffn.block, spec.act, nn.Identity())
-        _set(ffn.block, spec.down, nn.Identity())
-    shapes = {}
-    for where, module in replaced.items():
-        for name, param in module.named_parameters():
-            shapes[(where, name)] = param.shape
-            param.data = torch.empty(0, dtype=param.dtype)
-    # in the model's carve state, not as submodules: they stay out of state_dict and parameters()
-    carve_state(model, create=True).layers[ffn.index] = LayerState(ffn, path, replaced, shapes)
-
-
-def refuse_grown(bricks: dict[int, BrickFFN], what: str) -> None:
-    """Refuse (BrickworkError) layers holding experts grown beside the carved ones (:mod:`brickwork.ops.grow`):
-    ``what`` reads, counts or retrains the carved bricks alone and would be wrong for them."""
-    grown = sorted(i for i, b in bricks.items() if getattr(b, "grown", None) is not None)
-    if grown:
-        raise BrickworkError(
-            f"{what} does not handle grown experts (layers {grown}); remove them first "
-            "(brickwork.ops.grow.remove_grown_) or apply it before growing"
-        )
-
-
-def carved_layers(model: nn.Module) -> dict[int, BrickFFN]:
-    """The BrickFFNs of a carved model, by layer index. A merged model (several children's bricks in a layer,
-    :mod:`brickwork.ops.merge`) is refused: what reads or changes one carve's bricks does not apply to it."""
-    for module in model.modules():
-        children = getattr(module, "merged_children", None)
-        if children is not None:
-            raise BrickworkError(
-                f"this model is merged from {children} children's bricks (brickwork merge), and this works on "
-                "one carve's bricks: use one child, or their average (brickwork merge --average)"
-            )
-    state = carve_state(model)
-    if state is None:
-        return {}
-    modules = {index: layer.module() for index, layer in sorted(state.layers.items())}
-    return {index: module for index, module in modules.items() if isinstance(module, BrickFFN)}
 
 
 def plan_layers(model: nn.Module, config: CarveConfig) -> list[FFN]:
@@ -185,9 +131,15 @@ class CarvePlan:
     config: CarveConfig
     layers: list[LayerPlan]
     calibration: Calibration
+    # With layer_budgets="sensitivity": the calibration text and tokenizer allocate_budgets measures on, after the
+    # bricks are built (the per-layer budgets depend on the carved model's losses, so they are a step of the plan,
+    # not figures in it).
+    calib: str | Path | None = None
+    tokenizer: object = None
 
     def summary(self) -> str:
-        """A line per carved layer: its spec, and the fitted rule's figures."""
+        """A line per carved layer: its spec, and the fitted rule's figures; then the per-layer budget step, when
+        the config asks for one."""
         lines = [
             f"carve plan: {len(self.layers)} layers, method {self.config.method}, router {self.config.router}, "
             f"calibration {self.calibration.source} ({self.calibration.profile.tokens} tokens)"
@@ -198,6 +150,11 @@ class CarvePlan:
             if fit is not None:
                 extra = f"; fitted temperature {fit['temperature']:g}, error {fit['relative_error']:.3g}"
             lines.append(f"  layer {layer.index}: {layer.spec.describe()}{extra}")
+        if self.config.layer_budgets == "sensitivity":
+            lines.append(
+                f"  then per-layer budgets by sensitivity (allocate_budgets, step {self.config.layer_step:g}): "
+                "reads move between layers at the same average, measured on the calibration text"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -229,6 +186,11 @@ def plan_carve(
             )
         needs_samples = ROUTERS[config.router].needs_samples or config.combine != "sum"
         calibration = calibrate(model, tokenizer, calib, config, progress=progress, samples=needs_samples)
+    if config.layer_budgets != "uniform" and (calib is None or tokenizer is None):
+        raise BrickworkError(
+            "layer_budgets='sensitivity' measures each layer's loss on the calibration text: pass calib= and "
+            "tokenizer="
+        )
     prof, sampler = calibration.profile, calibration.sampler
     if config.combine != "sum" and sampler is None:
         raise BrickworkError(
@@ -238,7 +200,7 @@ def plan_carve(
         plan_layer(ffn, config, prof.layers[ffn.index], prof.coactivation(ffn.index), sampler)
         for ffn in tqdm(ffns, desc="carving", unit="layer", disable=not progress)
     ]
-    return CarvePlan(config, layers, calibration)
+    return CarvePlan(config, layers, calibration, calib, tokenizer)
 
 
 def plan_layer(
@@ -250,7 +212,7 @@ def plan_layer(
 ) -> LayerPlan:
     """One layer of :func:`plan_carve`: its grouping, router and brick spec (the weighted rule fitted), from the
     layer's profile ``stats`` and ``coactivation`` and the ``sampler``'s (x, h) pairs. The seed is
-    ``config.seed`` and the layer index, so a layer plans the same alone (:mod:`brickwork.bricks.sequential`)."""
+    ``config.seed`` and the layer index, so a layer plans the same alone (:mod:`brickwork.carving.sequential`)."""
     # Grouping and router fits run on the CPU whatever the model's device (the calibration statistics and
     # samples live there too), so a carve does not depend on where the model sits.
     weights = _cpu_weights(ffn.read())
@@ -318,9 +280,12 @@ def carve_layer(
 
 
 @torch.no_grad()
-def execute_plan(model: nn.Module, plan: CarvePlan, started: float | None = None) -> CarveReport:
-    """Carve ``model`` in place as ``plan`` (from :func:`plan_carve` of this model) says; return the report
-    (``started``: the ``time.perf_counter()`` its seconds count from, by default now)."""
+def execute_plan(
+    model: nn.Module, plan: CarvePlan, started: float | None = None, progress: bool = True
+) -> CarveReport:
+    """Carve ``model`` in place as ``plan`` (from :func:`plan_carve` of this model) says, per-layer budgets
+    included; return the report (``started``: the ``time.perf_counter()`` its seconds count from, by default
+    now)."""
     started = time.perf_counter() if started is None else started
     if carved_layers(model):
         raise BrickworkError("this model is already carved; uncarve_ it first or load the dense parent")
@@ -344,12 +309,12 @@ def execute_plan(model: nn.Module, plan: CarvePlan, started: float | None = None
         _swap_in(model, ffn, brick)
 
     fits = {layer.index: layer.combine_fit for layer in plan.layers if layer.combine_fit is not None}
-    fractions = {ffn.index: brick.active_fraction() for ffn, brick in bricks}
+    fractions = {ffn.index: brick.read_fraction() for ffn, brick in bricks}
     overall = sum(size * fractions.get(i, 1.0) for i, size in dense_sizes.items()) / sum(dense_sizes.values())
     report = CarveReport(
         config=plan.config,
         layers=list(fractions),
-        active_fraction=overall,
+        reads=overall,
         layer_fractions=list(fractions.values()),
         seconds=time.perf_counter() - started,
         calibration=plan.calibration.source,
@@ -359,6 +324,17 @@ def execute_plan(model: nn.Module, plan: CarvePlan, started: float | None = None
     state.config = plan.config.to_dict()
     state.calibration = report.calibration
     state.calibration_tokens = plan.calibration.profile.tokens
+    if plan.config.layer_budgets == "sensitivity":
+        from brickwork.bricks.budget import allocate_budgets
+
+        mean = sum(report.layer_fractions) / len(report.layer_fractions)
+        allocate_budgets(
+            model, plan.tokenizer, plan.calib, mean, step=plan.config.layer_step, progress=progress
+        )
+        bricks = carved_layers(model)
+        report.layer_fractions = [bricks[i].read_fraction() for i in report.layers]
+        report.reads = model_reads(model)
+        report.seconds = time.perf_counter() - started
     return report
 
 
@@ -379,23 +355,8 @@ def carve_(
     :func:`execute_plan`.
     """
     started = time.perf_counter()
-    if config.layer_budgets != "uniform" and (calib is None or tokenizer is None):
-        raise BrickworkError(
-            "layer_budgets='sensitivity' measures each layer's loss on the calibration text: pass calib= and "
-            "tokenizer="
-        )
     plan = plan_carve(model, config, calib, tokenizer, calibration, progress)
-    report = execute_plan(model, plan, started)
-    if config.layer_budgets == "sensitivity":
-        from brickwork.bricks.budget import allocate_budgets
-
-        mean = sum(report.layer_fractions) / len(report.layer_fractions)
-        allocate_budgets(model, tokenizer, calib, mean, step=config.layer_step, progress=progress)
-        bricks = carved_layers(model)
-        report.layer_fractions = [bricks[i].active_fraction() for i in report.layers]
-        report.active_fraction = model_reads(model)
-        report.seconds = time.perf_counter() - started
-    return report
+    return execute_plan(model, plan, started, progress)
 
 
 def _top_k_within(brick: BrickFFN, budget: float) -> int:
@@ -454,52 +415,3 @@ def _fit_combines(brick: BrickFFN, rule: str, x: torch.Tensor, ks: list[int], ch
                 outputs[start + tokens, slots] = part
     scores, outputs, target = scores.cpu(), outputs.cpu(), target.cpu()  # fitted on the CPU, any device
     return {j: fit_combine(rule, scores, outputs[:, :j], target, j) for j in ks}
-
-
-def model_reads(model: nn.Module) -> float:
-    """FFN weights a token reads over every FFN of ``model`` / their dense weights: carved (or merged) layers at
-    their fixed top-k's fraction, router included (the most a token reads under a per-token budget), layers left
-    dense at 1, weighted by layer size."""
-    from brickwork.bricks.merged import layer_modules
-
-    layers = layer_modules(model)
-    sizes, reads = {}, {}
-    for index, layer in layers.items():
-        first = getattr(layer, "branches", [layer])[0]  # a merged layer: the size of one child's bricks
-        sizes[index] = first.d_ff * first.weights_per_neuron
-        reads[index] = sizes[index] * layer.active_fraction()
-    for ffn in find_ffns(model):  # the layers left dense read all of theirs
-        if ffn.index not in layers:
-            sizes[ffn.index] = reads[ffn.index] = ffn.d_ff * _weights_per_neuron(ffn)
-    return sum(reads.values()) / sum(sizes.values())
-
-
-def _weights_per_neuron(ffn: FFN) -> int:
-    w = ffn.read()
-    return w.d_model * (3 if w.gate is not None else 2)
-
-
-@torch.no_grad()
-def uncarve_(model: nn.Module) -> nn.Module:
-    """Put the dense FFNs back, bit for bit (undoes :func:`carve_`)."""
-    bricks = carved_layers(model)
-    if not bricks:
-        raise BrickworkError("this model has no carved layers")
-    refuse_grown(bricks, "uncarve_ (the dense FFN has no place for them)")
-    pruned = sorted(i for i, b in bricks.items() if b.pruned_from is not None)
-    if pruned:  # refused before any layer changes
-        raise BrickworkError(
-            f"layers {pruned} were pruned (brickwork prune): their dense FFNs cannot be rebuilt; uncarve the "
-            "carve from before pruning"
-        )
-    state = carve_state(model)
-    for index, brick in bricks.items():
-        layer = state.layers[index]
-        for (path, name), shape in layer.dense_shapes.items():
-            param = dict(layer.dense_modules[path].named_parameters())[name]
-            param.data = torch.empty(shape, dtype=param.dtype, device=brick.up.device)
-        for path, module in layer.dense_modules.items():
-            _set(layer.ffn.block, path, module)
-        layer.ffn.write(brick.to_dense_weights())
-    del model.brickwork
-    return model

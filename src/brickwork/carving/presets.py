@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from brickwork.bricks.config import CarveConfig
+from brickwork.carving.config import CarveConfig
 from brickwork.routing.fitted import FittedRouter
 from brickwork.routing.partial import PartialInputRouter, neuron_level_settings
 
@@ -24,19 +24,17 @@ NEURON_ROUTER = PartialInputRouter.kind  # the router of the neuron-level preset
 STOCK_ROUTER = FittedRouter.kind  # the router of the stock-exportable preset (stock_recommended)
 
 
-def recommended(
-    active_fraction: float, d_ff: int, d_model: int, gated: bool = True, **overrides
-) -> CarveConfig:
-    """Neuron-level experts, partial router and down-row sparsity, reading at most ``active_fraction`` of the
+def recommended(reads: float, d_ff: int, d_model: int, gated: bool = True, **overrides) -> CarveConfig:
+    """Neuron-level experts, partial router and down-row sparsity, reading at most ``reads`` of the
     FFN weights per token (router included), with the settings measured best at the nearest budget.
 
     ``overrides`` (CarveConfig fields; None: not given) replace the measured settings; ``router_options`` are
     merged over the measured ones, and ``shared`` neurons are taken from the routed ones per token. The neuron
     counts come from :func:`brickwork.routing.partial.neuron_level_settings`.
     """
-    if not 0 < active_fraction <= 1:
-        raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction}")
-    active, q, down_rows = neuron_level_settings(active_fraction, d_ff, d_model, gated)
+    if not 0 < reads <= 1:
+        raise ValueError(f"reads must be in (0, 1], got {reads}")
+    active, q, down_rows = neuron_level_settings(reads, d_ff, d_model, gated)
     options = {
         "experts": d_ff,
         "shared": 0,
@@ -68,16 +66,16 @@ def recommended(
 MEASURED_STOCK = ((0.25, 64), (0.50, 64))
 
 
-def stock_recommended(active_fraction: float, d_ff: int, **overrides) -> CarveConfig:
-    """The best measured stock-exportable configuration reading about ``active_fraction`` of the FFN per token
-    (``brickwork carve --active-fraction F --stock``): ``experts`` from :data:`MEASURED_STOCK` at the nearest
+def stock_recommended(reads: float, d_ff: int, **overrides) -> CarveConfig:
+    """The best measured stock-exportable configuration reading about ``reads`` of the FFN per token
+    (``brickwork carve --reads F --stock``): ``experts`` from :data:`MEASURED_STOCK` at the nearest
     budget (or the divisor of ``d_ff`` nearest to it, in ratio, with at least 4 neurons per expert), 1/8 of them
     shared, method ``activation``, the ``fitted`` router without intercept, ``combine="sigmoid"`` (exports to
     ``glm4_moe`` and GGUF; ``combine="softmax"`` for ``qwen2_moe``).
     ``overrides`` (CarveConfig fields; None: not given) replace them."""
-    if not 0 < active_fraction <= 1:
-        raise ValueError(f"active_fraction must be in (0, 1], got {active_fraction}")
-    _, measured = min(MEASURED_STOCK, key=lambda best: abs(best[0] - active_fraction))
+    if not 0 < reads <= 1:
+        raise ValueError(f"reads must be in (0, 1], got {reads}")
+    _, measured = min(MEASURED_STOCK, key=lambda best: abs(best[0] - reads))
     given = {k: v for k, v in overrides.items() if v is not None}
     divisors = [e for e in range(2, d_ff // 4 + 1) if d_ff % e == 0]
     if not divisors:
@@ -85,7 +83,7 @@ def stock_recommended(active_fraction: float, d_ff: int, **overrides) -> CarveCo
     experts = given.pop("experts", None) or min(divisors, key=lambda e: abs(math.log(e / measured)))
     shared = given.pop("shared", None)
     shared = max(1, experts // 8) if shared is None else shared
-    active = given.pop("active", None) or max(1, round(active_fraction * experts) - shared)
+    active = given.pop("active", None) or max(1, round(reads * experts) - shared)
     options = {
         "experts": experts,
         "shared": shared,
