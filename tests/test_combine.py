@@ -256,7 +256,7 @@ def test_cli_stock_needs_a_budget_and_chooses_active(tmp_path, tiny_dir, text_fi
 
     base = f"carve {tiny_dir} --calib {text_file} --calib-tokens 512 --router-samples 256 --window 64 -q"
     assert cli([*base.split(), "--stock", "--out", str(tmp_path / "a")]) == 2
-    assert "give --active-fraction" in capsys.readouterr().err
+    assert "give --reads" in capsys.readouterr().err
     assert (
         cli(
             [

@@ -33,30 +33,60 @@ from brickwork.carving.presets import NEURON_ROUTER
 logger = logging.getLogger(__name__)
 
 
+HARNESSES = ("builtin", "lm-eval")
+
+
+# The carving issue's routers. lowrank and partial are neuron-level predictors: on 16 experts lowrank is slow to
+# fit and measured worse than fitted, and partial reads more than its fraction (bench/results/carving-quality);
+# the grid leaves them out unless asked for, and partial runs at the neuron level in the default rows.
+DEFAULT_ROUTERS = ("centroid", "representative", "fitted", "oracle")
+
+
+def _setting(default, help: str, default_text: str | None = None):
+    """A field with the help text that ``brickwork bench quality`` shows for it."""
+    metadata = {"help": help} if default_text is None else {"help": help, "default_text": default_text}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class QualityBenchConfig:
-    model: str = "smollm2-135m"
-    fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
-    methods: tuple[str, ...] | None = None  # None: every registered method
-    routers: tuple[str, ...] | None = None  # None: every registered router but lowrank (see DEFAULT_ROUTERS)
-    experts: int = 16
-    shared: int = 2
-    neuron_level: bool = True  # the measured neuron-level default at each fraction
-    stock: bool = False  # the stock-exportable default (``carve --stock``: sigmoid experts) at each fraction
-    baselines: tuple[str, ...] = ("cats", "teal", "oracle")
-    calib: str = "wiki"
-    calib_tokens: int = 16384
-    router_samples: int = 8192
-    eval: tuple[str, ...] = ("botchan", "lee-news")
-    eval_tokens: int = 1024
+    model: str = _setting("smollm2-135m", "the dense model")
+    fractions: tuple[float, ...] = _setting(
+        (0.25, 0.5, 0.75), "reads budgets (fractions of the dense FFN weights)", "0.25 0.5 0.75"
+    )
+    methods: tuple[str, ...] | None = _setting(None, "construction methods of the grid", "all")
+    routers: tuple[str, ...] | None = _setting(None, "routers of the grid", ", ".join(DEFAULT_ROUTERS))
+    experts: int = _setting(16, "experts per FFN in the grid")
+    shared: int = _setting(2, "shared experts in the grid")
+    neuron_level: bool = _setting(True, "add the measured neuron-level default rows")
+    stock: bool = _setting(
+        False, "add the stock-exportable default (carve --stock: sigmoid experts) at each fraction"
+    )
+    baselines: tuple[str, ...] = _setting(
+        ("cats", "teal", "oracle"), "neuron-level activation-sparsity baselines", "cats teal oracle"
+    )
+    calib: str = _setting("wiki", "calibration text")
+    calib_tokens: int = _setting(16384, "calibration tokens")
+    router_samples: int = _setting(
+        8192,
+        "(x, h) pairs per layer the routers fit on (memory: samples x (d_model + d_ff) x 4 bytes per layer, for "
+        "all layers at once)",
+    )
+    eval: tuple[str, ...] = _setting(("botchan", "lee-news"), "held-out corpora", "botchan lee-news")
+    eval_tokens: int = _setting(1024, "held-out tokens per corpus")
     window: int = 512
-    tasks: tuple[str, ...] | None = None  # None: the built-in default tasks
-    task_examples: int = 25
-    # who scores the tasks: brickwork's BIG-bench scorer, or lm-evaluation-harness (pip install 'brickwork[eval]')
-    # on the same examples, with its acc_norm and standard errors
-    harness: str = "builtin"
-    seed: int = 0
-    quick: bool = False
+    tasks: tuple[str, ...] | None = _setting(
+        None, "built-in BIG-bench task names or task.json paths", "the built-in default list"
+    )
+    task_examples: int = _setting(25, "examples per task")
+    # lm-evaluation-harness scores the same examples, with its acc_norm and standard errors
+    harness: str = _setting(
+        "builtin",
+        "who scores the tasks: brickwork's BIG-bench scorer or lm-evaluation-harness (accuracy ± stderr, "
+        "acc_norm; pip install 'brickwork[eval]')",
+    )
+    seed: int = _setting(0, "seed of every carve and of the calibration sample")
+    quick: bool = _setting(False, "smoke run: a tiny random model, a few windows")
 
     def __post_init__(self):
         from brickwork.evaluation.baselines import BASELINES
@@ -95,15 +125,6 @@ class QualityBenchConfig:
                 f"no fraction in {self.fractions} leaves a routed expert to choose with {self.experts} experts, "
                 f"{self.shared} shared: the grid would be empty; lower --shared or raise the fractions"
             )
-
-
-HARNESSES = ("builtin", "lm-eval")
-
-
-# The carving issue's routers. lowrank and partial are neuron-level predictors: on 16 experts lowrank is slow to
-# fit and measured worse than fitted, and partial reads more than its fraction (bench/results/carving-quality);
-# the grid leaves them out unless asked for, and partial runs at the neuron level in the default rows.
-DEFAULT_ROUTERS = ("centroid", "representative", "fitted", "oracle")
 
 
 BASELINE_CALIB_TOKENS = 4096

@@ -19,7 +19,7 @@ import copy
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -28,9 +28,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SpeedBenchConfig:
-    model: str = "smollm2-135m"
-    fractions: tuple[float, ...] = (0.25, 0.5)
-    repeats: int = 7
+    # (the fields with help text are the options of ``brickwork bench speed``)
+    model: str = field(default="smollm2-135m", metadata={"help": "the dense model"})
+    fractions: tuple[float, ...] = field(
+        default=(0.25, 0.5), metadata={"help": "active fractions", "default_text": "0.25 0.5"}
+    )
+    repeats: int = field(default=7, metadata={"help": "interleaved repeats per measurement"})
     decode_steps: int = 16
     prefill: tuple[int, ...] = (128, 512)
     batches: tuple[int, ...] = (4, 16)
@@ -38,7 +41,7 @@ class SpeedBenchConfig:
     calib: str = "wiki"
     calib_tokens: int = 8192
     seed: int = 0
-    quick: bool = False
+    quick: bool = field(default=False, metadata={"help": "smoke run on a tiny random model"})
 
     def __post_init__(self):
         if self.quick:

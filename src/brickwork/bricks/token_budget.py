@@ -323,6 +323,19 @@ def _largest_within(reads, target: float) -> float:
     return low
 
 
+# fit_token_budget's options as ``brickwork eval --token-budget`` shows them (the defaults are the signature's;
+# min_active is set_token_budget's too).
+FIT_TOKEN_BUDGET_HELP = {
+    "min_active": "routed experts every token keeps at least (0 lets a token run none)",
+    "zero_share": "the zero expert's router mass, as a multiple of a token's mean mass",
+    "copy": "fit MoE++'s copy expert (dropped mass replaced by a multiple of the FFN input)",
+    "per_layer": {
+        "help": "a threshold per layer, each reading the target",
+        "default_text": "one threshold for all",
+    },
+}
+
+
 def fit_token_budget(
     model: nn.Module,
     tokenizer,

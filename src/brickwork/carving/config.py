@@ -18,6 +18,8 @@ CONFIG_VERSION = 2
 # on SmolLM2 the fast and reference paths of 16-expert carves agree exactly with float32 sums, those of
 # neuron-level carves (1,536 routed) do not (bench/results/path-agreement).
 EXACT_ABOVE = 64
+# How a carve's budget is spread over its layers (CarveConfig.layer_budgets).
+LAYER_BUDGETS = ("uniform", "sensitivity")
 # Routed experts per token when neither `active` nor `neuron_share` is given.
 DEFAULT_ACTIVE = 2
 
@@ -201,7 +203,7 @@ class CarveConfig:
         if budgets and self.combine == "sum":
             raise ValueError("combine_budgets fit a weighted combine rule; the sum rule has nothing to fit")
         object.__setattr__(self, "combine_budgets", tuple(sorted({float(b) for b in budgets})))
-        if self.layer_budgets not in ("uniform", "sensitivity"):
+        if self.layer_budgets not in LAYER_BUDGETS:
             raise ValueError(f"layer_budgets must be uniform or sensitivity, got {self.layer_budgets!r}")
         if (
             isinstance(self.layer_step, bool)

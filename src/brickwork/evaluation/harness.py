@@ -298,6 +298,17 @@ def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+# evaluate_tasks' options as ``brickwork eval --tasks`` shows them (the defaults are the signature's).
+EVALUATE_TASKS_HELP = {
+    "examples": {
+        "help": "examples per task",
+        "default_text": "all of a BIG-bench task's eval half; all of an lm-eval task",
+    },
+    "batch_size": "lm-eval requests per forward pass",
+    "allow_hub": "let lm-eval download task datasets from the Hugging Face hub",
+}
+
+
 def evaluate_tasks(
     model,
     tokenizer,

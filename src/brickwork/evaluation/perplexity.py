@@ -143,6 +143,14 @@ def _check_causal(model) -> None:
         raise BrickworkError(f"{type(model).__name__} has no language-model head; load it as a causal LM.")
 
 
+# evaluate's options as ``brickwork eval`` shows them (the defaults are the signature's).
+EVALUATE_HELP = {
+    "window": "tokens per window",
+    "max_tokens": {"help": "stop after this many tokens per corpus", "default_text": "all"},
+    "batch_size": "windows per forward pass",
+}
+
+
 @torch.no_grad()
 def evaluate(
     model,

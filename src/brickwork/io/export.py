@@ -208,6 +208,17 @@ def compare_logits(reference, other, windows: torch.Tensor) -> dict:
     return {"kl": kl / count, "agreement": agree / count, "max_logit_diff": max_diff, "tokens": count}
 
 
+# export's options as ``brickwork export`` shows them (the defaults are the signature's).
+EXPORT_HELP = {
+    "validate_data": "validation text",
+    "validate_tokens": "validation tokens",
+    "window": "tokens per validation window",
+    "dtype": "dtype of the exported weights",
+    "stock_routing": "top-k > 1: first convert the carve to weight its experts as the stock router does, so "
+    "the export is exact (the change this makes to the carve is measured and printed)",
+}
+
+
 def export(
     model,
     out: str | Path,

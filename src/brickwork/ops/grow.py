@@ -169,6 +169,21 @@ def plan_grow(
     return specs
 
 
+# grow_'s options as ``brickwork grow`` shows them (the defaults are the signature's).
+GROW_HELP = {
+    "experts": "new experts per layer",
+    "kind": "fresh FFN neurons or low-rank experts",
+    "expert_size": {"help": "--kind ffn: neurons per new expert", "default_text": "the carved expert size"},
+    "rank": {"help": "--kind lora: rank", "default_text": str(DEFAULT_RANK)},
+    "active": "new experts each token selects",
+    "layers": {"help": "carved layers to grow", "default_text": "all"},
+    "replay_tokens": "replay tokens",
+    "replay_weight": "weight of the replay gate term",
+}
+# config.seed seeds the new experts as well as the batch order.
+GROW_SEED_HELP = "seed of the new experts and of the batch order"
+
+
 def grow_(
     model,
     tokenizer,

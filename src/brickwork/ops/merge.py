@@ -256,6 +256,15 @@ def fit_domain_router(moments: list[_Moments], ridge: float = RIDGE) -> tuple[to
     return weight, torch.full((classes,), 1.0 / classes, dtype=torch.float64) - weight @ mean
 
 
+# merge_children's options as ``brickwork merge`` shows them (the defaults are the signature's).
+HELDOUT = 0.2  # share of each domain's windows the router's accuracy is measured on
+MERGE_HELP = {
+    "tokens": f"tokens of each domain text: the router fits on {1 - HELDOUT:.0%}, its accuracy is measured on the "
+    "rest",
+    "window": "tokens per window",
+}
+
+
 @torch.no_grad()
 def merge_children(
     children: list[nn.Module],
@@ -263,7 +272,7 @@ def merge_children(
     tokenizer,
     tokens: int = 16384,
     window: int = 256,
-    heldout: float = 0.2,
+    heldout: float = HELDOUT,
     batch_size: int = 4,
     ridge: float = RIDGE,
     progress: bool = True,

@@ -234,6 +234,16 @@ def check_min_experts(model, min_experts: int | None) -> dict:
     return bricks
 
 
+# prune_for_domain_'s options as ``brickwork prune`` shows them (the defaults are the signature's).
+PRUNE_HELP = {
+    "coverage": {
+        "help": "keep the experts making up this share of each layer's selections",
+        "default_text": "1: every expert selected",
+    },
+    "min_experts": {"help": "experts each layer keeps at least", "default_text": "its top-k"},
+}
+
+
 def prune_for_domain_(
     model, usage: ExpertUsage, coverage: float = 1.0, min_experts: int | None = None
 ) -> PruneReport:

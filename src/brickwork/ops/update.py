@@ -34,6 +34,16 @@ from brickwork.routing import ROUTERS
 DEFAULT_COVERAGE = 0.5
 
 
+# choose_bricks' and update_'s options as ``brickwork update`` shows them (the defaults are the signatures').
+CHOOSE_BRICKS_HELP = {
+    "coverage": {
+        "help": "with --bricks auto: share of each layer's selections",
+        "default_text": str(DEFAULT_COVERAGE),
+    }
+}
+UPDATE_HELP = {"train_router": "also train the chosen experts' router rows (weighted rules)"}
+
+
 def choose_bricks(
     usage: ExpertUsage, coverage: float | None = None, experts: int | None = None
 ) -> dict[int, torch.Tensor]:

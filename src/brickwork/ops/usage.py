@@ -51,6 +51,10 @@ class ExpertUsage:
         }
 
 
+# expert_usage's options as ``brickwork prune`` shows them (the defaults are the signature's).
+USAGE_HELP = {"tokens": "domain tokens to count selections on", "window": "tokens per window"}
+
+
 @torch.no_grad()
 def expert_usage(
     model, tokenizer, data, tokens: int = 16384, window: int = 512, batch_size: int = 4, progress: bool = True

@@ -32,17 +32,27 @@ PROFILE_FORMAT_VERSION = 1
 class ProfileConfig:
     """How to profile. See :mod:`brickwork.profiling.stats` for the exact statistic definitions."""
 
-    tokens: int = 65536  # calibration tokens to read (a multiple of `window` is used)
-    window: int = 512  # tokens per sequence
-    batch_size: int = 4  # sequences per forward pass
-    top_fraction: float = 0.1  # top-k activation rate: k = ceil(top_fraction * d_ff)
-    threshold: float = 1.0  # threshold rate: |h_i| > threshold * mean_j |h_j| of the token
-    coactivation: bool = True
+    # (the fields with help text are the options of ``brickwork profile``)
+    tokens: int = field(
+        default=65536, metadata={"help": "calibration tokens (a multiple of the window is used)"}
+    )
+    window: int = field(default=512, metadata={"help": "tokens per sequence"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
+    top_fraction: float = field(
+        default=0.1, metadata={"help": "k of the top-k activation rate, as a fraction of d_ff"}
+    )
+    threshold: float = field(
+        default=1.0,
+        metadata={
+            "help": "threshold rate: |h| > THRESHOLD x the token's mean |h| (0 = the ReLU definition h != 0)"
+        },
+    )
+    coactivation: bool = field(default=True, metadata={"help": "compute the co-activation matrix"})
     coactivation_exact_max: int = 4096  # exact co-activation counts up to this d_ff, reservoir sample above
     sample_size: int = 8192  # reservoir size (tokens) for the approximate co-activation
     share_stride: int = 4  # mass shares are averaged over every share_stride-th token
     dead_rate: float = 1e-3  # a neuron is dead if its top-k rate is below this
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "seed of the co-activation sample"})
 
     def __post_init__(self) -> None:
         checks = [
