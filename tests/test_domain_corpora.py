@@ -195,7 +195,8 @@ def test_offline_the_error_names_the_url_and_where_a_hand_downloaded_copy_goes(m
         port = probe.getsockname()[1]
     deb = fake_python_docs()
     url = f"http://127.0.0.1:{port}/python3.11-doc_3.11.2-6+deb12u8_all.deb"
-    corpus = replace(corpora.CORPORA["python-docs"], url=url, archive_sha256=hashlib.sha256(deb).hexdigest())
+    pin = {"archive_sha256": hashlib.sha256(deb).hexdigest(), "archive_size": len(deb)}
+    corpus = replace(corpora.CORPORA["python-docs"], url=url, **pin)
     monkeypatch.setitem(corpora.CORPORA, "python-docs", corpus)
     copy = isolated_home / "archives" / "python3.11-doc_3.11.2-6+deb12u8_all.deb"
     with pytest.raises(BrickworkError) as error:

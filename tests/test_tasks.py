@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import brickwork.evaluation.tasks as tasks_module
-from brickwork.data import registry
+from brickwork import assets
 from brickwork.errors import BrickworkError
 from brickwork.evaluation.tasks import (
     Example,
@@ -122,7 +122,7 @@ def _pin(monkeypatch, archive) -> None:
     """Make the pinned archive the test's own (its name, and the SHA-256 of its bytes)."""
     spec = tasks_module.BIGBENCH_ARCHIVE
     monkeypatch.setattr(
-        tasks_module, "BIGBENCH_ARCHIVE", dataclasses.replace(spec, sha256=registry.sha256_of(archive))
+        tasks_module, "BIGBENCH_ARCHIVE", dataclasses.replace(spec, sha256=assets.sha256_of(archive))
     )
 
 

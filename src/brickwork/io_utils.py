@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import os
 import re
@@ -241,12 +240,3 @@ def updated_directory(
         if path.is_dir():
             shutil.copytree(path, tmp, symlinks=True, dirs_exist_ok=True)
         yield tmp
-
-
-def sha256_of(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -1528,7 +1528,13 @@ def build_parser() -> argparse.ArgumentParser:
     from brickwork.evaluation.baselines import BASELINES
 
     p.add_argument("model", nargs="?", help=f"{model_help} (default {DEFAULT_MODEL})")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="reads budgets (fractions of the dense FFN weights)")
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.75],
+        help="reads budgets (fractions of the dense FFN weights)",
+    )
     p.add_argument("--methods", nargs="+", choices=sorted(GROUPING_METHODS), help="default: all")
     p.add_argument(
         "--routers",

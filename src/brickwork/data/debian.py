@@ -4,8 +4,8 @@ A ``.deb`` is an ``ar`` archive ("!<arch>\\n", then members behind 60-byte heade
 ``.gz``) holds the installed files; brickwork reads it with ``tarfile``, so it needs neither dpkg nor ar.
 
 Each file is kept at ``$BRICKWORK_HOME/archives/<file>.deb``: a copy already there (downloaded by hand on a
-machine without access, say) is used when its SHA-256 is the pinned one, and a download lands there, verified,
-under a temporary name first, so a broken download never leaves a file that looks complete.
+machine without access, say) is used when its SHA-256 is the pinned one, and a download lands there only
+verified (:mod:`brickwork.assets`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from brickwork.data.registry import fetch_verified, sha256_of
+from brickwork import assets
 from brickwork.errors import BrickworkError
-from brickwork.settings import cache_dir
 
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
@@ -40,10 +39,6 @@ class DebFile:
         return Path(unquote(urlsplit(self.url).path)).name
 
 
-def archives_dir() -> Path:
-    return cache_dir() / "archives"
-
-
 def _manual_hint(deb: DebFile, path: Path) -> str:
     package = deb.filename.split("_")[0]
     return (
@@ -54,17 +49,10 @@ def _manual_hint(deb: DebFile, path: Path) -> str:
 
 
 def fetch_deb(deb: DebFile, progress: bool = True, timeout: float = 60) -> Path:
-    """The verified local copy of ``deb``: the one in :func:`archives_dir` if there, else a download."""
-    target = archives_dir() / deb.filename
-    if target.is_file():
-        actual = sha256_of(target)
-        if actual != deb.sha256:
-            raise BrickworkError(
-                f"{target} has sha256 {actual}, not the pinned {deb.sha256}; delete it (brickwork then "
-                f"downloads {deb.url} again) or replace it with the right file."
-            )
-        return target
-    return fetch_verified(deb.url, target, deb.sha256, _manual_hint(deb, target), progress, timeout, deb.size)
+    """The verified local copy of ``deb`` in ``$BRICKWORK_HOME/archives``: the one there if any, else a download."""
+    target = assets.cache_folder("archives") / deb.filename
+    pin = assets.Pin(deb.sha256, deb.size or None)
+    return assets.fetch(deb.url, target, pin, _manual_hint(deb, target), progress, timeout)
 
 
 def ar_members(data: bytes) -> dict[str, bytes]:

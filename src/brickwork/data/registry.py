@@ -3,8 +3,8 @@
 The simple index (PEP 503) lists each release file as a link with a ``#sha256=`` fragment; it is what ``pip``
 reads and what registry mirrors serve. PyPI's JSON API is *not* served by every mirror (it answers 404 on
 some), so brickwork never uses it. A file is fetched only when a command needs it, verified against a
-SHA-256 pinned in the code (and against the index's own fragment), written to a temporary name and renamed,
-so a broken download never leaves a file that looks complete.
+SHA-256 pinned in the code (and against the index's own fragment) by :mod:`brickwork.assets`, which never
+leaves a broken download that looks complete.
 
 The index is ``$PIP_INDEX_URL`` when set, else PyPI's. For a machine without access, every error says which
 file to download by hand and how to hand it to brickwork.
@@ -12,7 +12,6 @@ file to download by hand and how to hand it to brickwork.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import urllib.error
@@ -22,8 +21,8 @@ from html import unescape
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+from brickwork import assets
 from brickwork.errors import BrickworkError
-from brickwork.io_utils import sha256_of
 
 DEFAULT_INDEX = "https://pypi.org/simple/"
 _LINK = re.compile(r"""<a\s[^>]*href=["']([^"']+)["'][^>]*>""", re.I)
@@ -65,7 +64,7 @@ def file_url(spec: RegistryFile, timeout: float = 60) -> str:
             html = response.read().decode("utf-8", errors="replace")
     except (urllib.error.URLError, OSError) as exc:
         raise BrickworkError(
-            f"Could not read the package index page {page} ({exc}). {_manual_hint(spec)}"
+            f"Could not read the package index page {page} ({exc}); {assets.NETWORK_NOTE}. {_manual_hint(spec)}"
         ) from exc
     for href in _LINK.findall(html):
         url = urljoin(page, unescape(href))
@@ -83,52 +82,10 @@ def file_url(spec: RegistryFile, timeout: float = 60) -> str:
 
 def verify(spec: RegistryFile, path: Path) -> Path:
     """``path`` when it is the pinned file; a clear error otherwise."""
-    if not path.is_file():
-        raise BrickworkError(f"{path} does not exist. {_manual_hint(spec)}")
-    actual = sha256_of(path)
-    if actual != spec.sha256:
-        raise BrickworkError(
-            f"{path} has sha256 {actual}, not the pinned {spec.sha256} of {spec.filename}. "
-            f"{_manual_hint(spec)}"
-        )
-    return path
+    return assets.verify_file(path, assets.Pin(spec.sha256), _manual_hint(spec), f"it is not {spec.filename}")
 
 
 def download(spec: RegistryFile, into: Path, progress: bool = True, timeout: float = 600) -> Path:
     """Fetch ``spec`` into the directory ``into`` (verified, written under a temporary name, then renamed)."""
-    return fetch_verified(
-        file_url(spec), into / spec.filename, spec.sha256, _manual_hint(spec), progress, timeout
-    )
-
-
-def fetch_verified(
-    url: str, target: Path, sha256: str, hint: str, progress: bool = True, timeout: float = 600, size=None
-) -> Path:
-    """Download ``url`` to ``target``: written under a temporary name and renamed only once its SHA-256 is
-    ``sha256`` (a BrickworkError ending with ``hint``, what the user can do, otherwise); ``size``: the expected
-    length in bytes, for the progress bar when the server does not say."""
-    from tqdm.auto import tqdm
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.parent / f".{target.name}.{os.getpid()}.part"
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or size or None
-            with tqdm(
-                total=total, unit="B", unit_scale=True, desc=target.name, disable=not progress, leave=False
-            ) as bar:
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != sha256:
-            raise BrickworkError(
-                f"{url} downloaded with sha256 {digest.hexdigest()}, not the pinned {sha256}; not using it. {hint}"
-            )
-        os.replace(partial, target)
-    except (urllib.error.URLError, OSError) as exc:  # HTTPError (e.g. 404) is a URLError
-        raise BrickworkError(f"Downloading {url} failed ({exc}). {hint}") from exc
-    finally:
-        partial.unlink(missing_ok=True)
-    return target
+    pin = assets.Pin(spec.sha256)
+    return assets.download(file_url(spec), into / spec.filename, pin, _manual_hint(spec), progress, timeout)

