@@ -488,3 +488,139 @@ def test_every_registered_format_declares_what_it_holds():
     assert default_format("x.gguf", {"sigmoid"}) == "gguf"
     assert default_format("x", {"sigmoid"}) == "glm4_moe"
     assert default_format("x", {"sum"}) == default_format("x", set()) == "qwen2_moe"
+
+
+def _carved_qwen3(text_file, tokenizer, head_dim=8, tied=False, attention_bias=False, **overrides):
+    """A carved tiny qwen3 whose heads x head_dim may differ from hidden (as real Qwen3 models' do)."""
+    import transformers as tf
+
+    from brickwork.models.tiny import TINY_FFN, TINY_HIDDEN, TINY_VOCAB
+
+    config = tf.Qwen3Config(
+        vocab_size=TINY_VOCAB,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=TINY_FFN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        attention_bias=attention_bias,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = tf.Qwen3ForCausalLM(config).eval()
+    options = dict(experts=8, shared=0, active=2, router="fitted", router_options={"intercept": False})
+    options |= dict(method="random", calib_tokens=512, router_samples=256, window=64) | overrides
+    bw.carve_(model, bw.CarveConfig(**options), calib=str(text_file), tokenizer=tokenizer, progress=False)
+    return model
+
+
+@pytest.mark.parametrize(
+    "active, combine, head_dim, tied",
+    [(3, "softmax_topk", 16, False), (1, "sum", 8, True), (2, "sum", 16, False)],
+)
+def test_gguf_of_a_carved_qwen3_is_llama_cpps_qwen3moe(
+    tmp_path, text_file, tokenizer, active, combine, head_dim, tied
+):
+    """q/k norms and head_dim as they are, every block MoE with no shared expert, top-k weights renormalised (so
+    softmax_topk and top-1 sum exactly); the tensors are the ones llama.cpp's qwen3moe loader requires."""
+    import gguf
+
+    from brickwork.io.gguf import gguf_architecture
+
+    model = _carved_qwen3(text_file, tokenizer, head_dim, tied, active=active, combine=combine)
+    out = tmp_path / "q3.gguf"
+    report = export(
+        model, out, "gguf", tokenizer, validate_data=str(text_file), validate_tokens=256, window=64
+    )
+    v = report.validation
+    exact = combine != "sum" or active == 1
+    assert v["agreement"] == 1.0 and abs(v["kl"]) < (1e-8 if exact else 1e-6), v
+    if exact:
+        bricks = carved_layers(model)
+        assert report.temperatures == {
+            i: (b.combine.temperature if combine != "sum" else 1.0) for i, b in bricks.items()
+        }
+    assert gguf_architecture(out) == "qwen3moe"
+    reader = gguf.GGUFReader(str(out))
+    meta = {k.split(".", 1)[1]: f.contents() for k, f in reader.fields.items() if k.startswith("qwen3moe.")}
+    assert meta["attention.key_length"] == meta["attention.value_length"] == head_dim
+    assert (meta["expert_count"], meta["expert_used_count"], meta["expert_feed_forward_length"]) == (
+        8,
+        active,
+        8,
+    )
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    # what llama.cpp's qwen3moe loader creates as required, in its orientation (ne: columns first)
+    required = {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{name}.weight"
+        for i in range(2)
+        for name in [
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "attn_q_norm",
+            "attn_k_norm",
+            "ffn_norm",
+            "ffn_gate_inp",
+            "ffn_gate_exps",
+            "ffn_up_exps",
+            "ffn_down_exps",
+        ]
+    }
+    assert required <= set(shapes) and ("output.weight" in shapes) != tied
+    assert shapes["blk.0.attn_q_norm.weight"] == [head_dim] and shapes["blk.0.attn_q.weight"] == [
+        32,
+        4 * head_dim,
+    ]
+    assert shapes["blk.1.ffn_gate_exps.weight"] == [32, 8, 8] and shapes["blk.1.ffn_down_exps.weight"] == [
+        8,
+        32,
+        8,
+    ]
+    # every name is one the gguf package's qwen3moe architecture lists
+    known = {
+        gguf.TENSOR_NAMES[t].format(bid=i)
+        for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE]
+        for i in (0, 1)
+    }
+    assert {name.rsplit(".", 1)[0] for name in shapes} <= known
+    stock = load_exported(out, "gguf")
+    assert type(stock).__name__ == "Qwen3MoeForCausalLM" and stock.config.norm_topk_prob is True
+    assert torch.equal(
+        stock.model.layers[1].self_attn.k_norm.weight, model.model.layers[1].self_attn.k_norm.weight
+    )
+
+
+def test_gguf_qwen3moe_refuses_what_llama_cpp_cannot_hold(tmp_path, text_file, tokenizer):
+    from brickwork.io.export import plan_export
+    from brickwork.io.formats.gguf_qwen3moe import LlamaCppQwen3Moe
+
+    refusals = [
+        (dict(shared=1), r"llama.cpp's qwen3moe has no shared expert.*--shared 0"),
+        (dict(combine="softmax"), "always renormalises the top-k weights: carve with --combine softmax_topk"),
+        (dict(combine="sigmoid"), "no export format holds a 'sigmoid' carve of a qwen3 model"),
+        (dict(layers=[1]), r"layers \[0\] are dense.*export to qwen3_moe"),
+        (dict(attention_bias=True), "attention output biases have no place"),
+    ]
+    for overrides, message in refusals:
+        with pytest.raises(BrickworkError, match=message):
+            plan_export(_carved_qwen3(text_file, tokenizer, **overrides), "gguf")
+    # a Llama-style attention has no q/k norms: its carves go to qwen2moe, never to qwen3moe
+    llama = _carved(text_file, tokenizer, shared=0, combine="softmax_topk")
+    with pytest.raises(BrickworkError, match="supports carved qwen3 models"):
+        LlamaCppQwen3Moe().plan(llama)
+    with pytest.raises(
+        BrickworkError, match="qwen2moe does not renormalise.*export it to qwen2_moe or mixtral$"
+    ):
+        plan_export(llama, "gguf")
+    out = tmp_path / "c.gguf"
+    with pytest.raises(BrickworkError, match="--shared 0"):
+        export(_carved_qwen3(text_file, tokenizer, shared=1), out, "gguf", tokenizer, validate_data=None)
+    assert not out.exists()

@@ -146,7 +146,7 @@ def _choose_temperature(brick: BrickFFN, x: torch.Tensor, renormalise: bool) -> 
 def _temperatures(
     plan: ExportPlan, format: str | StockFormat, inputs: dict[int, torch.Tensor] | None
 ) -> dict[int, float]:
-    fmt = get_format(format)
+    fmt = get_format(format).stock(plan)  # the router the temperature is chosen for
     if plan.rule != "sum":
         return {index: brick.spec.combine.temperature for index, brick in plan.bricks.items()}
     if fmt.exact(plan):
@@ -184,6 +184,7 @@ def stock_routing_copy(model, format: str | StockFormat, temperatures: dict[int,
     share (all experts, or the top-k). Each brick gets a new spec; ``model`` is not changed."""
     fmt = get_format(format)
     plan = fmt.plan(model)
+    fmt = fmt.stock(plan)  # the router whose weighting the copy takes
     share = fmt.sum_share(plan)
     converted = copy.deepcopy(model)
     for index, brick in carved_layers(converted).items():
@@ -240,7 +241,8 @@ def export(
     ``transformers`` (no remote code) and compared on ``validate_tokens`` tokens of it; those windows also set
     the router temperature of top-k > 1 carves with the ``sum`` rule (and the GGUF shared gate); ``validate=False``
     uses them for that only. Without ``validate_data``, only carves with a weighted combine rule and top-1 carves
-    export to formats that renormalise (qwen2_moe, mixtral), and only weighted ones to the others.
+    export to formats that renormalise (qwen2_moe, mixtral, qwen3_moe, llama.cpp's qwen3moe GGUF), and only
+    weighted ones to the others.
 
     ``stock_routing=True`` exports a copy of a ``sum`` carve converted to a weighted combine rule with the chosen
     temperature (:func:`stock_routing_copy`), so that the export computes what the converted carve computes;
@@ -258,19 +260,20 @@ def export(
     fmt = get_format(format)
     check_export_output(out, fmt, overwrite, sources)
     plan = fmt.plan(model)
+    router = fmt.stock(plan)  # the stock model built and how it routes (a file format names one per plan)
     windows = None
     if validate_data is not None:
         if tokenizer is None:
             raise BrickworkError("validation needs the tokenizer; pass tokenizer= or validate_data=None")
         windows = token_windows(tokenizer, validate_data, window, validate_tokens)
     # inputs set the sum rule's temperature, and what else the format sets on them (the qwen2moe GGUF shared gate)
-    needs_inputs = windows is not None and (fmt.needs_inputs(plan) or not fmt.exact(plan))
+    needs_inputs = windows is not None and (router.needs_inputs(plan) or not router.exact(plan))
     inputs = _capture_inputs(model, plan.bricks, windows) if needs_inputs else None
     temperatures = _temperatures(plan, fmt, inputs)
-    shared_gates = fmt.shared_gates(plan, inputs)
+    shared_gates = router.shared_gates(plan, inputs)
     report_conversion = None
     source = model  # what the export is built from and validated against
-    if stock_routing and not fmt.exact(plan):
+    if stock_routing and not router.exact(plan):
         source = stock_routing_copy(model, fmt, temperatures)
         report_conversion = compare_logits(model, source, windows)
     stock = build_stock_model(source, fmt, temperatures, shared_gates)

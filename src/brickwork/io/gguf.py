@@ -1,11 +1,11 @@
-"""GGUF files in llama.cpp's ``qwen2moe`` or ``glm4moe`` architecture, written with the ``gguf`` package.
+"""GGUF files for llama.cpp, written with the ``gguf`` package: what every llama.cpp MoE architecture brickwork
+writes shares (metadata, tensor layout, tokenizer); each architecture's own facts are its class in
+:mod:`brickwork.io.formats` (a :class:`LlamaCppArchitecture`).
 
-Tensor names and metadata keys follow llama.cpp's loaders. qwen2moe: every block is MoE with a gated shared
-expert, the output projection is stored even when the source ties it to the embeddings, q/k/v have biases, and
-the routed experts are stacked as ``ffn_{gate,up,down}_exps`` ([experts, rows, columns]); llama.cpp does not
-renormalise the top-k router probabilities. glm4moe (GLM-4.5, DeepSeek-V3's gate): sigmoid gating with a
-selection bias (``exp_probs_b``, zero here), ungated shared experts, the post-attention norm named
-``post_attention_norm``, NeoX rotary embedding over the whole head, q/k/v biases only where the source has them.
+Names and keys follow llama.cpp's loaders (``src/llama-arch.cpp``, ``src/llama-model.cpp``, ``src/models/*.cpp``;
+``gguf-py/gguf/constants.py``): blocks ``blk.N.*``, attention ``attn_{norm,q,k,v,output}``, the router
+``ffn_gate_inp``, the routed experts stacked as ``ffn_{gate,up,down}_exps`` ([experts, rows, columns]); the
+router, norms and biases stay f32 in f16 files.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,11 +23,10 @@ from brickwork.io_utils import atomic_file
 from brickwork.models.loading import open_gguf
 
 logger = logging.getLogger(__name__)
-ARCH = "qwen2moe"
-GLM_ARCH = "glm4moe"
 
-# Attention tensors: the same names in both architectures (q/k/v biases only where the model has them)
-_ATTENTION = {
+# Attention tensors under the names every llama.cpp architecture here uses (q/k/v biases only where the model has
+# them)
+ATTENTION_TENSORS = {
     "input_layernorm.weight": "attn_norm.weight",
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.q_proj.bias": "attn_q.bias",
@@ -36,23 +36,34 @@ _ATTENTION = {
     "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
 }
-_PER_LAYER = _ATTENTION | {
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
-    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",
-}
-_GLM_PER_LAYER = _ATTENTION | {
-    "post_attention_layernorm.weight": "post_attention_norm.weight",
-    "mlp.gate.weight": "ffn_gate_inp.weight",
-    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
-    "mlp.shared_experts.gate_proj.weight": "ffn_gate_shexp.weight",
-    "mlp.shared_experts.up_proj.weight": "ffn_up_shexp.weight",
-    "mlp.shared_experts.down_proj.weight": "ffn_down_shexp.weight",
-}
 _KEEP_F32 = ("norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias")
+
+
+class LlamaCppArchitecture:
+    """What one llama.cpp architecture holds: its name, where each transformers weight goes, its own metadata and
+    how brickwork reads its files back. Mixed into the export format whose transformers model it writes."""
+
+    # ``general.architecture`` (llama.cpp's LLM_ARCH_NAMES) and the prefix of its metadata keys
+    gguf_name: ClassVar[str]
+    # per block: the stock model's name under ``model.layers.N.`` -> llama.cpp's under ``blk.N.`` (besides the
+    # routed experts); absent or empty tensors are skipped
+    gguf_layer_tensors: ClassVar[dict[str, str]]
+    # tensors llama.cpp holds as vectors although transformers keeps a [1, n] matrix
+    gguf_vectors: ClassVar[tuple[str, ...]] = ()
+    # whether the file stores ``output.weight`` when the source ties it to the embeddings (the loader needs it)
+    writes_tied_output: ClassVar[bool] = True
+
+    def check_gguf(self, stock) -> None:
+        """Refuse (BrickworkError) a stock model this architecture cannot write."""
+
+    def add_gguf_metadata(self, writer, config) -> None:
+        """The architecture's own keys, after the ones every architecture writes."""
+        raise NotImplementedError
+
+    def read_gguf(self, path: Path):
+        """The file as a float32 transformers model (how the export is validated)."""
+        raise NotImplementedError
+
 
 # llama.cpp picks its BPE pre-tokenizer (how text is split before merges) from ``tokenizer.ggml.pre``. Its converter
 # names it by the SHA-256 of the token ids of one test string (_PRE_TOKENIZER_TEXT); these are the values of that
@@ -88,36 +99,35 @@ def pre_tokenizer_name(tokenizer) -> str:
     return name or "default"
 
 
-def check_gguf_source(stock) -> None:
-    """Refuse (BrickworkError) a stock model that :func:`write_gguf` cannot write."""
-    config = stock.config
-    glm = config.model_type == "glm4_moe"
-    if not glm and config.model_type != "qwen2_moe":
-        raise BrickworkError(f"GGUF export writes Qwen2-MoE or GLM-4-MoE models, not {config.model_type}")
-    if config.first_k_dense_replace if glm else config.mlp_only_layers:
-        raise BrickworkError(f"llama.cpp's {GLM_ARCH if glm else ARCH} export needs every layer to be MoE")
-
-
-def write_gguf(stock, path: str | Path, tokenizer=None, dtype: str = "float32") -> Path:
-    """Write a ``Qwen2MoeForCausalLM`` or ``Glm4MoeForCausalLM`` (every layer MoE) as a GGUF file in llama.cpp's
-    qwen2moe or glm4moe architecture; atomic (temporary file, rename). To validate a file before it replaces
-    anything, write it with :func:`write_gguf_file` inside :func:`brickwork.io_utils.atomic_file`."""
+def write_gguf(
+    stock, path: str | Path, architecture: LlamaCppArchitecture, tokenizer=None, dtype="float32"
+) -> Path:
+    """Write a stock transformers MoE model as a GGUF file in ``architecture``; atomic (temporary file, rename). To
+    validate a file before it replaces anything, write it with :func:`write_gguf_file` inside
+    :func:`brickwork.io_utils.atomic_file`."""
     path = Path(path)
     if path.suffix != ".gguf":
         raise BrickworkError(f"a GGUF output path must end in .gguf, got {path}")
     with atomic_file(path) as tmp:
-        write_gguf_file(stock, tmp, tokenizer, dtype)
+        write_gguf_file(stock, tmp, architecture, tokenizer, dtype)
     return path
 
 
-def write_gguf_file(stock, path: Path, tokenizer=None, dtype: str = "float32") -> None:
+def write_gguf_file(
+    stock, path: Path, architecture: LlamaCppArchitecture, tokenizer=None, dtype: str = "float32"
+) -> None:
     """Write ``stock`` as a GGUF file at ``path`` itself (no temporary: the caller's :func:`atomic_file` is one)."""
     import gguf
 
-    check_gguf_source(stock)
+    architecture.check_gguf(stock)
     config = stock.config
-    glm = config.model_type == "glm4_moe"
-    writer = gguf.GGUFWriter(str(path), GLM_ARCH if glm else ARCH)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        raise BrickworkError(
+            f"the model's rotary embedding is scaled ('{rope['rope_type']}'); brickwork's GGUF export writes "
+            "unscaled rotary embeddings only"
+        )
+    writer = gguf.GGUFWriter(str(path), architecture.gguf_name)
     writer.add_name("brickwork export")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -125,29 +135,15 @@ def write_gguf_file(stock, path: Path, tokenizer=None, dtype: str = "float32") -
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_expert_feed_forward_length(config.moe_intermediate_size)
-    if glm:
-        head_dim = config.head_dim
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-        writer.add_rope_dimension_count(head_dim)  # the whole head rotates (GLM-4.5 rotates half)
-        writer.add_expert_count(config.n_routed_experts)
-        writer.add_expert_shared_count(config.n_shared_experts)
-        writer.add_leading_dense_block_count(0)
-        writer.add_expert_weights_scale(1.0)
-        writer.add_expert_weights_norm(False)
-        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        writer.add_nextn_predict_layers(0)
-    else:
-        writer.add_expert_count(config.num_experts)
-        writer.add_expert_shared_feed_forward_length(config.shared_expert_intermediate_size)
+    architecture.add_gguf_metadata(writer, config)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "float16" else gguf.LlamaFileType.ALL_F32)
     if tokenizer is not None:
         _add_tokenizer(writer, tokenizer, config.vocab_size)
-    for name, tensor in _tensors(stock):
+    for name, tensor in _tensors(stock, architecture):
         array = tensor.detach().float().cpu().numpy()
         if dtype == "float16" and not name.endswith(_KEEP_F32):
             array = array.astype(np.float16)
@@ -158,25 +154,25 @@ def write_gguf_file(stock, path: Path, tokenizer=None, dtype: str = "float32") -
     writer.close()
 
 
-def _tensors(stock):
+def _tensors(stock, architecture: LlamaCppArchitecture):
     state = stock.state_dict()
     yield "token_embd.weight", state["model.embed_tokens.weight"]
-    per_layer = _GLM_PER_LAYER if stock.config.model_type == "glm4_moe" else _PER_LAYER
     for layer in range(stock.config.num_hidden_layers):
         prefix = f"model.layers.{layer}."
-        for hf, name in per_layer.items():
-            if prefix + hf not in state or state[prefix + hf].numel() == 0:  # glm4moe: optional q/k/v biases
-                continue  # and shared experts
+        for hf, name in architecture.gguf_layer_tensors.items():
+            if prefix + hf not in state or state[prefix + hf].numel() == 0:  # optional q/k/v biases and
+                continue  # shared experts
             tensor = state[prefix + hf]
-            if name == "ffn_gate_inp_shexp.weight":
-                tensor = tensor.reshape(-1)  # llama.cpp holds it as a vector
+            if name in architecture.gguf_vectors:
+                tensor = tensor.reshape(-1)
             yield f"blk.{layer}.{name}", tensor
         gate, up = state[prefix + "mlp.experts.gate_up_proj"].chunk(2, dim=1)
         yield f"blk.{layer}.ffn_gate_exps.weight", gate
         yield f"blk.{layer}.ffn_up_exps.weight", up
         yield f"blk.{layer}.ffn_down_exps.weight", state[prefix + "mlp.experts.down_proj"]
     yield "output_norm.weight", state["model.norm.weight"]
-    yield "output.weight", state["lm_head.weight"]  # llama.cpp's qwen2moe needs it even when tied
+    if architecture.writes_tied_output or not stock.config.tie_word_embeddings:
+        yield "output.weight", state["lm_head.weight"]
 
 
 def _add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
@@ -221,65 +217,63 @@ def gguf_architecture(path: str | Path) -> str:
     return open_gguf(path).fields["general.architecture"].contents()
 
 
-def read_glm4moe_gguf(path: str | Path):
-    """A ``Glm4MoeForCausalLM`` (float32) from a glm4moe GGUF file that :func:`write_gguf` wrote: its metadata and
-    tensors mapped back by the writer's names (transformers has no glm4moe GGUF reader). It checks the file's
-    contents round trip; what llama.cpp computes from them is checked by bench/llama_cpp_serving.py."""
-    import transformers as tf
+class GgufContents:
+    """A GGUF file of one architecture as brickwork's readers need it: its metadata (:meth:`field`) and tensors."""
 
-    reader = open_gguf(path)
-    arch = reader.fields["general.architecture"].contents()
-    if arch != GLM_ARCH:
-        raise BrickworkError(f"{path} is a '{arch}' GGUF file, not {GLM_ARCH}")
+    def __init__(self, path: str | Path, architecture: str):
+        self.path = Path(path)
+        self.architecture = architecture
+        self.reader = open_gguf(path)
+        found = self.reader.fields["general.architecture"].contents()
+        if found != architecture:
+            raise BrickworkError(f"{path} is a '{found}' GGUF file, not {architecture}")
+        self.names = {t.name for t in self.reader.tensors}
 
-    def field(key: str):
-        f = reader.fields.get(f"{GLM_ARCH}.{key}")
-        if f is None:
-            raise BrickworkError(f"{path} has no '{GLM_ARCH}.{key}' metadata; was it written by brickwork?")
-        return f.contents()
+    def field(self, key: str):
+        """The value of ``ARCHITECTURE.key`` (BrickworkError when the file has none)."""
+        found = self.reader.fields.get(f"{self.architecture}.{key}")
+        if found is None:
+            raise BrickworkError(
+                f"{self.path} has no '{self.architecture}.{key}' metadata; was it written by brickwork?"
+            )
+        return found.contents()
 
-    tensors = {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in reader.tensors}
-    vocab, hidden = tensors["token_embd.weight"].shape
-    heads, layers = int(field("attention.head_count")), int(field("block_count"))
-    expert_size = int(field("expert_feed_forward_length"))
-    config = tf.Glm4MoeConfig(
-        vocab_size=int(vocab),
-        hidden_size=int(hidden),
-        intermediate_size=int(field("feed_forward_length")),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(field("attention.head_count_kv")),
-        head_dim=int(field("attention.key_length")),
-        max_position_embeddings=int(field("context_length")),
-        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": float(field("rope.freq_base")),
-            "partial_rotary_factor": int(field("rope.dimension_count")) / int(field("attention.key_length")),
-        },
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        moe_intermediate_size=expert_size,
-        n_shared_experts=int(field("expert_shared_count")),
-        n_routed_experts=int(field("expert_count")),
-        num_experts_per_tok=int(field("expert_used_count")),
-        routed_scaling_factor=float(field("expert_weights_scale")),
-        norm_topk_prob=bool(field("expert_weights_norm")),
-        n_group=1,
-        topk_group=1,
-        first_k_dense_replace=int(field("leading_dense_block_count")),
-        use_qk_norm=False,
-        num_nextn_predict_layers=0,
-        tie_word_embeddings="output.weight" not in tensors,
-    )
-    model = tf.Glm4MoeForCausalLM(config).float().eval()
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, as float32 torch tensors in transformers' orientation."""
+        return {t.name: torch.from_numpy(np.array(t.data, dtype=np.float32)) for t in self.reader.tensors}
+
+    def config_fields(self) -> dict:
+        """The transformers config entries every architecture here stores under the same keys."""
+        vocab = next(t for t in self.reader.tensors if t.name == "token_embd.weight").shape[-1]
+        return dict(
+            vocab_size=int(vocab),
+            hidden_size=int(self.field("embedding_length")),
+            intermediate_size=int(self.field("feed_forward_length")),
+            num_hidden_layers=int(self.field("block_count")),
+            num_attention_heads=int(self.field("attention.head_count")),
+            num_key_value_heads=int(self.field("attention.head_count_kv")),
+            max_position_embeddings=int(self.field("context_length")),
+            rms_norm_eps=float(self.field("attention.layer_norm_rms_epsilon")),
+            rope_parameters={"rope_type": "default", "rope_theta": float(self.field("rope.freq_base"))},
+            moe_intermediate_size=int(self.field("expert_feed_forward_length")),
+            num_experts_per_tok=int(self.field("expert_used_count")),
+            tie_word_embeddings="output.weight" not in self.names,
+        )
+
+
+def load_gguf_state(model, contents: GgufContents, layer_tensors: dict[str, str]):
+    """``model`` (a stock transformers MoE model of the file's shape) with the file's tensors, mapped back by the
+    writer's names (``layer_tensors``, as :attr:`LlamaCppArchitecture.gguf_layer_tensors`); tied when the file
+    has no ``output.weight``."""
+    tensors = contents.tensors()
     state = {
         "model.embed_tokens.weight": tensors["token_embd.weight"],
         "model.norm.weight": tensors["output_norm.weight"],
+        "lm_head.weight": tensors.get("output.weight", tensors["token_embd.weight"]),
     }
-    state["lm_head.weight"] = tensors.get("output.weight", tensors["token_embd.weight"])
-    for layer in range(layers):
+    for layer in range(model.config.num_hidden_layers):
         prefix = f"model.layers.{layer}."
-        for hf, name in _GLM_PER_LAYER.items():
+        for hf, name in layer_tensors.items():
             if f"blk.{layer}.{name}" in tensors:
                 state[prefix + hf] = tensors[f"blk.{layer}.{name}"]
         gate, up = (tensors[f"blk.{layer}.ffn_{p}_exps.weight"] for p in ("gate", "up"))
@@ -287,47 +281,9 @@ def read_glm4moe_gguf(path: str | Path):
         state[prefix + "mlp.experts.down_proj"] = tensors[f"blk.{layer}.ffn_down_exps.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise BrickworkError(f"{path}: tensors do not match a glm4moe model ({sorted(missing)[:3]} missing)")
-    if config.tie_word_embeddings:
+        raise BrickworkError(
+            f"{contents.path}: tensors do not match a {contents.architecture} model ({sorted(missing)[:3]} missing)"
+        )
+    if model.config.tie_word_embeddings:
         model.tie_weights()
     return model
-
-
-def read_qwen2moe_config(path: str | Path):
-    """A ``Qwen2MoeConfig`` from a qwen2moe GGUF file's metadata (and whether it stores ``output.weight``)."""
-    import transformers as tf
-
-    reader = open_gguf(path)
-
-    def field(key: str):
-        f = reader.fields.get(f"{ARCH}.{key}")
-        if f is None:
-            raise BrickworkError(f"{path} has no '{ARCH}.{key}' metadata; is it a qwen2moe GGUF file?")
-        return f.contents()
-
-    arch = reader.fields["general.architecture"].contents()
-    if arch != ARCH:
-        raise BrickworkError(f"{path} is a '{arch}' GGUF file, not {ARCH}")
-    names = {t.name for t in reader.tensors}
-    vocab = next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1]
-    return tf.Qwen2MoeConfig(
-        vocab_size=int(vocab),
-        hidden_size=int(field("embedding_length")),
-        intermediate_size=int(field("feed_forward_length")),
-        num_hidden_layers=int(field("block_count")),
-        num_attention_heads=int(field("attention.head_count")),
-        num_key_value_heads=int(field("attention.head_count_kv")),
-        max_position_embeddings=int(field("context_length")),
-        rms_norm_eps=float(field("attention.layer_norm_rms_epsilon")),
-        rope_parameters={"rope_type": "default", "rope_theta": float(field("rope.freq_base"))},
-        num_experts=int(field("expert_count")),
-        num_experts_per_tok=int(field("expert_used_count")),
-        moe_intermediate_size=int(field("expert_feed_forward_length")),
-        shared_expert_intermediate_size=int(field("expert_shared_feed_forward_length")),
-        norm_topk_prob=False,  # llama.cpp's qwen2moe
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        qkv_bias=True,
-        tie_word_embeddings="output.weight" not in names,
-        torch_dtype=torch.float32,
-    )

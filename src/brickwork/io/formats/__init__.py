@@ -18,7 +18,7 @@ from brickwork.io.formats.qwen2_moe import Qwen2Moe
 from brickwork.io.formats.qwen3_moe import Qwen3Moe
 
 EXPORT_FORMATS: dict[str, type[StockFormat]] = {
-    cls.name: cls for cls in (Qwen2Moe, Mixtral, Glm4Moe, Gguf, Qwen3Moe, DeepseekV3)
+    cls.name: cls for cls in (Qwen2Moe, Mixtral, Glm4Moe, Qwen3Moe, Gguf, DeepseekV3)
 }
 DEFAULT_FORMAT = Qwen2Moe.name
 

@@ -35,6 +35,7 @@ class ExportPlan:
     active: int
     shared: int
     rule: str  # the carve's combine rule (one for every layer)
+    source: str = ""  # the carved model's model_type
 
     def dense_layers(self, num_layers: int) -> list[int]:
         return sorted(set(range(num_layers)) - set(self.bricks))
@@ -111,11 +112,7 @@ class StockFormat:
         if rule != "sum" and rule not in self.rules:
             from brickwork.io.formats import EXPORT_FORMATS
 
-            fits = [
-                name
-                for name, cls in EXPORT_FORMATS.items()
-                if rule in cls.rules and config.model_type in cls.sources
-            ]
+            fits = [name for name, cls in EXPORT_FORMATS.items() if cls.holds(config.model_type, rule)]
             where = (
                 f"export it to {' or '.join(fits)}"
                 if fits
@@ -148,9 +145,14 @@ class StockFormat:
                 )
         if num_experts < 2 or active >= num_experts:
             raise BrickworkError("export needs routed experts to choose from (active < experts)")
-        plan = ExportPlan(bricks, num_experts, expert_size, active, shared, rule)
+        plan = ExportPlan(bricks, num_experts, expert_size, active, shared, rule, config.model_type)
         self.check(plan, config.num_hidden_layers)
         return plan
+
+    @classmethod
+    def holds(cls, model_type: str, rule: str) -> bool:
+        """Whether the format computes weighted combine ``rule`` for a carved ``model_type`` model."""
+        return model_type in cls.sources and rule in cls.rules
 
     def supports(self, model) -> str | None:
         """None when this format holds the carved ``model``, else the reason it does not (what :meth:`plan`
@@ -211,7 +213,8 @@ class StockFormat:
 
     # --- the stock model ---------------------------------------------------------------------------------
     def stock(self, plan: ExportPlan) -> StockFormat:
-        """The format whose transformers model is built for ``plan`` (a file format names one)."""
+        """The format whose transformers model is built for ``plan`` and whose router the export's routing is
+        chosen for (a file format names one per plan)."""
         return self
 
     def config(self, model, plan: ExportPlan):
@@ -340,12 +343,12 @@ def shared_neurons(brick: BrickFFN, plan: ExportPlan, down_scale: float = 1.0) -
     }
 
 
-def require_every_layer(name: str, plan: ExportPlan, num_layers: int) -> None:
-    """Refuse dense layers for a format whose every layer is MoE."""
+def require_every_layer(name: str, plan: ExportPlan, num_layers: int, instead: str = "qwen2_moe") -> None:
+    """Refuse dense layers for a format whose every layer is MoE, naming the format that keeps them (``instead``)."""
     if len(plan.bricks) != num_layers:
         raise BrickworkError(
             f"{name} needs every layer to be MoE; layers {plan.dense_layers(num_layers)} are dense. Carve every "
-            "layer, or export to qwen2_moe (which keeps dense layers as mlp_only_layers)."
+            f"layer, or export to {instead} (which keeps dense layers as mlp_only_layers)."
         )
 
 

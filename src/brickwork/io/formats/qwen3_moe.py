@@ -29,7 +29,7 @@ class Qwen3Moe(StockFormat):
         super().check_attention(config)
         if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
             raise BrickworkError(
-                "this qwen3 model has sliding-window layers (use_sliding_window); qwen3_moe exports full "
+                f"this qwen3 model has sliding-window layers (use_sliding_window); {self.name} exports full "
                 "attention only"
             )
 
