@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export VENV
 
-.PHONY: setup demo test test-fast lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-token-budget bench-carve-memory bench-vllm bench-ops
+.PHONY: setup demo test test-fast golden lint format bench-profile bench-carving bench-quality bench-speed bench-path-agreement bench-accumulate-cost bench-export bench-recovery bench-recovery-gpu bench-combine bench-llama-cpp bench-budget bench-token-budget bench-carve-memory bench-vllm bench-ops
 
 setup:
 	bash scripts/setup.sh
@@ -31,6 +31,10 @@ test: setup lint
 
 test-fast: lint
 	$(BIN)/pytest -q -m "not slow"
+
+# The golden outputs with the two SmolLM2-135M cases that `make test` leaves out (about a minute more).
+golden: setup
+	BRICKWORK_GOLDEN_FULL=1 $(BIN)/pytest -q tests/test_golden.py
 
 bench-profile: setup
 	$(BIN)/python bench/profile_overhead.py --tokens 16384 --out bench/results/profile-overhead

@@ -183,24 +183,30 @@ def _run(command: str, out: Path, env: dict, timeout: int = 240, preexec=None) -
     )
 
 
-# (command, point): the work point once per kind of command is enough (nothing is written yet there)
+# (command, point): every command is killed while writing. The swap is one function per kind of writer
+# (brickwork.save for carve, recover, grow, update, merge and prune; the profile's, the layer-by-layer carve's, the
+# stock exports' (one for every format), the GGUF file's and the benchmark's), so it is tried once per writer, with
+# grow for the carves a command changes. The work point once per kind of command is enough (nothing is written yet).
+WRITE = (
+    "carve",
+    "carve sequential",
+    "profile",
+    "export qwen2_moe",
+    "export mixtral",
+    "export glm4_moe",
+    "export gguf",
+    "recover local",
+    "recover e2e",
+    "grow",
+    "update",
+    "merge",
+    "prune",
+    "bench speed",
+)
+SWAP = ("carve", "carve sequential", "profile", "export qwen2_moe", "export gguf", "grow", "bench speed")
 KILLS = [
-    *[
-        (name, "write")
-        for name in ("carve", "profile", "export qwen2_moe", "export mixtral", "export glm4_moe")
-    ],
-    *[(name, "write") for name in ("export gguf", "recover local", "recover e2e", "grow", "update", "merge")],
-    ("prune", "write"),
-    ("bench speed", "write"),
-    ("carve sequential", "write"),
-    ("carve sequential", "swap"),
-    *[
-        (name, "swap")
-        for name in ("carve", "profile", "export qwen2_moe", "export mixtral", "export glm4_moe")
-    ],
-    *[(name, "swap") for name in ("export gguf", "recover local", "recover e2e", "grow", "update", "merge")],
-    ("prune", "swap"),
-    ("bench speed", "swap"),
+    *[(name, "write") for name in WRITE],
+    *[(name, "swap") for name in SWAP],
     ("carve", "work"),
     ("export gguf", "work"),
     ("recover e2e", "work"),
