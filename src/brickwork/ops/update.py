@@ -167,6 +167,8 @@ def update_(
                     f"param_layout with parameters); routers that can train per expert: {', '.join(trainable)}"
                 )
             for name, param in brick.router.named_parameters(recurse=False):
+                if name in type(brick.router).frozen:  # e.g. a low-bit copy of the FFN's rows
+                    continue
                 if layout.get(name) == "expert":
                     mask = _expert_rows(param.shape[0], experts, 1)
                 elif layout.get(name) == "neuron":

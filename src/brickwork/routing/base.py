@@ -196,6 +196,9 @@ class Router(nn.Module):
     # neuron, in stored order) or "whole" (shared by every expert). None: unknown, so that pruning and per-expert
     # training refuse the router. Routers without parameters declare {}.
     param_layout: ClassVar[dict[str, str] | None] = None
+    # Parameters that are data, not weights to train (a quantized copy of the FFN's rows): sliced by pruning as
+    # param_layout says, never trained by update.
+    frozen: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
