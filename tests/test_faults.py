@@ -183,10 +183,11 @@ def _run(command: str, out: Path, env: dict, timeout: int = 240, preexec=None) -
     )
 
 
-# (command, point): every command is killed while writing. The swap is one function per kind of writer
-# (brickwork.save for carve, recover, grow, update, merge and prune; the profile's, the layer-by-layer carve's, the
-# stock exports' (one for every format), the GGUF file's and the benchmark's), so it is tried once per writer, with
-# grow for the carves a command changes. The work point once per kind of command is enough (nothing is written yet).
+# (command, point): every command is killed while writing. The swap is one function per kind of writer, so it is
+# tried once per writer: brickwork.save (carve, and grow for the commands that change a carve: recover, update, merge
+# and prune save through it too), the layer-by-layer carve's, the profile's, the stock exports' (one for every
+# format), the GGUF file's and the benchmark's. The work point once per kind of command is enough (nothing is written
+# yet).
 WRITE = (
     "carve",
     "carve sequential",

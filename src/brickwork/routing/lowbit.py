@@ -62,6 +62,15 @@ def predictor_weights(rows: int, d_model: int, bits: int, group: int, extras: in
     return math.ceil(rows * row_bytes / itemsize) + extras
 
 
+def copies_read(
+    neurons: int, d_model: int, gated: bool, bits: int, group: int, weighted: bool, itemsize: int
+) -> int:
+    """Weights a token reads to route ``neurons`` by their copies: the copied rows (gate and up, or up), a bias per
+    copied row and, when ``weighted``, a down-row norm per neuron."""
+    rows = neurons * (2 if gated else 1)
+    return predictor_weights(rows, d_model, bits, group, rows + (neurons if weighted else 0), itemsize)
+
+
 def neuron_level_active(
     reads: float,
     d_ff: int,
@@ -76,8 +85,7 @@ def neuron_level_active(
     dense FFN's weights (the predictor's own reads included)."""
     g = 2 if gated else 1
     dense = (g + 1) * d_ff * d_model
-    extras = d_ff * (g + (1 if weighted else 0))  # biases and down-row norms, one value per neuron each
-    predictor = predictor_weights(g * d_ff, d_model, bits, group, extras, itemsize)
+    predictor = copies_read(d_ff, d_model, gated, bits, group, weighted, itemsize)
     return max(1, min(d_ff, math.floor((reads * dense - predictor) / ((g + 1) * d_model))))
 
 
@@ -148,8 +156,7 @@ class LowBitRouter(Router):
             if self.gate_codes is None
             else act(project(self.gate_codes, self.gate_scales, self.gate_bias)) * up
         )
-        scores = h.abs() * self.down_norm.to(dtype) if self.weighted else h.abs()
-        return scores
+        return h.abs() * self.down_norm.to(dtype) if self.weighted else h.abs()
 
     def forward(self, x, brick):
         exact = brick.exact(x)
@@ -158,10 +165,10 @@ class LowBitRouter(Router):
         return scores.sum(-1).float() if exact else scores.sum(-1)
 
     def weights_read(self, brick, routed=None) -> int:
-        rows = self.up_codes.shape[0] * (1 if self.gate_codes is None else 2)
-        extras = rows + (self.down_norm.numel() if self.weighted else 0)
-        return predictor_weights(
-            rows, self.up_codes.shape[1], self.bits, self.group, extras, brick.up.element_size()
+        neurons, d_model = self.up_codes.shape
+        gated = self.gate_codes is not None
+        return copies_read(
+            neurons, d_model, gated, self.bits, self.group, self.weighted, brick.up.element_size()
         )
 
     def extra_config(self) -> dict:
